@@ -1,0 +1,70 @@
+//! Types that cross the kernel/user boundary. Every type here is `#[repr(C)]`,
+//! has no padding the verifier could trip on, and is the one definition both
+//! `agent-ebpf` and `agent` use, so the two sides can never disagree on layout.
+#![no_std]
+
+/// Names under which the agent pins its maps, below [`PIN_ROOT`].
+pub const PIN_ROOT: &str = "/sys/fs/bpf/sluice";
+
+/// Mark on every socket the agent opens, so no program or rule captures it again.
+pub const AGENT_MARK: u32 = 0x539;
+
+/// Indices into the per-CPU `COUNTERS` array. Keep in step with
+/// [`COUNTER_NAMES`]; the agent exports each one as a Prometheus counter.
+pub mod counter {
+    /// sock_ops saw an established socket in an enrolled cgroup and added it.
+    pub const SOCKHASH_ADDED: u32 = 0;
+    /// sk_msg found the peer socket and redirected the message to it.
+    pub const MSG_REDIRECTED: u32 = 1;
+    /// Bytes that sk_msg redirected (the bytes that skipped TCP/IP).
+    pub const MSG_REDIRECTED_BYTES: u32 = 2;
+    /// sk_msg found no peer in the SOCKHASH and let the message take TCP.
+    pub const MSG_PASSED: u32 = 3;
+    /// sock_ops could not insert a socket (map full, or the socket went away).
+    pub const SOCKHASH_INSERT_FAILED: u32 = 4;
+    pub const COUNT: u32 = 5;
+}
+
+/// Human names of the counters, indexed like [`counter`].
+pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
+    "sockhash_added",
+    "msg_redirected",
+    "msg_redirected_bytes",
+    "msg_passed",
+    "sockhash_insert_failed",
+];
+
+/// Key of the socket-pair SOCKHASH: one TCP endpoint, seen from its own side.
+///
+/// Every pod has its own 127.0.0.1, so the 4-tuple alone is not unique on a
+/// node; the network namespace cookie makes it so. Addresses are IPv6 or
+/// IPv4-mapped IPv6, in network byte order; ports are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub netns_cookie: u64,
+    pub local_ip: [u32; 4],
+    pub remote_ip: [u32; 4],
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+
+impl SockKey {
+    /// The key the other end of this same connection is stored under.
+    #[inline(always)]
+    pub fn peer(&self) -> SockKey {
+        SockKey {
+            netns_cookie: self.netns_cookie,
+            local_ip: self.remote_ip,
+            remote_ip: self.local_ip,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain old data, `#[repr(C)]`, no padding (8 + 16 + 16 + 4 + 4).
+    unsafe impl aya::Pod for super::SockKey {}
+}

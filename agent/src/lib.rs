@@ -1,0 +1,3 @@
+//! Sluice node agent. See ARCHITECTURE.md for how one connection travels
+//! through these modules.
+pub mod bpf;

@@ -15,9 +15,15 @@ fn main() {
     let workspace = manifest_dir.parent().expect("agent/ has a parent");
     let ebpf_dir = workspace.join("agent-ebpf");
     for watched in ["src", "Cargo.toml", "Cargo.lock", ".cargo/config.toml"] {
-        println!("cargo:rerun-if-changed={}", ebpf_dir.join(watched).display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            ebpf_dir.join(watched).display()
+        );
     }
-    println!("cargo:rerun-if-changed={}", workspace.join("agent-common/src").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace.join("agent-common/src").display()
+    );
 
     let target_dir = env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -28,17 +34,28 @@ fn main() {
 
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(&ebpf_dir)
-        .args(["build", "--release", "--ignore-rust-version", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--ignore-rust-version",
+            "--target-dir",
+        ])
         .arg(&target_dir);
     // The outer build's settings (target, rustc wrapper, flags) must not leak
     // into a build for another target with another compiler.
     for (key, _) in env::vars_os() {
         let key = key.to_string_lossy();
-        if (key.starts_with("CARGO_") && key != "CARGO_HOME") || key.starts_with("RUSTC") || key == "RUSTFLAGS" || key == "RUSTDOC" {
+        if (key.starts_with("CARGO_") && key != "CARGO_HOME")
+            || key.starts_with("RUSTC")
+            || key == "RUSTFLAGS"
+            || key == "RUSTDOC"
+        {
             cmd.env_remove(key.as_ref());
         }
     }
-    let status = cmd.status().unwrap_or_else(|e| fail(&format!("could not start cargo for agent-ebpf: {e}")));
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| fail(&format!("could not start cargo for agent-ebpf: {e}")));
     if !status.success() {
         fail("building the eBPF programs in agent-ebpf/ failed (see the errors above)");
     }

@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    key::sock_key,
+    key::KeySource,
     maps::{count, SOCK_PAIRS},
 };
 use agent_common::counter;
@@ -21,19 +21,10 @@ use agent_common::counter;
 #[sk_msg]
 pub fn sluice_sk_msg(ctx: SkMsgContext) -> u32 {
     // SAFETY: the context pointer is the one the kernel passed in.
-    let md = unsafe { &*ctx.msg };
     let netns = unsafe { bpf_get_netns_cookie(ctx.msg.cast()) };
-    let key = sock_key(
-        netns,
-        md.family,
-        md.local_ip4,
-        md.remote_ip4,
-        md.local_ip6,
-        md.remote_ip6,
-        md.local_port,
-        md.remote_port,
-    );
-    let size = md.size as u64;
+    // SAFETY: as above.
+    let key = unsafe { KeySource::key(ctx.msg, netns) };
+    let size = ctx.size() as u64;
     // The peer's own key is this key seen from the other end.
     if SOCK_PAIRS.redirect_msg(&ctx, key.peer(), BPF_F_INGRESS as u64) == SK_PASS as i64 {
         count(counter::MSG_REDIRECTED, 1);

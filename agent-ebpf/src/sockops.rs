@@ -6,7 +6,9 @@
 //! 5.15 for `bpf_get_netns_cookie` in sock_ops.
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
+    bindings::{
+        BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+    },
     helpers::bpf_get_netns_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
@@ -14,7 +16,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 
 use crate::{
-    key::{is_loopback, sock_key},
+    key::{is_loopback, KeySource},
     maps::{count, SOCK_PAIRS},
 };
 use agent_common::counter;
@@ -27,16 +29,8 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
     }
     // SAFETY: the context pointer is the one the kernel passed in.
     let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
-    let mut key = sock_key(
-        netns,
-        ctx.family(),
-        ctx.local_ip4(),
-        ctx.remote_ip4(),
-        ctx.local_ip6(),
-        ctx.remote_ip6(),
-        ctx.local_port(),
-        ctx.remote_port(),
-    );
+    // SAFETY: as above.
+    let mut key = unsafe { KeySource::key(ctx.ops, netns) };
     if !is_loopback(&key.remote_ip) {
         return 0;
     }

@@ -1,1 +1,92 @@
-fn main() {}
+//! `cargo xtask <task>`: the project's own automation, in Rust so it runs
+//! wherever cargo does. Every task says what it is doing and fails with a
+//! message that names the step.
+
+mod setup;
+mod test;
+
+#[path = "../../agent/build/ebpf.rs"]
+mod ebpf;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks (Debian packages, bpf-linker, bpffs).
+    Setup,
+    /// Build the eBPF object alone, into target/ebpf/bpfel-unknown-none/release/.
+    BuildEbpf,
+    /// Set up, build, then run the whole test suite (root tests must run as root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run the demo on a simulated node.
+    Demo,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf => build_ebpf().map(|p| println!("eBPF object: {}", p.display())),
+        Task::Test { args } => test::run(&args),
+        Task::Demo => demo(),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ has a parent").to_owned()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"))
+}
+
+fn build_ebpf() -> Result<PathBuf> {
+    step("building the eBPF object");
+    ebpf::build(&workspace(), &target_dir()).map_err(anyhow::Error::msg)
+}
+
+/// Prints a progress line, so a long run shows where it is.
+pub fn step(what: &str) {
+    eprintln!("==> {what}");
+}
+
+/// Runs a command to completion; the error names the step and the command.
+pub fn exec(step_name: &str, cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("{step_name}: could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{step_name}: {cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    setup::run()?;
+    step("building sluice and the demo");
+    exec(
+        "build",
+        Command::new("cargo").current_dir(workspace()).args(["build", "--quiet", "-p", "sluice", "-p", "sluice-tests", "--bins"]),
+    )?;
+    step("running the demo");
+    exec("demo", Command::new(target_dir().join("debug/sluice-demo")).current_dir(workspace()))
+}

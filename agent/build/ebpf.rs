@@ -16,8 +16,12 @@ pub fn object_path(target_dir: &Path) -> PathBuf {
 /// What the BPF build needs that this machine lacks, each with its package.
 pub fn missing_toolchain() -> Vec<&'static str> {
     let mut missing = Vec::new();
-    if !Path::new("/usr/bin/rustc").is_file() || !Path::new("/usr/lib/rustlib/bpfel-unknown-none/lib").is_dir() {
-        missing.push("Debian's rustc-web with the BPF core (packages rustc-web, libstd-rust-web-dev-bpf)");
+    if !Path::new("/usr/bin/rustc").is_file()
+        || !Path::new("/usr/lib/rustlib/bpfel-unknown-none/lib").is_dir()
+    {
+        missing.push(
+            "Debian's rustc-web with the BPF core (packages rustc-web, libstd-rust-web-dev-bpf)",
+        );
     }
     let on_path = env::var_os("PATH")
         .map(|p| env::split_paths(&p).any(|d| d.join("bpf-linker").is_file()))
@@ -48,13 +52,22 @@ pub fn build(workspace: &Path, target_dir: &Path) -> Result<PathBuf, String> {
     }
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(workspace.join("agent-ebpf"))
-        .args(["build", "--release", "--ignore-rust-version", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--ignore-rust-version",
+            "--target-dir",
+        ])
         .arg(target_dir.join("ebpf"));
     // The outer build's target, compiler wrapper and flags must not leak into
     // a build for another target with another compiler.
     for (key, _) in env::vars_os() {
         let key = key.to_string_lossy().into_owned();
-        if (key.starts_with("CARGO_") && key != "CARGO_HOME") || key.starts_with("RUSTC") || key == "RUSTFLAGS" || key == "RUSTDOC" {
+        if (key.starts_with("CARGO_") && key != "CARGO_HOME")
+            || key.starts_with("RUSTC")
+            || key == "RUSTFLAGS"
+            || key == "RUSTDOC"
+        {
             cmd.env_remove(key);
         }
     }
@@ -62,9 +75,13 @@ pub fn build(workspace: &Path, target_dir: &Path) -> Result<PathBuf, String> {
     let mut dirs: Vec<PathBuf> = env::split_paths(&path).collect();
     dirs.push(cargo_bin_dir());
     cmd.env("PATH", env::join_paths(dirs).map_err(|e| e.to_string())?);
-    let status = cmd.status().map_err(|e| format!("could not start cargo for agent-ebpf: {e}"))?;
+    let status = cmd
+        .status()
+        .map_err(|e| format!("could not start cargo for agent-ebpf: {e}"))?;
     if !status.success() {
-        return Err("building the eBPF programs in agent-ebpf/ failed (see the errors above)".into());
+        return Err(
+            "building the eBPF programs in agent-ebpf/ failed (see the errors above)".into(),
+        );
     }
     Ok(object_path(target_dir))
 }

@@ -14,7 +14,11 @@ pub fn run(extra: &[String]) -> Result<()> {
     step("building the workspace (the agent build also builds the eBPF object)");
     exec(
         "build",
-        Command::new("cargo").current_dir(workspace()).args(["build", "--workspace", "--all-targets"]),
+        Command::new("cargo").current_dir(workspace()).args([
+            "build",
+            "--workspace",
+            "--all-targets",
+        ]),
     )?;
     step("running the test suite");
     let mut cmd = Command::new("cargo");

@@ -95,6 +95,11 @@ impl Datapath {
         skmsg
             .attach(&pairs_fd)
             .context("attaching sluice_sk_msg to SOCK_PAIRS")?;
+        // A program added to the object but not loaded above would be silently
+        // dead; refuse to run with one.
+        if let Some((name, _)) = ebpf.programs().find(|(_, p)| p.fd().is_err()) {
+            anyhow::bail!("program {name} is in the eBPF object but the agent does not load it");
+        }
         info!(pin_root = %pins.path().display(), "eBPF datapath loaded");
         Ok(Datapath {
             ebpf,
@@ -120,6 +125,15 @@ impl Datapath {
 
     pub fn counters(&self) -> Result<Counters> {
         read_counters(&self.pins)
+    }
+
+    /// Every program in the object with its kernel program id: all of them
+    /// were accepted by the verifier.
+    pub fn loaded_programs(&self) -> Vec<(String, u32)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| Some((name.to_owned(), p.info().ok()?.id())))
+            .collect()
     }
 
     pub fn pin_root(&self) -> &PinRoot {

@@ -1,0 +1,156 @@
+//! Opening sockets inside a pod's network namespace.
+//!
+//! A socket belongs to the netns it was created in, for its whole life, no
+//! matter which thread later uses it. So the agent stays in the node's netns
+//! and only *creates* pod sockets from inside the pod: the calling thread
+//! `setns`es into the pod, creates the socket, and `setns`es back before doing
+//! anything else. Two syscalls, no helper thread per connection. Network
+//! namespaces (unlike mount or user namespaces) may be switched per thread in
+//! a multi-threaded process.
+
+use std::{
+    fs::File,
+    io,
+    net::SocketAddr,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
+
+use agent_common::AGENT_MARK;
+use anyhow::{Context, Result};
+use nix::sched::{setns, CloneFlags};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// An open handle on a pod's netns. Holding the fd keeps the netns alive and
+/// pins it, even if the path is later unmounted.
+#[derive(Debug)]
+pub struct Netns {
+    path: PathBuf,
+    file: File,
+}
+
+/// The agent's own netns, opened once, to return to after each `enter`.
+fn home() -> io::Result<&'static File> {
+    static HOME: OnceLock<File> = OnceLock::new();
+    if let Some(f) = HOME.get() {
+        return Ok(f);
+    }
+    let f = File::open("/proc/self/ns/net")?;
+    Ok(HOME.get_or_init(|| f))
+}
+
+impl Netns {
+    pub fn open(path: &Path) -> Result<Self> {
+        home().context("opening the agent's own netns /proc/self/ns/net")?;
+        let file =
+            File::open(path).with_context(|| format!("opening pod netns {}", path.display()))?;
+        Ok(Netns {
+            path: path.to_owned(),
+            file,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with the current thread inside this netns. `f` must only
+    /// create sockets (or run netlink) and must not await or block.
+    pub fn run<T>(&self, f: impl FnOnce() -> io::Result<T>) -> Result<T> {
+        let home = home().context("opening the agent's own netns")?;
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering netns {}", self.path.display()))?;
+        let result = f();
+        // If we cannot get back, this thread would silently serve the wrong
+        // pod: there is no safe way to go on.
+        if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
+            eprintln!(
+                "sluice: fatal: cannot return to the node netns after {}: {e}",
+                self.path.display()
+            );
+            std::process::abort();
+        }
+        result.with_context(|| format!("in netns {}", self.path.display()))
+    }
+
+    /// A TCP listener in this netns, marked so capture leaves it alone, with
+    /// SO_REUSEPORT so a new agent can bind beside the old one during an
+    /// upgrade and take over without refusing connections.
+    pub fn listen(&self, addr: SocketAddr, transparent: bool) -> Result<std::net::TcpListener> {
+        self.run(|| {
+            let s = agent_socket(addr)?;
+            s.set_reuse_port(true)?;
+            s.set_reuse_address(true)?;
+            if transparent {
+                set_transparent(&s, addr)?;
+            }
+            s.bind(&addr.into())?;
+            s.listen(1024)?;
+            s.set_nonblocking(true)?;
+            Ok(s.into())
+        })
+        .with_context(|| format!("listening on {addr}"))
+    }
+
+    /// An unconnected TCP socket in this netns, marked 0x539. With
+    /// `bind_to`, the socket is bound first; `transparent` lets that address
+    /// be a foreign one (the client's IP, so the app sees its real peer).
+    pub fn socket(
+        &self,
+        peer: SocketAddr,
+        bind_to: Option<SocketAddr>,
+        transparent: bool,
+    ) -> Result<tokio::net::TcpSocket> {
+        let s = self.run(|| {
+            let s = agent_socket(peer)?;
+            if let Some(local) = bind_to {
+                if transparent {
+                    set_transparent(&s, local)?;
+                }
+                s.bind(&SockAddr::from(local))?;
+            }
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })?;
+        Ok(tokio::net::TcpSocket::from_std_stream(s.into()))
+    }
+}
+
+/// A TCP socket of `addr`'s family carrying the agent mark.
+pub fn agent_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    s.set_mark(AGENT_MARK)?;
+    s.set_tcp_nodelay(true)?;
+    Ok(s)
+}
+
+fn set_transparent(s: &Socket, addr: SocketAddr) -> io::Result<()> {
+    match addr {
+        SocketAddr::V4(_) => s.set_ip_transparent_v4(true),
+        SocketAddr::V6(_) => s.set_ip_transparent_v6(true),
+    }
+}
+
+/// The destination the app asked for before capture rewrote it: iptables
+/// REDIRECT records it in conntrack, and the eBPF getsockopt hook answers the
+/// same calls, so the accept path is one code in both modes.
+pub fn original_dst(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let local = stream.local_addr()?;
+    let raw = match local {
+        SocketAddr::V4(_) => sock.original_dst_v4()?,
+        SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_some() => sock.original_dst_v4()?,
+        SocketAddr::V6(_) => sock.original_dst_v6()?,
+    };
+    raw.as_socket().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "SO_ORIGINAL_DST returned a non-IP address",
+        )
+    })
+}

@@ -1,0 +1,136 @@
+//! Byte copy between a TCP socket and an HTTP/2 CONNECT stream, both ways at
+//! once, honouring half-close: TCP EOF becomes END_STREAM, END_STREAM becomes
+//! `shutdown(SHUT_WR)`. A reset on either side becomes a reset on the other
+//! (RST_STREAM CANCEL towards HTTP/2; SO_LINGER 0 + close towards TCP).
+
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// Read size from TCP. One read fills at most one DATA frame.
+const READ_CHUNK: usize = 256 * 1024;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CopyResult {
+    /// Bytes read from TCP and sent into the stream.
+    pub tcp_to_stream: u64,
+    /// Bytes received from the stream and written to TCP.
+    pub stream_to_tcp: u64,
+}
+
+/// Copies until both directions have finished. Returns the byte counts even
+/// on error, so telemetry counts what did move.
+pub async fn copy_bidirectional(
+    tcp: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+) -> (CopyResult, io::Result<()>) {
+    let (mut rd, mut wr) = tcp.into_split();
+    let (mut up_bytes, mut down_bytes) = (0u64, 0u64);
+    let outcome = {
+        let up = tcp_to_stream(&mut rd, send, &mut up_bytes);
+        let down = stream_to_tcp(recv, &mut wr, &mut down_bytes);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        // One direction ending cleanly is a half-close: keep the other going.
+        // One direction failing ends both, or the other could wait forever.
+        loop {
+            tokio::select! {
+                r = &mut up, if !up_done => { up_done = true; if let Err(e) = r { break Err(e) } }
+                r = &mut down, if !down_done => { down_done = true; if let Err(e) = r { break Err(e) } }
+            }
+            if up_done && down_done {
+                break Ok(());
+            }
+        }
+    };
+    if outcome.is_err() {
+        // Pass the failure on as a reset, not as a clean close: the app must
+        // not mistake a broken tunnel for a complete response.
+        if let Ok(tcp) = rd.reunite(wr) {
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
+        }
+    }
+    (
+        CopyResult {
+            tcp_to_stream: up_bytes,
+            stream_to_tcp: down_bytes,
+        },
+        outcome,
+    )
+}
+
+async fn tcp_to_stream(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    mut send: SendStream<Bytes>,
+    n: &mut u64,
+) -> io::Result<()> {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        buf.reserve(READ_CHUNK);
+        let read = match rd.read_buf(&mut buf).await {
+            Ok(read) => read,
+            Err(e) => {
+                send.send_reset(h2::Reason::CANCEL);
+                return Err(e);
+            }
+        };
+        if read == 0 {
+            return send.send_data(Bytes::new(), true).map_err(h2_io);
+        }
+        let mut chunk = buf.split().freeze();
+        // Respect the peer's window: send only what it granted.
+        while !chunk.is_empty() {
+            send.reserve_capacity(chunk.len());
+            let granted = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(granted)) => granted,
+                Some(Err(e)) => return Err(h2_io(e)),
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "HBONE stream closed by peer",
+                    ))
+                }
+            };
+            let part = chunk.split_to(granted.min(chunk.len()));
+            *n += part.len() as u64;
+            send.send_data(part, false).map_err(h2_io)?;
+        }
+    }
+}
+
+async fn stream_to_tcp(
+    mut recv: RecvStream,
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    n: &mut u64,
+) -> io::Result<()> {
+    while let Some(data) = recv.data().await {
+        let data = data.map_err(h2_io)?;
+        let len = data.len();
+        wr.write_all(&data).await?;
+        *n += len as u64;
+        // Hand the window back only once the bytes are in the socket, so a
+        // slow app pushes back on the sender instead of growing our memory.
+        let _ = recv.flow_control().release_capacity(len);
+    }
+    wr.shutdown().await
+}
+
+pub fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"));
+    }
+    let kind = if e.is_reset() {
+        io::ErrorKind::ConnectionReset
+    } else {
+        io::ErrorKind::Other
+    };
+    io::Error::new(kind, e)
+}

@@ -1,0 +1,182 @@
+//! The server half of HBONE, on 15008 inside the destination pod's netns.
+//!
+//! Per CONNECT stream, in this order (ztunnel's answers):
+//! not CONNECT → 400; `:authority` not an IP:port of the address this TCP
+//! connection arrived on → 400; policy denies → 401; app unreachable → 503;
+//! otherwise 200, sent only once the upstream connection is up.
+
+use std::{future::Future, io, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::watch,
+};
+use tracing::{debug, info_span, warn, Instrument};
+
+use super::{copy_bidirectional, settings, CopyResult};
+
+/// What the server knows about one inbound stream when it asks the handler.
+#[derive(Debug, Clone)]
+pub struct InboundRequest {
+    /// The destination the client asked for (`:authority`).
+    pub target: SocketAddr,
+    /// The TCP peer of the HBONE connection: the client pod's address.
+    pub peer: SocketAddr,
+    /// The client's verified identity, from its TLS certificate.
+    pub peer_identity: Option<String>,
+}
+
+/// Why the server refused a stream, mapped to the HTTP status it answers.
+#[derive(Debug)]
+pub enum Refusal {
+    BadRequest(String),
+    Denied(String),
+    Unavailable(io::Error),
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Refusal::Denied(_) => StatusCode::UNAUTHORIZED,
+            Refusal::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// The agent's side of each stream: authorize and dial, then account.
+pub trait Handler: Send + Sync + 'static {
+    /// Decides and, when allowed, connects to the app.
+    fn open(&self, req: &InboundRequest)
+        -> impl Future<Output = Result<TcpStream, Refusal>> + Send;
+    /// Called once per stream that was answered, with what moved.
+    fn finished(&self, req: &InboundRequest, status: StatusCode, bytes: CopyResult);
+}
+
+/// Serves one HBONE connection (after the TLS handshake) until the client
+/// closes it or `shutdown` flips, in which case it sends GOAWAY and lets the
+/// streams already open run to completion.
+pub async fn serve_connection<IO, H>(
+    io: IO,
+    local: SocketAddr,
+    peer: SocketAddr,
+    peer_identity: Option<String>,
+    handler: Arc<H>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), h2::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
+{
+    let mut conn = settings::server_builder().handshake::<_, Bytes>(io).await?;
+    let mut draining = *shutdown.borrow();
+    if draining {
+        conn.graceful_shutdown();
+    }
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            _ = shutdown.changed(), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(next) = next else { return Ok(()) };
+        let (req, respond) = next?;
+        let handler = handler.clone();
+        let peer_identity = peer_identity.clone();
+        let span = info_span!("inbound", %peer, identity = peer_identity.as_deref().unwrap_or("-"));
+        tokio::spawn(
+            handle_stream(req, respond, local, peer, peer_identity, handler).instrument(span),
+        );
+    }
+}
+
+async fn handle_stream<H: Handler>(
+    req: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    local: SocketAddr,
+    peer: SocketAddr,
+    peer_identity: Option<String>,
+    handler: Arc<H>,
+) {
+    let target = match validate(&req, local) {
+        Ok(target) => target,
+        Err(refusal) => return refuse(&mut respond, &refusal),
+    };
+    let inbound = InboundRequest {
+        target,
+        peer,
+        peer_identity,
+    };
+    let upstream = match handler.open(&inbound).await {
+        Ok(s) => s,
+        Err(refusal) => {
+            refuse(&mut respond, &refusal);
+            handler.finished(&inbound, refusal.status(), CopyResult::default());
+            return;
+        }
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(e) => return warn!(error = %e, "client went away before 200"),
+    };
+    let (bytes, outcome) = copy_bidirectional(upstream, send, req.into_body()).await;
+    if let Err(e) = outcome {
+        debug!(error = %e, "stream ended with an error");
+    }
+    handler.finished(&inbound, StatusCode::OK, bytes);
+}
+
+/// Checks the request is a CONNECT to an address this connection may reach.
+fn validate(req: &Request<h2::RecvStream>, local: SocketAddr) -> Result<SocketAddr, Refusal> {
+    if req.method() != Method::CONNECT {
+        return Err(Refusal::BadRequest(format!(
+            "method {} is not CONNECT",
+            req.method()
+        )));
+    }
+    let authority = req
+        .uri()
+        .authority()
+        .ok_or_else(|| Refusal::BadRequest("CONNECT without :authority".into()))?;
+    let target: SocketAddr = authority
+        .as_str()
+        .parse()
+        .map_err(|_| Refusal::BadRequest(format!(":authority {authority} is not IP:port")))?;
+    // A client may only reach the pod whose address it dialled: otherwise
+    // one pod's HBONE port would be a relay to every other address.
+    if canonical(target.ip()) != canonical(local.ip()) {
+        return Err(Refusal::BadRequest(format!(
+            ":authority {} does not match the address {} this connection arrived on",
+            target.ip(),
+            local.ip()
+        )));
+    }
+    Ok(target)
+}
+
+fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(Into::into).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+fn refuse(respond: &mut SendResponse<Bytes>, refusal: &Refusal) {
+    match refusal {
+        Refusal::Denied(why) => debug!(%why, "denied"),
+        Refusal::BadRequest(why) => warn!(%why, "bad HBONE request"),
+        Refusal::Unavailable(e) => warn!(error = %e, "app unreachable"),
+    }
+    let resp = Response::builder()
+        .status(refusal.status())
+        .body(())
+        .expect("static response is valid");
+    let _ = respond.send_response(resp, true);
+}

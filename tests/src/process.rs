@@ -31,7 +31,7 @@ pub trait Place {
 
 type Slot = Arc<Mutex<Option<Child>>>;
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panicking test must not turn cleanup into a second panic.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -132,7 +132,9 @@ pub fn spawn_in(place: &(impl Place + ?Sized), mut cmd: Command) -> Result<Child
 
     let slot: Slot = Arc::new(Mutex::new(Some(child)));
     if let Some(r) = &registry {
-        lock(&r.slots).push(Arc::downgrade(&slot));
+        let mut slots = lock(&r.slots);
+        slots.retain(|w| w.strong_count() > 0);
+        slots.push(Arc::downgrade(&slot));
     }
     Ok(ChildGuard {
         slot,

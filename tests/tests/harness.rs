@@ -270,8 +270,9 @@ fn sweep_removes_only_dead_owners_root() -> Result<()> {
     let _ = Command::new("ip").args(["netns", "del", &live]).status();
     let _ = std::fs::remove_dir(mount.join(&live).join("child"));
     let _ = std::fs::remove_dir(mount.join(&live));
-    let removed = removed?;
-    assert!(removed.contains(&stale), "{removed:?}");
+    // Another test process starting now may sweep it first: check it is
+    // gone, not who removed it.
+    removed?;
     assert!(!still.contains(&stale) && !mount.join(&stale).exists());
     assert!(live_left, "a live owner's names must survive the sweep");
     assert!(sweep_stale("cni-").is_err(), "foreign prefixes are refused");

@@ -1,0 +1,282 @@
+//! `sluice-peer`: real TCP traffic for end-to-end tests.
+//!
+//! `serve` accepts connections (echo / sink / discard-then-report) and
+//! prints `LISTENING <addr>` once bound and `PEER <addr>` per connection, so
+//! a test can wait for readiness and check which client address the app saw.
+//! `send` streams a deterministic pattern, verifies what comes back byte for
+//! byte, and prints one JSON [`SendReport`] line.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use sluice_tests::{pattern, tcp_info, SendReport, ServeReport, TcpInfo};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(name = "sluice-peer", about = "TCP traffic tool for Sluice's tests")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Accept TCP connections.
+    Serve {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, value_enum, default_value_t = Mode::Echo)]
+        mode: Mode,
+        /// Serve one connection, then exit.
+        #[arg(long)]
+        once: bool,
+        /// Print `PEER <ip>:<port>` for every accepted connection.
+        #[arg(long)]
+        print_peer: bool,
+    },
+    /// Send a pattern and verify the reply.
+    Send {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 64 * 1024)]
+        chunk: usize,
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+        /// What the server sends back: the bytes (echo), a ServeReport
+        /// (report, for discard-then-report) or nothing (none, for sink).
+        #[arg(long, value_enum, default_value_t = Expect::Echo)]
+        expect: Expect,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    /// Send every byte back; after the client's EOF, finish and shut down writing.
+    Echo,
+    /// Read and drop everything.
+    Sink,
+    /// Read everything, check the pattern, then reply with one JSON ServeReport line.
+    DiscardThenReport,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum Expect {
+    Echo,
+    Report,
+    None,
+}
+
+fn main() {
+    let result = match Cli::parse().cmd {
+        Cmd::Serve {
+            listen,
+            mode,
+            once,
+            print_peer,
+        } => serve(listen, mode, once, print_peer),
+        Cmd::Send {
+            connect,
+            bytes,
+            chunk,
+            timeout_secs,
+            expect,
+        } => send(
+            connect,
+            bytes,
+            chunk.max(1),
+            Duration::from_secs(timeout_secs),
+            expect,
+        ),
+    };
+    if let Err(e) = result {
+        eprintln!("sluice-peer: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// One line to stdout, flushed at once: tests read it through a pipe.
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn serve(listen: SocketAddr, mode: Mode, once: bool, print_peer: bool) -> Result<()> {
+    let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+    say(&format!(
+        "LISTENING {}",
+        listener.local_addr().context("local_addr")?
+    ));
+    loop {
+        let (stream, peer) = listener.accept().context("accept")?;
+        if print_peer {
+            say(&format!("PEER {peer}"));
+        }
+        if once {
+            return handle(stream, mode).with_context(|| format!("connection from {peer}"));
+        }
+        std::thread::spawn(move || {
+            if let Err(e) = handle(stream, mode) {
+                eprintln!("sluice-peer: connection from {peer}: {e:#}");
+            }
+        });
+    }
+}
+
+fn handle(mut s: TcpStream, mode: Mode) -> Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    let mut mismatch = None;
+    loop {
+        let n = match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("read"),
+        };
+        match mode {
+            Mode::Echo => s.write_all(&buf[..n]).context("write echo")?,
+            Mode::Sink => {}
+            Mode::DiscardThenReport => {
+                if mismatch.is_none() {
+                    mismatch = pattern::first_mismatch(total, &buf[..n]);
+                }
+            }
+        }
+        total += n as u64;
+    }
+    if let Mode::DiscardThenReport = mode {
+        let report = ServeReport {
+            bytes_received: total,
+            first_mismatch_offset: mismatch,
+        };
+        let line = serde_json::to_string(&report)? + "\n";
+        s.write_all(line.as_bytes()).context("write report")?;
+    }
+    // Half-close honoured: we only stop writing after the client's EOF.
+    s.shutdown(Shutdown::Write).context("shutdown(Write)")?;
+    Ok(())
+}
+
+fn send(
+    addr: SocketAddr,
+    total: u64,
+    chunk: usize,
+    timeout: Duration,
+    expect: Expect,
+) -> Result<()> {
+    let start = Instant::now();
+    let stream =
+        TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut writer = stream.try_clone().context("clone socket")?;
+    let sender = std::thread::spawn(move || -> Result<u64> {
+        let mut buf = vec![0u8; chunk];
+        let mut sent = 0u64;
+        while sent < total {
+            let n = chunk.min((total - sent) as usize);
+            pattern::fill(sent, &mut buf[..n]);
+            writer
+                .write_all(&buf[..n])
+                .with_context(|| format!("write at offset {sent}"))?;
+            sent += n as u64;
+        }
+        writer
+            .shutdown(Shutdown::Write)
+            .context("shutdown(Write)")?;
+        Ok(sent)
+    });
+
+    let mut report = SendReport::default();
+    let received = receive(&stream, total, expect, start + timeout, &mut report);
+    if received.is_err() || report.first_mismatch_offset.is_some() {
+        // Unblock the sender (EPIPE) instead of waiting for its write timeout.
+        let _ = stream.shutdown(Shutdown::Both);
+    }
+    let sent = sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender thread panicked"))?;
+    report.bytes_sent = match &sent {
+        Ok(n) => *n,
+        Err(_) => 0,
+    };
+    report.tcp_info = tcp_info(&stream).unwrap_or_else(|e| {
+        eprintln!("sluice-peer: TCP_INFO: {e}");
+        TcpInfo::default()
+    });
+    report.elapsed_ms = start.elapsed().as_millis() as u64;
+    let failure = match (sent, received) {
+        (Err(e), _) | (_, Err(e)) => Some(format!("{e:#}")),
+        _ if report.first_mismatch_offset.is_some() => Some(format!(
+            "data mismatch at offset {}",
+            report.first_mismatch_offset.unwrap_or_default()
+        )),
+        _ if expect != Expect::None && report.bytes_verified != total => Some(format!(
+            "verified {} of {total} bytes",
+            report.bytes_verified
+        )),
+        _ => None,
+    };
+    report.ok = failure.is_none();
+    report.error = failure.clone();
+    say(&serde_json::to_string(&report)?);
+    drop(stream);
+    match failure {
+        Some(f) => bail!("{f}"),
+        None => Ok(()),
+    }
+}
+
+/// Read until EOF, checking what comes back against `expect`.
+fn receive(
+    mut s: &TcpStream,
+    total: u64,
+    expect: Expect,
+    deadline: Instant,
+    report: &mut SendReport,
+) -> Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    let mut text = Vec::new();
+    loop {
+        if Instant::now() > deadline {
+            bail!("timed out after {got} bytes back");
+        }
+        let n = match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                bail!("timed out after {got} bytes back")
+            }
+            Err(e) => return Err(e).with_context(|| format!("read after {got} bytes back")),
+        };
+        match expect {
+            Expect::Echo => {
+                // Anything past `total` is a duplicate: it mismatches at `total`.
+                let m = pattern::first_mismatch(got, &buf[..n])
+                    .or((got + n as u64 > total).then_some(total.max(got)));
+                if let Some(off) = m {
+                    report.first_mismatch_offset = Some(off);
+                    report.bytes_verified = off;
+                    return Ok(());
+                }
+                report.bytes_verified = got + n as u64;
+            }
+            Expect::Report => text.extend_from_slice(&buf[..n]),
+            Expect::None => bail!("server sent {n} unexpected bytes"),
+        }
+        got += n as u64;
+    }
+    if expect == Expect::Report {
+        let r: ServeReport = serde_json::from_slice(&text)
+            .with_context(|| format!("bad report {:?}", String::from_utf8_lossy(&text)))?;
+        report.first_mismatch_offset = r.first_mismatch_offset;
+        report.bytes_verified = r.first_mismatch_offset.unwrap_or(r.bytes_received);
+    }
+    Ok(())
+}

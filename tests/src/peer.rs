@@ -1,0 +1,50 @@
+//! Shared types of the `sluice-peer` traffic tool and how to find it.
+
+use crate::tcpinfo::TcpInfo;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// The JSON line `sluice-peer send` prints.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SendReport {
+    pub ok: bool,
+    pub bytes_sent: u64,
+    pub bytes_verified: u64,
+    pub first_mismatch_offset: Option<u64>,
+    pub elapsed_ms: u64,
+    pub tcp_info: TcpInfo,
+    /// Why `ok` is false (timeout, reset, mismatch...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The JSON line `sluice-peer serve --mode discard-then-report` sends back
+/// to the client after the client's EOF.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ServeReport {
+    pub bytes_received: u64,
+    pub first_mismatch_offset: Option<u64>,
+}
+
+/// Path of the `sluice-peer` binary. `SLUICE_PEER_BIN` overrides; otherwise
+/// it is looked up next to the running test executable (cargo puts test
+/// binaries in `target/<profile>/deps/` and bins in `target/<profile>/`).
+/// Integration tests can equally use `env!("CARGO_BIN_EXE_sluice-peer")`.
+///
+/// # Panics
+/// If it cannot be found (e.g. `cargo test --lib` does not build bins).
+pub fn peer_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SLUICE_PEER_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe() of the test binary");
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("sluice-peer"))
+        .collect();
+    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
+        panic!("sluice-peer not found at {candidates:?}; build it (cargo test -p sluice-tests builds it) or set SLUICE_PEER_BIN")
+    })
+}

@@ -30,6 +30,7 @@
 //!
 //! All of it needs root; start every test with [`require_root!`].
 
+pub mod agent;
 pub mod cgroup;
 pub mod names;
 pub mod netns;
@@ -41,7 +42,9 @@ pub mod skip;
 pub mod sweep;
 pub mod tcpinfo;
 pub mod topology;
+pub mod traffic;
 
+pub use agent::{agent_bin, evidence, Agent, PinDir};
 pub use cgroup::{cgroup2_mount, cgroup_of};
 pub use names::HARNESS_PREFIX;
 pub use netns::{exec_in, exec_in_ok, netns_path};

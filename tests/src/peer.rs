@@ -34,7 +34,13 @@ pub struct ServeReport {
 /// # Panics
 /// If it cannot be found (e.g. `cargo test --lib` does not build bins).
 pub fn peer_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("SLUICE_PEER_BIN") {
+    target_bin("sluice-peer", "SLUICE_PEER_BIN")
+}
+
+/// A binary cargo built next to the running test (`target/<profile>/NAME`),
+/// or the path in `env_override`.
+pub fn target_bin(name: &str, env_override: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env_override) {
         return p.into();
     }
     let exe = std::env::current_exe().expect("current_exe() of the test binary");
@@ -42,9 +48,9 @@ pub fn peer_bin() -> PathBuf {
         .ancestors()
         .skip(1)
         .take(2)
-        .map(|dir| dir.join("sluice-peer"))
+        .map(|dir| dir.join(name))
         .collect();
     candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
-        panic!("sluice-peer not found at {candidates:?}; build it (cargo test -p sluice-tests builds it) or set SLUICE_PEER_BIN")
+        panic!("{name} not found at {candidates:?}; build it (cargo xtask test builds everything) or set {env_override}")
     })
 }

@@ -46,7 +46,9 @@ impl ConfigWatcher {
     ///
     /// Successful reloads are counted by [`State::generation`]: 0 for the
     /// initial load, +1 for each published state, so a reload counter is the
-    /// generation of the newest state and needs no second callback.
+    /// generation of the newest state and needs no second callback. A rewrite
+    /// that parses to the same config (only comments or layout changed) is
+    /// not a reload and publishes nothing.
     ///
     /// The task ends when every receiver has been dropped.
     ///
@@ -84,9 +86,10 @@ impl ConfigWatcher {
             node,
             tx,
             on_error,
-            previous: Some(Ok(fingerprint)),
+            previous: Ok(fingerprint),
             processed: Some(fingerprint),
             good_hash: content_hash(&bytes),
+            good_config: config,
             reported: None,
             generation: 0,
         };
@@ -138,10 +141,13 @@ struct Watcher<F> {
     tx: watch::Sender<Arc<State>>,
     on_error: F,
     /// What the previous poll saw; a change must be seen twice to be acted on.
-    previous: Option<Result<Fingerprint, io::ErrorKind>>,
+    previous: Result<Fingerprint, io::ErrorKind>,
     /// The fingerprint whose content was last read and handled.
     processed: Option<Fingerprint>,
     good_hash: u64,
+    /// The config behind the published state, to tell real changes from
+    /// edits that only touch comments or layout.
+    good_config: Config,
     reported: Option<Failure>,
     generation: u64,
 }
@@ -164,8 +170,8 @@ impl<F: Fn(&ConfigError)> Watcher<F> {
             .await
             .map(|m| Fingerprint::of(&m));
         let key = observed.as_ref().map(|f| *f).map_err(io::Error::kind);
-        let settled = self.previous == Some(key);
-        self.previous = Some(key);
+        let settled = self.previous == key;
+        self.previous = key;
         if !settled {
             return;
         }
@@ -202,12 +208,22 @@ impl<F: Fn(&ConfigError)> Watcher<F> {
         if self.reported == Some(Failure::Content(hash)) {
             return;
         }
-        let loaded = Config::from_bytes_named(bytes, &self.file)
-            .and_then(|config| State::from_config(&config, &self.node));
+        let loaded = Config::from_bytes_named(bytes, &self.file).and_then(|config| {
+            let state = State::from_config(&config, &self.node)?;
+            Ok((config, state))
+        });
         match loaded {
-            Ok(state) => {
+            // Comments, formatting or key order changed, nothing else: do
+            // not make every subscriber re-apply the same state.
+            Ok((config, _)) if config == self.good_config => {
+                self.good_hash = hash;
+                self.reported = None;
+                tracing::debug!(path = %self.file, "config file rewritten without changes");
+            }
+            Ok((config, state)) => {
                 self.generation += 1;
                 self.good_hash = hash;
+                self.good_config = config;
                 self.reported = None;
                 tracing::info!(
                     path = %self.file,

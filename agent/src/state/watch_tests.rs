@@ -135,8 +135,14 @@ async fn semantic_errors_and_missing_file_keep_state() {
     tokio::time::sleep(PUBLISH_TIMEOUT).await;
     assert!(!rx.has_changed().unwrap());
 
+    // Nor is a change to comments only.
+    replace_file(&path, &format!("# edited\n{EXAMPLE}"));
+    tokio::time::sleep(PUBLISH_TIMEOUT).await;
+    assert!(!rx.has_changed().unwrap());
+
     replace_file(&path, &EXAMPLE.replace("node: node1", "node: node2"));
     let state = next_state(&mut rx).await;
+    assert_eq!(state.generation(), 1);
     assert!(state.local_workloads("node1").is_empty());
 }
 

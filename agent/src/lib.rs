@@ -2,5 +2,7 @@
 //! through these modules.
 pub mod bpf;
 pub mod netns;
+pub mod policy;
 pub mod run;
+pub mod state;
 pub mod tunnel;

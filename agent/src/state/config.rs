@@ -1,0 +1,159 @@
+//! The agent's local config file: trust domain, CA location, workloads and
+//! policies, in the camelCase YAML shape of ztunnel's local config.
+//!
+//! Unknown fields are errors rather than ignored: a misspelt `selector` or
+//! `action` in an authorization policy would otherwise widen access silently.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::authz::AuthorizationPolicy;
+use super::duration;
+use super::error::ConfigError;
+use super::validate;
+use super::workload::Protocol;
+
+/// Leaf certificate lifetime when `ca.certTtl` is not given; Istio's default.
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    pub trust_domain: String,
+    pub ca: CaConfig,
+    #[serde(default)]
+    pub workloads: Vec<WorkloadConfig>,
+    #[serde(default)]
+    pub policies: Vec<AuthorizationPolicy>,
+    /// Where the config came from, so that errors found after parsing (for
+    /// example when building state for a node) still name the file.
+    #[serde(skip)]
+    pub(crate) origin: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CaConfig {
+    /// Holds `root-cert.pem` and `ca-key.pem`, and optionally `cert-chain.pem`
+    /// when the root is an intermediate.
+    pub dir: PathBuf,
+    /// Lifetime of issued leaf certificates; they are rotated at half-life.
+    #[serde(
+        default = "default_cert_ttl",
+        deserialize_with = "duration::deserialize",
+        serialize_with = "duration::serialize"
+    )]
+    pub cert_ttl: Duration,
+}
+
+fn default_cert_ttl() -> Duration {
+    DEFAULT_CERT_TTL
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadConfig {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub workload_ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub node: Option<String>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Required for HBONE workloads on the agent's own node, which the agent
+    /// must enter to open listeners; ignored elsewhere.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads, parses and validates the file. Node-specific rules (such as
+    /// `netns` for local HBONE workloads) are checked by `State::from_config`.
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let file = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Config::from_bytes_named(&bytes, &file)
+    }
+
+    /// Parses and validates `text`; `name` stands in for the file path in
+    /// error messages.
+    pub fn from_str_named(text: &str, name: &str) -> Result<Config, ConfigError> {
+        let mut config: Config =
+            serde_yaml::from_str(text).map_err(|err| parse_error(name, text, &err))?;
+        config.origin = name.to_string();
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub(crate) fn from_bytes_named(bytes: &[u8], name: &str) -> Result<Config, ConfigError> {
+        let text = std::str::from_utf8(bytes).map_err(|err| ConfigError::Parse {
+            file: name.to_string(),
+            message: format!("not valid UTF-8 at byte {}", err.valid_up_to()),
+            line: None,
+            column: None,
+        })?;
+        Config::from_str_named(text, name)
+    }
+
+    /// Checks the rules that serde cannot express. Useful for configs built
+    /// in code; `load` and `from_str_named` already call it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check(None)
+    }
+
+    /// The name errors are reported under: the file path, or the name given
+    /// to `from_str_named`.
+    pub fn origin(&self) -> &str {
+        if self.origin.is_empty() {
+            "<config>"
+        } else {
+            &self.origin
+        }
+    }
+
+    pub(crate) fn check(&self, node: Option<&str>) -> Result<(), ConfigError> {
+        let errors = validate::check(self, node);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                file: self.origin().to_string(),
+                errors,
+            })
+        }
+    }
+}
+
+fn parse_error(name: &str, text: &str, err: &serde_yaml::Error) -> ConfigError {
+    // A file of only comments parses as null, which serde reports as a
+    // missing `trustDomain`; say what actually happened. Checked only on
+    // failure, so a good file is parsed once.
+    if matches!(serde_yaml::from_str(text), Ok(serde_yaml::Value::Null)) {
+        return ConfigError::Parse {
+            file: name.to_string(),
+            message:
+                "the file is empty; expected a mapping with trustDomain, ca, workloads and policies"
+                    .into(),
+            line: None,
+            column: None,
+        };
+    }
+    let location = err.location();
+    ConfigError::Parse {
+        file: name.to_string(),
+        message: err.to_string(),
+        line: location.as_ref().map(|l| l.line()),
+        column: location.as_ref().map(|l| l.column()),
+    }
+}

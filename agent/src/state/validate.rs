@@ -1,0 +1,250 @@
+//! Rules the YAML schema cannot express: uniqueness across the file, name
+//! syntax, and what this node needs in order to enroll its own pods.
+//!
+//! Every problem is collected, not just the first, so that one edit-reload
+//! cycle is enough to fix a file.
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use super::authz::AuthorizationPolicy;
+use super::config::{CaConfig, Config, WorkloadConfig};
+use super::error::FieldError;
+use super::names;
+use super::workload::Protocol;
+
+/// Checks `config`; with `node`, also the rules that hold only for the
+/// workloads of that node.
+pub(crate) fn check(config: &Config, node: Option<&str>) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    if let Err(reason) = names::check_trust_domain(&config.trust_domain) {
+        errors.push(FieldError::new("trustDomain", reason));
+    }
+    check_ca(&config.ca, &mut errors);
+    check_workloads(&config.workloads, &mut errors);
+    if let Some(node) = node {
+        check_local_workloads(&config.workloads, node, &mut errors);
+    }
+    check_policies(&config.policies, &mut errors);
+    errors
+}
+
+fn check_ca(ca: &CaConfig, errors: &mut Vec<FieldError>) {
+    check_absolute("ca.dir", &ca.dir, errors);
+    // X.509 validity has one-second resolution, so anything shorter cannot be
+    // expressed in a certificate.
+    if ca.cert_ttl < Duration::from_secs(1) {
+        errors.push(FieldError::new("ca.certTtl", "must be at least 1s"));
+    }
+}
+
+fn check_workloads(workloads: &[WorkloadConfig], errors: &mut Vec<FieldError>) {
+    let mut uids: HashMap<&str, usize> = HashMap::new();
+    // Owner of each address: (workload index, ip index).
+    let mut owners: HashMap<IpAddr, (usize, usize)> = HashMap::new();
+
+    for (i, w) in workloads.iter().enumerate() {
+        let at = |field: &str| format!("workloads[{i}].{field}");
+
+        if w.uid.trim().is_empty() {
+            errors.push(FieldError::new(at("uid"), "must not be empty"));
+        } else {
+            match uids.entry(&w.uid) {
+                Entry::Occupied(first) => errors.push(FieldError::new(
+                    at("uid"),
+                    format!(
+                        "duplicate uid {:?} (also workloads[{}].uid)",
+                        w.uid,
+                        first.get()
+                    ),
+                )),
+                Entry::Vacant(slot) => {
+                    slot.insert(i);
+                }
+            }
+        }
+        push_err(errors, at("name"), names::check_dns_subdomain(&w.name));
+        push_err(
+            errors,
+            at("namespace"),
+            names::check_dns_label(&w.namespace),
+        );
+        push_err(
+            errors,
+            at("serviceAccount"),
+            names::check_dns_subdomain(&w.service_account),
+        );
+        if let Some(node) = &w.node {
+            if node.trim().is_empty() {
+                errors.push(FieldError::new(
+                    at("node"),
+                    "must not be empty; omit it for workloads on no node",
+                ));
+            }
+        }
+        if let Some(netns) = &w.netns {
+            check_absolute(&at("netns"), netns, errors);
+        }
+        if let Some(cgroup) = &w.cgroup {
+            check_absolute(&at("cgroup"), cgroup, errors);
+        }
+
+        if w.workload_ips.is_empty() {
+            errors.push(FieldError::new(
+                at("workloadIps"),
+                "must list at least one IP",
+            ));
+        }
+        for (j, ip) in w.workload_ips.iter().enumerate() {
+            let path = format!("workloads[{i}].workloadIps[{j}]");
+            if let Err(reason) = check_workload_ip(*ip) {
+                errors.push(FieldError::new(path, reason));
+                continue;
+            }
+            // Canonical, so 10.0.0.1 and ::ffff:10.0.0.1 count as one address.
+            let ip = ip.to_canonical();
+            match owners.get(&ip) {
+                Some(&(owner, _)) if owner == i => errors.push(FieldError::new(
+                    path,
+                    format!("{ip} is listed twice for workload {:?}", w.uid),
+                )),
+                Some(&(owner, k)) => errors.push(FieldError::new(
+                    path,
+                    format!(
+                        "{ip} is owned by both {:?} and {:?} (workloads[{owner}].workloadIps[{k}]); an address must identify one workload",
+                        w.uid, workloads[owner].uid
+                    ),
+                )),
+                None => {
+                    owners.insert(ip, (i, j));
+                }
+            }
+        }
+    }
+}
+
+fn check_workload_ip(ip: IpAddr) -> Result<(), String> {
+    let ip = ip.to_canonical();
+    let reason = if ip.is_unspecified() {
+        "is the unspecified address"
+    } else if ip.is_loopback() {
+        "is a loopback address, which every pod has; it cannot identify a workload"
+    } else if ip.is_multicast() {
+        "is a multicast address"
+    } else if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+        "is the broadcast address"
+    } else {
+        return Ok(());
+    };
+    Err(format!("{ip} {reason}"))
+}
+
+fn check_local_workloads(workloads: &[WorkloadConfig], node: &str, errors: &mut Vec<FieldError>) {
+    for (i, w) in workloads.iter().enumerate() {
+        let local = w.node.as_deref() == Some(node);
+        if local && w.protocol == Protocol::Hbone && w.netns.is_none() {
+            errors.push(FieldError::new(
+                format!("workloads[{i}].netns"),
+                format!(
+                    "required for HBONE workload {:?} on this node ({node}): the agent listens inside the pod's network namespace",
+                    w.uid
+                ),
+            ));
+        }
+    }
+}
+
+fn check_policies(policies: &[AuthorizationPolicy], errors: &mut Vec<FieldError>) {
+    let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
+    for (i, p) in policies.iter().enumerate() {
+        let at = |field: &str| format!("policies[{i}].{field}");
+        let name_ok = names::check_dns_subdomain(&p.name);
+        let ns_ok = names::check_dns_label(&p.namespace);
+        if name_ok.is_ok() && ns_ok.is_ok() {
+            if let Some(&first) = seen.get(&(p.namespace.as_str(), p.name.as_str())) {
+                errors.push(FieldError::new(
+                    at("name"),
+                    format!(
+                        "duplicate policy {:?} in namespace {:?} (also policies[{first}].name)",
+                        p.name, p.namespace
+                    ),
+                ));
+            } else {
+                seen.insert((&p.namespace, &p.name), i);
+            }
+        }
+        push_err(errors, at("name"), name_ok);
+        push_err(errors, at("namespace"), ns_ok);
+
+        if let Some(selector) = &p.selector {
+            for (k, name) in selector.names.iter().enumerate() {
+                push_err(
+                    errors,
+                    format!("policies[{i}].selector.names[{k}]"),
+                    names::check_dns_subdomain(name),
+                );
+            }
+        }
+        for (r, rule) in p.rules.iter().enumerate() {
+            let rule_at = format!("policies[{i}].rules[{r}]");
+            for (f, source) in rule.from.iter().enumerate() {
+                for (k, principal) in source.principals.iter().enumerate() {
+                    push_err(
+                        errors,
+                        format!("{rule_at}.from[{f}].principals[{k}]"),
+                        names::check_principal(principal),
+                    );
+                }
+                for (k, namespace) in source.namespaces.iter().enumerate() {
+                    push_err(
+                        errors,
+                        format!("{rule_at}.from[{f}].namespaces[{k}]"),
+                        check_namespace_pattern(namespace),
+                    );
+                }
+            }
+            for (t, op) in rule.to.iter().enumerate() {
+                for (k, port) in op.ports.iter().enumerate() {
+                    if *port == 0 {
+                        errors.push(FieldError::new(
+                            format!("{rule_at}.to[{t}].ports[{k}]"),
+                            "port 0 is not a valid destination port; use 1..=65535",
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn check_namespace_pattern(pattern: &str) -> Result<(), String> {
+    names::check_pattern(pattern)?;
+    if pattern.contains('*') {
+        Ok(())
+    } else {
+        names::check_dns_label(pattern)
+    }
+}
+
+fn check_absolute(path: &str, value: &Path, errors: &mut Vec<FieldError>) {
+    if value.as_os_str().is_empty() {
+        errors.push(FieldError::new(path, "must not be empty"));
+    } else if !value.is_absolute() {
+        errors.push(FieldError::new(
+            path,
+            format!(
+                "{} must be an absolute path; the agent's working directory is not meaningful",
+                value.display()
+            ),
+        ));
+    }
+}
+
+fn push_err(errors: &mut Vec<FieldError>, path: String, result: Result<(), String>) {
+    if let Err(reason) = result {
+        errors.push(FieldError::new(path, reason));
+    }
+}

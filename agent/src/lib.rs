@@ -2,4 +2,5 @@
 //! through these modules.
 pub mod bpf;
 pub mod netns;
+pub mod redirect;
 pub mod run;

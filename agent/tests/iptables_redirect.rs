@@ -509,3 +509,28 @@ async fn transparent_return_path_v6() {
         transparent_return_path(true).await;
     }
 }
+
+#[test]
+fn errors_carry_context_and_partial_enroll_is_cleanable() {
+    if !have_root("errors_carry_context_and_partial_enroll_is_cleanable") {
+        return;
+    }
+    let net = TestNet::new();
+    // A pod netns with IPv6 switched off cannot take the v6 return route.
+    for key in ["all", "default", "lo", "eth0"] {
+        let sysctl = format!("net.ipv6.conf.{key}.disable_ipv6=1");
+        run_in(&net.pod, "sysctl", &["-qw", &sysctl]);
+    }
+    let ips = net.ips();
+    let pod = capture(&net, &ips);
+    let redirect = IptablesRedirect::with_backend(Backend::Nft);
+    let err = format!("{:#}", redirect.enroll(&pod).unwrap_err());
+    assert!(err.contains("pod test-pod-uid"), "{err}");
+    assert!(err.contains("ip -6 route replace local ::/0"), "{err}");
+    assert!(err.contains(&net.names[0]), "names the netns: {err}");
+    assert!(err.contains("IPv6 is disabled"), "carries stderr: {err}");
+
+    // Whatever got in before the failure, unenroll takes out.
+    redirect.unenroll(&pod).unwrap();
+    assert_nothing_left(&net.pod, "nft");
+}

@@ -30,8 +30,14 @@ pub(crate) fn output(mut cmd: Command, stdin: Option<&str>) -> std::io::Result<O
     let mut child = cmd.spawn()?;
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
         // The rules are a few hundred bytes, far below the pipe buffer, so
-        // writing everything before reading cannot deadlock.
-        pipe.write_all(text.as_bytes())?;
+        // writing everything before reading cannot deadlock. A tool that
+        // dies before reading closes the pipe; its stderr says why, so that
+        // is what the caller should see, not EPIPE.
+        if let Err(e) = pipe.write_all(text.as_bytes()) {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                return Err(e);
+            }
+        }
     }
     let out = child.wait_with_output()?;
     Ok(Output {
@@ -49,7 +55,7 @@ pub(crate) fn display(program: &str, args: &[&str]) -> String {
         .join(" ")
 }
 
-/// Runs `program args` in the pod's netns and returns what it printed;
+/// Runs `program args` in the pod's netns and returns what it printed,
 /// whatever the exit status.
 pub(crate) fn run_in(
     pod: &PodCapture<'_>,

@@ -118,7 +118,7 @@ impl IptablesRedirect {
     pub fn dump(&self, pod: &PodCapture<'_>) -> Result<RulesDump> {
         let mut dump = RulesDump::default();
         for family in Family::present() {
-            let key = format!("{family:?}").to_lowercase();
+            let key = family.name().to_owned();
             let saved = self.save(pod, family)?;
             dump.iptables.insert(key.clone(), saved.ours());
             dump.ip_rules

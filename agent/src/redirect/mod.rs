@@ -51,6 +51,7 @@ impl fmt::Display for Mode {
 
 /// An IP address family; capture is installed per family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Family {
     V4,
     V6,
@@ -61,6 +62,14 @@ impl Family {
         match ip {
             IpAddr::V4(_) => Family::V4,
             IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// "v4" or "v6", as in dumps and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "v4",
+            Family::V6 => "v6",
         }
     }
 
@@ -135,6 +144,8 @@ pub struct PodCapture<'a> {
 pub trait Redirect: Send + Sync {
     fn mode(&self) -> Mode;
     /// Installs capture for the pod; idempotent (calling twice leaves one copy of each rule).
+    /// On error the pod may be partly enrolled: the caller decides between
+    /// retrying and `unenroll` (failing open is a policy choice, not ours).
     fn enroll(&self, pod: &PodCapture<'_>) -> anyhow::Result<()>;
     /// Removes every trace of capture from the pod netns; idempotent; fine if the netns is already gone.
     fn unenroll(&self, pod: &PodCapture<'_>) -> anyhow::Result<()>;

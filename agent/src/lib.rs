@@ -3,6 +3,7 @@
 pub mod bpf;
 pub mod netns;
 pub mod policy;
+pub mod redirect;
 pub mod run;
 pub mod state;
 pub mod tunnel;

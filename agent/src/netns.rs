@@ -12,8 +12,12 @@ use std::{
     fs::File,
     io,
     net::SocketAddr,
-    os::fd::AsFd,
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::process::CommandExt,
+    },
     path::{Path, PathBuf},
+    process::Command,
     sync::OnceLock,
 };
 
@@ -72,6 +76,34 @@ impl Netns {
             std::process::abort();
         }
         result.with_context(|| format!("in netns {}", self.path.display()))
+    }
+
+    /// A command that runs `program` inside this netns (for `iptables-restore`,
+    /// `ip rule`, ...). The child `setns`es between fork and exec, so the
+    /// agent's own threads never move; this is safe where `run` would not be,
+    /// since a child process must not inherit a half-switched thread. The
+    /// netns fd is duplicated now and owned by the command, so it stays valid
+    /// even if this `Netns` is dropped before `spawn`.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        // A failed dup surfaces as the spawn error rather than a panic here.
+        let fd = self
+            .file
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EBADF));
+        // SAFETY: between fork and exec only async-signal-safe calls are
+        // allowed; setns is a plain syscall and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = fd.as_ref().map_err(|&e| io::Error::from_raw_os_error(e))?;
+                if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
     }
 
     /// A TCP listener in this netns, marked so capture leaves it alone, with

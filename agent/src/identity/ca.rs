@@ -72,8 +72,12 @@ impl Ca {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generate)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::OrganizationName, "sluice");
-        params.distinguished_name.push(DnType::CommonName, "sluice root CA");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "sluice");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "sluice root CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -114,7 +118,11 @@ impl Ca {
         let (signer, signer_path, intermediates) = match &chain {
             None => (roots[0].clone(), root_path.as_path(), Vec::new()),
             Some(chain) => {
-                let below_root: Vec<_> = chain.iter().take_while(|c| !roots.contains(c)).cloned().collect();
+                let below_root: Vec<_> = chain
+                    .iter()
+                    .take_while(|c| !roots.contains(c))
+                    .cloned()
+                    .collect();
                 (chain[0].clone(), chain_path.as_path(), below_root)
             }
         };
@@ -125,7 +133,14 @@ impl Ca {
             (Some(der), Some(parsed)) => (der, parsed),
             _ => (&signer, &parsed_signer),
         };
-        let anchor = find_anchor(&roots, &parsed_roots, top, parsed_top, &root_path, signer_path)?;
+        let anchor = find_anchor(
+            &roots,
+            &parsed_roots,
+            top,
+            parsed_top,
+            &root_path,
+            signer_path,
+        )?;
 
         let now = SystemTime::now();
         let mut not_after = check_validity(anchor, &root_path, now)?;
@@ -139,35 +154,58 @@ impl Ca {
         let mut root_store = RootCertStore::empty();
         for root in &roots {
             root_store.add(root.clone()).map_err(|e| {
-                CaError::invalid(&root_path, format!("a root cannot be used as a trust anchor: {e}"))
+                CaError::invalid(
+                    &root_path,
+                    format!("a root cannot be used as a trust anchor: {e}"),
+                )
             })?;
         }
-        let ca = Ca { roots, root_store, intermediates, issuer, key, not_after };
+        let ca = Ca {
+            roots,
+            root_store,
+            intermediates,
+            issuer,
+            key,
+            not_after,
+        };
         ca.self_test(&parsed_signer, signer_path, &key_path, &root_path)?;
         Ok(ca)
     }
 
     /// Issues a certificate for `id`, valid for `ttl` but never past the CA.
     pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<WorkloadCert, CaError> {
-        let fail = |reason: String| CaError::Issue { id: id.to_string(), reason };
+        let fail = |reason: String| CaError::Issue {
+            id: id.to_string(),
+            reason,
+        };
         let issued_at = SystemTime::now();
         if issued_at >= self.not_after {
-            return Err(fail(format!("the CA certificate expired at {}", display(self.not_after))));
+            return Err(fail(format!(
+                "the CA certificate expired at {}",
+                display(self.not_after)
+            )));
         }
         let wanted = issued_at.checked_add(ttl).unwrap_or(self.not_after);
         let not_after = validity::truncate_to_secs(wanted.min(self.not_after));
         if not_after <= issued_at {
-            return Err(fail(format!("a lifetime of {ttl:?} is too short; certificates count whole seconds")));
+            return Err(fail(format!(
+                "a lifetime of {ttl:?} is too short; certificates count whole seconds"
+            )));
         }
-        let not_before = validity::truncate_to_secs(issued_at.checked_sub(CLOCK_SKEW).unwrap_or(UNIX_EPOCH));
+        let not_before =
+            validity::truncate_to_secs(issued_at.checked_sub(CLOCK_SKEW).unwrap_or(UNIX_EPOCH));
 
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(format!("key generation: {e}")))?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| fail(format!("key generation: {e}")))?;
         let mut params = CertificateParams::default();
         // Empty subject, identity only in the SAN, as Istio issues them.
         params.distinguished_name = DistinguishedName::new();
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.use_authority_key_identifier_extension = true;
         params.custom_extensions = vec![uri_san(id)];
         validity::set_validity(&mut params, not_before, not_after);
@@ -195,7 +233,10 @@ impl Ca {
 
     /// `root-cert.pem` as PEM, for distribution to peers and for `inspect`.
     pub fn root_pem(&self) -> String {
-        self.roots.iter().map(|c| files::to_pem("CERTIFICATE", c)).collect()
+        self.roots
+            .iter()
+            .map(|c| files::to_pem("CERTIFICATE", c))
+            .collect()
     }
 
     /// The signing certificate and intermediates below the root.
@@ -224,8 +265,9 @@ impl Ca {
         let leaf = self.issue(&probe, Duration::from_secs(300)).map_err(|e| {
             CaError::invalid(key_path, format!("cannot sign a test certificate: {e}"))
         })?;
-        let (_, parsed_leaf) = X509Certificate::from_der(&leaf.chain[0])
-            .map_err(|e| CaError::invalid(signer_path, format!("test certificate is unparsable: {e}")))?;
+        let (_, parsed_leaf) = X509Certificate::from_der(&leaf.chain[0]).map_err(|e| {
+            CaError::invalid(signer_path, format!("test certificate is unparsable: {e}"))
+        })?;
         if parsed_leaf.issuer().as_raw() != signer.subject().as_raw() {
             return Err(CaError::invalid(
                 signer_path,
@@ -237,8 +279,9 @@ impl Ca {
             ));
         }
         let provider = rustls::crypto::ring::default_provider();
-        let end_entity = ParsedCertificate::try_from(&leaf.chain[0])
-            .map_err(|e| CaError::invalid(signer_path, format!("test certificate is unparsable: {e}")))?;
+        let end_entity = ParsedCertificate::try_from(&leaf.chain[0]).map_err(|e| {
+            CaError::invalid(signer_path, format!("test certificate is unparsable: {e}"))
+        })?;
         verify_server_cert_signed_by_trust_anchor(
             &end_entity,
             &self.root_store,
@@ -249,7 +292,10 @@ impl Ca {
         .map_err(|e| {
             CaError::invalid(
                 signer_path,
-                format!("a test certificate signed with this CA does not verify up to {}: {e}", root_path.display()),
+                format!(
+                    "a test certificate signed with this CA does not verify up to {}: {e}",
+                    root_path.display()
+                ),
             )
         })
     }
@@ -272,7 +318,10 @@ fn parse<'a>(der: &'a CertificateDer<'_>, path: &Path) -> Result<X509Certificate
         .map_err(|e| CaError::invalid(path, format!("unparsable certificate: {e}")))
 }
 
-fn parse_all<'a>(certs: &'a [CertificateDer<'_>], path: &Path) -> Result<Vec<X509Certificate<'a>>, CaError> {
+fn parse_all<'a>(
+    certs: &'a [CertificateDer<'_>],
+    path: &Path,
+) -> Result<Vec<X509Certificate<'a>>, CaError> {
     certs.iter().map(|c| parse(c, path)).collect()
 }
 
@@ -305,7 +354,11 @@ fn find_anchor<'r, 'a>(
 }
 
 /// Refuses certificates outside their validity window, returning not-after.
-fn check_validity(cert: &X509Certificate<'_>, path: &Path, now: SystemTime) -> Result<SystemTime, CaError> {
+fn check_validity(
+    cert: &X509Certificate<'_>,
+    path: &Path,
+    now: SystemTime,
+) -> Result<SystemTime, CaError> {
     let not_before = validity::from_asn1(cert.validity().not_before);
     let not_after = validity::from_asn1(cert.validity().not_after);
     if now >= not_after {
@@ -331,13 +384,19 @@ fn check_can_sign(cert: &X509Certificate<'_>, path: &Path) -> Result<(), CaError
     if !cert.is_ca() {
         return Err(CaError::invalid(
             path,
-            format!("certificate \"{}\" is not a CA (basicConstraints CA:TRUE is missing)", cert.subject()),
+            format!(
+                "certificate \"{}\" is not a CA (basicConstraints CA:TRUE is missing)",
+                cert.subject()
+            ),
         ));
     }
     match cert.key_usage() {
         Ok(Some(ku)) if !ku.value.key_cert_sign() => Err(CaError::invalid(
             path,
-            format!("certificate \"{}\" may not sign certificates (keyUsage lacks keyCertSign)", cert.subject()),
+            format!(
+                "certificate \"{}\" may not sign certificates (keyUsage lacks keyCertSign)",
+                cert.subject()
+            ),
         )),
         Ok(_) => Ok(()),
         Err(e) => Err(CaError::invalid(path, format!("unparsable keyUsage: {e}"))),
@@ -356,7 +415,10 @@ fn issuer_for(
     if parsed.subject().iter().any(|rdn| rdn.iter().count() != 1) {
         return Err(CaError::invalid(
             path,
-            format!("subject \"{}\" has a multi-valued or empty RDN, which is not supported", parsed.subject()),
+            format!(
+                "subject \"{}\" has a multi-valued or empty RDN, which is not supported",
+                parsed.subject()
+            ),
         ));
     }
     let params = CertificateParams::from_ca_cert_der(signer)

@@ -65,6 +65,9 @@ impl CaError {
     }
 
     pub(crate) fn invalid(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        CaError::Invalid { path: path.into(), reason: reason.into() }
+        CaError::Invalid {
+            path: path.into(),
+            reason: reason.into(),
+        }
     }
 }

@@ -80,11 +80,18 @@ pub(crate) fn load_signing_key(
         detail,
     };
     let (key_alg, pkcs8) = match key {
-        PrivateKeyDer::Pkcs8(k) => (pkcs8_alg(k.secret_pkcs8_der(), key_path)?, k.secret_pkcs8_der().to_vec()),
+        PrivateKeyDer::Pkcs8(k) => (
+            pkcs8_alg(k.secret_pkcs8_der(), key_path)?,
+            k.secret_pkcs8_der().to_vec(),
+        ),
         PrivateKeyDer::Pkcs1(k) => (KeyAlg::Rsa, wrap_pkcs8(KeyAlg::Rsa, k.secret_pkcs1_der())),
         // SEC1 does not always name its curve; the certificate does.
         PrivateKeyDer::Sec1(k) if alg != KeyAlg::Rsa => (alg, wrap_pkcs8(alg, k.secret_sec1_der())),
-        PrivateKeyDer::Sec1(_) => return Err(mismatch("the key is EC but the certificate's key is RSA".into())),
+        PrivateKeyDer::Sec1(_) => {
+            return Err(mismatch(
+                "the key is EC but the certificate's key is RSA".into(),
+            ))
+        }
         _ => return Err(CaError::invalid(key_path, "unsupported private key format")),
     };
     if key_alg != alg {
@@ -98,13 +105,17 @@ pub(crate) fn load_signing_key(
         let bits = rsa_private_bits(&pkcs8)
             .ok_or_else(|| CaError::invalid(key_path, "malformed RSA private key"))?;
         if bits < MIN_RSA_BITS {
-            return Err(CaError::KeyTooSmall { path: key_path.to_owned(), bits });
+            return Err(CaError::KeyTooSmall {
+                path: key_path.to_owned(),
+                bits,
+            });
         }
     }
     let pkcs8 = rustls::pki_types::PrivatePkcs8KeyDer::from(pkcs8);
-    let pair = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, alg.sign_alg()).map_err(|e| {
-        CaError::invalid(key_path, format!("cannot load the {} key: {e}", alg.name()))
-    })?;
+    let pair =
+        rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, alg.sign_alg()).map_err(|e| {
+            CaError::invalid(key_path, format!("cannot load the {} key: {e}", alg.name()))
+        })?;
     // Both sides are DER (an RSAPublicKey, or an uncompressed EC point), so
     // byte equality is key equality.
     if pair.public_key_raw() != spki.subject_public_key.data.as_ref() {
@@ -123,7 +134,10 @@ fn cert_key_alg(spki: &SubjectPublicKeyInfo<'_>, cert_path: &Path) -> Result<Key
             _ => return Err(CaError::invalid(cert_path, "malformed RSA public key")),
         };
         if bits < MIN_RSA_BITS {
-            return Err(CaError::KeyTooSmall { path: cert_path.to_owned(), bits });
+            return Err(CaError::KeyTooSmall {
+                path: cert_path.to_owned(),
+                bits,
+            });
         }
         return Ok(KeyAlg::Rsa);
     }

@@ -33,7 +33,10 @@ impl SpiffeIdError {
             Some((cut, _)) => format!("{}...", &input[..cut]),
             None => input.to_owned(),
         };
-        Self { input, reason: reason.into() }
+        Self {
+            input,
+            reason: reason.into(),
+        }
     }
 
     pub fn reason(&self) -> &str {
@@ -76,7 +79,10 @@ impl SpiffeId {
         validate_segment("service account", &id.service_account)
             .map_err(|r| SpiffeIdError::new(&text, r))?;
         if text.len() > MAX_LEN {
-            return Err(SpiffeIdError::new(&text, format!("longer than {MAX_LEN} bytes")));
+            return Err(SpiffeIdError::new(
+                &text,
+                format!("longer than {MAX_LEN} bytes"),
+            ));
         }
         Ok(id)
     }
@@ -84,7 +90,10 @@ impl SpiffeId {
     /// The Istio principal: the SPIFFE ID without its scheme, as written in
     /// AuthorizationPolicy `principals`.
     pub fn principal(&self) -> String {
-        format!("{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
     }
 
     /// Reads the SPIFFE ID from a DER certificate's single URI SAN.
@@ -133,7 +142,10 @@ fn validate_segment(what: &str, value: &str) -> Result<(), String> {
     if value == "." || value == ".." {
         return Err(format!("{what} may not be {value:?}"));
     }
-    match value.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))) {
+    match value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+    {
         Some(c) => Err(format!(
             "{what} {value:?} contains {c:?}; only letters, digits, '.', '-' and '_' are allowed"
         )),
@@ -152,7 +164,10 @@ impl FromStr for SpiffeId {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.len() > MAX_LEN {
-            return Err(SpiffeIdError::new(s, format!("longer than {MAX_LEN} bytes")));
+            return Err(SpiffeIdError::new(
+                s,
+                format!("longer than {MAX_LEN} bytes"),
+            ));
         }
         let rest = s
             .strip_prefix(SCHEME)
@@ -163,7 +178,9 @@ impl FromStr for SpiffeId {
         let (td, path) = rest.split_once('/').unwrap_or((rest, ""));
         validate_trust_domain(td).map_err(|r| SpiffeIdError::new(s, r))?;
         match path.split('/').collect::<Vec<_>>().as_slice() {
-            ["ns", ns, "sa", sa] => Self::new(td, *ns, *sa).map_err(|e| SpiffeIdError::new(s, e.reason)),
+            ["ns", ns, "sa", sa] => {
+                Self::new(td, *ns, *sa).map_err(|e| SpiffeIdError::new(s, e.reason))
+            }
             _ => Err(SpiffeIdError::new(
                 s,
                 "path must be /ns/<namespace>/sa/<service-account>",
@@ -178,10 +195,21 @@ mod tests {
 
     #[test]
     fn display_parse_round_trip() {
-        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/bookinfo-ratings".parse().unwrap();
-        assert_eq!(id, SpiffeId::new("cluster.local", "default", "bookinfo-ratings").unwrap());
-        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/bookinfo-ratings");
-        assert_eq!(id.principal(), "cluster.local/ns/default/sa/bookinfo-ratings");
+        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/bookinfo-ratings"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            id,
+            SpiffeId::new("cluster.local", "default", "bookinfo-ratings").unwrap()
+        );
+        assert_eq!(
+            id.to_string(),
+            "spiffe://cluster.local/ns/default/sa/bookinfo-ratings"
+        );
+        assert_eq!(
+            id.principal(),
+            "cluster.local/ns/default/sa/bookinfo-ratings"
+        );
     }
 
     #[test]
@@ -202,7 +230,10 @@ mod tests {
         for (input, want) in cases {
             let err = input.parse::<SpiffeId>().unwrap_err();
             assert!(err.to_string().contains(want), "{input}: got {err}");
-            assert!(err.to_string().contains(input), "{input}: error must quote the input: {err}");
+            assert!(
+                err.to_string().contains(input),
+                "{input}: error must quote the input: {err}"
+            );
         }
     }
 
@@ -225,6 +256,9 @@ mod tests {
             SpiffeId::from_cert_der(b"not a certificate"),
             Err(CertIdError::NotACertificate(_))
         ));
-        assert!(matches!(SpiffeId::from_cert_der(&[]), Err(CertIdError::NotACertificate(_))));
+        assert!(matches!(
+            SpiffeId::from_cert_der(&[]),
+            Err(CertIdError::NotACertificate(_))
+        ));
     }
 }

@@ -1,12 +1,14 @@
 //! Certificate verifiers for SPIFFE peers. Path validation is webpki's (via
 //! rustls); these add the identity checks that host-name TLS does not have.
 
-use std::sync::Arc;
+use std::{fmt, sync::Arc};
 
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     client::verify_server_cert_signed_by_trust_anchor,
-    crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms},
+    crypto::{
+        verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms,
+    },
     pki_types::{CertificateDer, ServerName, UnixTime},
     server::danger::{ClientCertVerified, ClientCertVerifier},
     server::ParsedCertificate,
@@ -19,7 +21,7 @@ use crate::identity::{CertIdError, SpiffeId};
 /// Why a peer with a validly signed certificate was still refused. It
 /// travels inside `rustls::Error::InvalidCertificate(CertificateError::Other)`
 /// so that callers can log the reason or downcast to it.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 pub enum PeerRejected {
     #[error("peer certificate carries no usable SPIFFE ID: {0}")]
     NoIdentity(#[from] CertIdError),
@@ -27,6 +29,27 @@ pub enum PeerRejected {
     WrongTrustDomain { found: String, expected: String },
     #[error("server presented {found} but {expected} was expected")]
     WrongIdentity { found: String, expected: String },
+}
+
+// rustls prints `CertificateError::Other` with `{:?}`, so Debug is where the
+// readable reason has to be for handshake errors to explain themselves.
+impl fmt::Debug for PeerRejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl PeerRejected {
+    /// The identity verdict inside a handshake error, when that is what
+    /// failed it (for logs and metrics that want the reason, not the text).
+    pub fn find(err: &rustls::Error) -> Option<&PeerRejected> {
+        match err {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+                inner.downcast_ref::<PeerRejected>()
+            }
+            _ => None,
+        }
+    }
 }
 
 impl From<PeerRejected> for rustls::Error {
@@ -46,8 +69,16 @@ pub(crate) struct SpiffeServerVerifier {
 }
 
 impl SpiffeServerVerifier {
-    pub(crate) fn new(roots: Arc<RootCertStore>, expected: SpiffeId, provider: &CryptoProvider) -> Self {
-        Self { roots, expected, algs: provider.signature_verification_algorithms }
+    pub(crate) fn new(
+        roots: Arc<RootCertStore>,
+        expected: SpiffeId,
+        provider: &CryptoProvider,
+    ) -> Self {
+        Self {
+            roots,
+            expected,
+            algs: provider.signature_verification_algorithms,
+        }
     }
 }
 
@@ -61,7 +92,13 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(&cert, &self.roots, intermediates, now, self.algs.all)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
         let found = SpiffeId::from_cert_der(end_entity).map_err(PeerRejected::from)?;
         if found != self.expected {
             return Err(PeerRejected::WrongIdentity {
@@ -107,7 +144,10 @@ pub(crate) struct TrustDomainVerifier {
 
 impl TrustDomainVerifier {
     pub(crate) fn new(inner: Arc<dyn ClientCertVerifier>, trust_domain: String) -> Self {
-        Self { inner, trust_domain }
+        Self {
+            inner,
+            trust_domain,
+        }
     }
 }
 
@@ -130,7 +170,8 @@ impl ClientCertVerifier for TrustDomainVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let found = SpiffeId::from_cert_der(end_entity).map_err(PeerRejected::from)?;
         if found.trust_domain != self.trust_domain {
             return Err(PeerRejected::WrongTrustDomain {

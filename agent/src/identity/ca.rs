@@ -10,6 +10,7 @@
 
 use std::{
     fmt, fs,
+    os::unix::fs::DirBuilderExt,
     path::Path,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -27,6 +28,7 @@ use rustls::{
 use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
 use super::{
+    chain::{check_can_sign, check_validity, find_anchor, issuer_for, parse, parse_all},
     der, files, keys,
     validity::{self, display},
     CaError, SpiffeId, WorkloadCert,
@@ -60,7 +62,13 @@ impl Ca {
     /// a directory that already has a root or key, because replacing a CA
     /// silently breaks trust with every workload holding the old root.
     pub fn init(dir: &Path) -> Result<(), CaError> {
-        fs::create_dir_all(dir).map_err(|e| CaError::io(dir, e))?;
+        // Private by default: the directory holds the key. An existing
+        // directory keeps whatever mode its owner chose.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| CaError::io(dir, e))?;
         let cert_path = dir.join(ROOT_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
         for path in [&cert_path, &key_path] {
@@ -310,123 +318,6 @@ impl fmt::Debug for Ca {
             .field("not_after", &display(self.not_after))
             .finish_non_exhaustive()
     }
-}
-
-fn parse<'a>(der: &'a CertificateDer<'_>, path: &Path) -> Result<X509Certificate<'a>, CaError> {
-    X509Certificate::from_der(der)
-        .map(|(_, cert)| cert)
-        .map_err(|e| CaError::invalid(path, format!("unparsable certificate: {e}")))
-}
-
-fn parse_all<'a>(
-    certs: &'a [CertificateDer<'_>],
-    path: &Path,
-) -> Result<Vec<X509Certificate<'a>>, CaError> {
-    certs.iter().map(|c| parse(c, path)).collect()
-}
-
-/// The root that the top of the signing path (`top`) is, or hangs from.
-fn find_anchor<'r, 'a>(
-    roots: &[CertificateDer<'_>],
-    parsed_roots: &'r [X509Certificate<'a>],
-    top: &CertificateDer<'_>,
-    parsed_top: &X509Certificate<'_>,
-    root_path: &Path,
-    signer_path: &Path,
-) -> Result<&'r X509Certificate<'a>, CaError> {
-    if let Some(i) = roots.iter().position(|r| r == top) {
-        return Ok(&parsed_roots[i]);
-    }
-    parsed_roots
-        .iter()
-        .find(|r| r.subject().as_raw() == parsed_top.issuer().as_raw())
-        .ok_or_else(|| {
-            CaError::invalid(
-                signer_path,
-                format!(
-                    "certificate \"{}\" was issued by \"{}\", which is not in {}",
-                    parsed_top.subject(),
-                    parsed_top.issuer(),
-                    root_path.display()
-                ),
-            )
-        })
-}
-
-/// Refuses certificates outside their validity window, returning not-after.
-fn check_validity(
-    cert: &X509Certificate<'_>,
-    path: &Path,
-    now: SystemTime,
-) -> Result<SystemTime, CaError> {
-    let not_before = validity::from_asn1(cert.validity().not_before);
-    let not_after = validity::from_asn1(cert.validity().not_after);
-    if now >= not_after {
-        return Err(CaError::Expired {
-            path: path.to_owned(),
-            subject: cert.subject().to_string(),
-            not_after: display(not_after),
-        });
-    }
-    if now < not_before {
-        return Err(CaError::NotYetValid {
-            path: path.to_owned(),
-            subject: cert.subject().to_string(),
-            not_before: display(not_before),
-        });
-    }
-    Ok(not_after)
-}
-
-/// The signing certificate must be a CA allowed to sign certificates, or
-/// peers will reject every leaf it signs.
-fn check_can_sign(cert: &X509Certificate<'_>, path: &Path) -> Result<(), CaError> {
-    if !cert.is_ca() {
-        return Err(CaError::invalid(
-            path,
-            format!(
-                "certificate \"{}\" is not a CA (basicConstraints CA:TRUE is missing)",
-                cert.subject()
-            ),
-        ));
-    }
-    match cert.key_usage() {
-        Ok(Some(ku)) if !ku.value.key_cert_sign() => Err(CaError::invalid(
-            path,
-            format!(
-                "certificate \"{}\" may not sign certificates (keyUsage lacks keyCertSign)",
-                cert.subject()
-            ),
-        )),
-        Ok(_) => Ok(()),
-        Err(e) => Err(CaError::invalid(path, format!("unparsable keyUsage: {e}"))),
-    }
-}
-
-/// Builds what rcgen needs to sign as `signer`.
-fn issuer_for(
-    signer: &CertificateDer<'_>,
-    parsed: &X509Certificate<'_>,
-    key: &KeyPair,
-    path: &Path,
-) -> Result<rcgen::Certificate, CaError> {
-    // rcgen keeps one value per RDN (and panics on an empty one); refuse
-    // those names here with a reason rather than sign with a wrong issuer.
-    if parsed.subject().iter().any(|rdn| rdn.iter().count() != 1) {
-        return Err(CaError::invalid(
-            path,
-            format!(
-                "subject \"{}\" has a multi-valued or empty RDN, which is not supported",
-                parsed.subject()
-            ),
-        ));
-    }
-    let params = CertificateParams::from_ca_cert_der(signer)
-        .map_err(|e| CaError::invalid(path, format!("cannot use as a signing certificate: {e}")))?;
-    // The re-signed copy is discarded; rcgen only reads its name and key id.
-    params
-        .self_signed(key)
-        .map_err(|e| CaError::invalid(path, format!("cannot use as a signing certificate: {e}")))
 }
 
 /// subjectAltName with the SPIFFE URI, marked critical because the subject

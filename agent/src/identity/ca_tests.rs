@@ -137,6 +137,8 @@ fn init_creates_the_directory() {
     let nested = dir.path().join("a/b");
     Ca::init(&nested).unwrap();
     Ca::load(&nested).unwrap();
+    let mode = std::fs::metadata(&nested).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
 }
 
 #[test]

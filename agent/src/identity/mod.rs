@@ -3,6 +3,7 @@
 
 mod ca;
 mod cache;
+mod chain;
 mod der;
 mod error;
 mod files;

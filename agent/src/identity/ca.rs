@@ -205,6 +205,8 @@ impl Ca {
 
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| fail(format!("key generation: {e}")))?;
+        // rcgen derives the serial from a hash of the fresh key, so serials
+        // are unique without a counter.
         let mut params = CertificateParams::default();
         // Empty subject, identity only in the SAN, as Istio issues them.
         params.distinguished_name = DistinguishedName::new();

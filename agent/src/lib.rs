@@ -1,9 +1,11 @@
 //! Sluice node agent. See ARCHITECTURE.md for how one connection travels
 //! through these modules.
 pub mod bpf;
+pub mod identity;
 pub mod netns;
 pub mod policy;
 pub mod redirect;
 pub mod run;
 pub mod state;
+pub mod tls;
 pub mod tunnel;

@@ -1,0 +1,332 @@
+//! The certificate authority that signs workload certificates.
+//!
+//! The directory layout follows Istio plug-in CAs, so a `cacerts` secret made
+//! for istiod can be mounted unchanged:
+//!
+//! - `root-cert.pem`: the root (or several, during a root rotation); trusted.
+//! - `ca-key.pem`: the signing key.
+//! - `cert-chain.pem` (optional): the signing certificate first, then any
+//!   intermediates up to the root. Without it, the root signs directly.
+
+use std::{
+    fmt, fs,
+    os::unix::fs::DirBuilderExt,
+    path::Path,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+};
+use rustls::{
+    client::verify_server_cert_signed_by_trust_anchor,
+    pki_types::{CertificateDer, PrivateKeyDer, UnixTime},
+    server::ParsedCertificate,
+    RootCertStore,
+};
+use x509_parser::{certificate::X509Certificate, prelude::FromDer};
+
+use super::{
+    chain::{check_can_sign, check_validity, find_anchor, issuer_for, parse, parse_all},
+    der, files, keys,
+    validity::{self, display},
+    CaError, SpiffeId, WorkloadCert,
+};
+
+pub const ROOT_CERT_FILE: &str = "root-cert.pem";
+pub const CA_KEY_FILE: &str = "ca-key.pem";
+pub const CERT_CHAIN_FILE: &str = "cert-chain.pem";
+
+/// How far leaf certificates are backdated, for peers whose clocks run slow.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+const SAN_OID: &[u64] = &[2, 5, 29, 17];
+
+pub struct Ca {
+    roots: Vec<CertificateDer<'static>>,
+    root_store: RootCertStore,
+    /// The signing certificate and those above it, excluding the root; this
+    /// is the tail of every workload chain.
+    intermediates: Vec<CertificateDer<'static>>,
+    /// The signing certificate as rcgen needs it: it carries the issuer name
+    /// and key identifier written into each leaf.
+    issuer: rcgen::Certificate,
+    key: KeyPair,
+    /// The earliest expiry on the path to the root; no leaf outlives it.
+    not_after: SystemTime,
+}
+
+impl Ca {
+    /// Creates a new self-signed ECDSA P-256 root in `dir`. Refuses to touch
+    /// a directory that already has a root or key, because replacing a CA
+    /// silently breaks trust with every workload holding the old root.
+    pub fn init(dir: &Path) -> Result<(), CaError> {
+        // Private by default: the directory holds the key. An existing
+        // directory keeps whatever mode its owner chose.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| CaError::io(dir, e))?;
+        let cert_path = dir.join(ROOT_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        for path in [&cert_path, &key_path] {
+            if fs::symlink_metadata(path).is_ok() {
+                return Err(CaError::Exists { path: path.clone() });
+            }
+        }
+        let generate = |e: rcgen::Error| CaError::invalid(dir, format!("generating the root: {e}"));
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generate)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "sluice");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "sluice root CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = validity::truncate_to_secs(SystemTime::now());
+        validity::set_validity(&mut params, now - CLOCK_SKEW, now + ROOT_LIFETIME);
+        let cert = params.self_signed(&key).map_err(generate)?;
+
+        // Key first: a root without its key is useless, and a crash between
+        // the two writes then leaves only a private file behind.
+        files::write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+        if let Err(e) = files::write_new(&cert_path, cert.pem().as_bytes(), 0o644) {
+            let _ = fs::remove_file(&key_path);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Loads and checks the CA in `dir`: files present and parsable, the
+    /// path to the root unexpired, the key matching the signing certificate,
+    /// and a test certificate verifying up to the root.
+    pub fn load(dir: &Path) -> Result<Ca, CaError> {
+        let root_path = dir.join(ROOT_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        let chain_path = dir.join(CERT_CHAIN_FILE);
+        let roots = files::read_certs(&root_path)?;
+        let key = files::read_key(&key_path)?;
+        let chain = match files::read_certs(&chain_path) {
+            Ok(chain) => Some(chain),
+            Err(CaError::Missing { .. }) => None,
+            Err(e) => return Err(e),
+        };
+
+        // Owned, because the parsed signer is still needed for the self-test
+        // after `roots` has moved into the Ca.
+        let (signer, signer_path, intermediates) = match &chain {
+            None => (roots[0].clone(), root_path.as_path(), Vec::new()),
+            Some(chain) => {
+                let below_root: Vec<_> = chain
+                    .iter()
+                    .take_while(|c| !roots.contains(c))
+                    .cloned()
+                    .collect();
+                (chain[0].clone(), chain_path.as_path(), below_root)
+            }
+        };
+        let parsed_roots = parse_all(&roots, &root_path)?;
+        let parsed_path = parse_all(&intermediates, &chain_path)?;
+        let parsed_signer = parse(&signer, signer_path)?;
+        let (top, parsed_top) = match (intermediates.last(), parsed_path.last()) {
+            (Some(der), Some(parsed)) => (der, parsed),
+            _ => (&signer, &parsed_signer),
+        };
+        let anchor = find_anchor(
+            &roots,
+            &parsed_roots,
+            top,
+            parsed_top,
+            &root_path,
+            signer_path,
+        )?;
+
+        let now = SystemTime::now();
+        let mut not_after = check_validity(anchor, &root_path, now)?;
+        for cert in &parsed_path {
+            not_after = not_after.min(check_validity(cert, &chain_path, now)?);
+        }
+        check_can_sign(&parsed_signer, signer_path)?;
+        let key = keys::load_signing_key(&key, &key_path, parsed_signer.public_key(), signer_path)?;
+        let issuer = issuer_for(&signer, &parsed_signer, &key, signer_path)?;
+
+        let mut root_store = RootCertStore::empty();
+        for root in &roots {
+            root_store.add(root.clone()).map_err(|e| {
+                CaError::invalid(
+                    &root_path,
+                    format!("a root cannot be used as a trust anchor: {e}"),
+                )
+            })?;
+        }
+        let ca = Ca {
+            roots,
+            root_store,
+            intermediates,
+            issuer,
+            key,
+            not_after,
+        };
+        ca.self_test(&parsed_signer, signer_path, &key_path, &root_path)?;
+        Ok(ca)
+    }
+
+    /// Issues a certificate for `id`, valid for `ttl` but never past the CA.
+    pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<WorkloadCert, CaError> {
+        let fail = |reason: String| CaError::Issue {
+            id: id.to_string(),
+            reason,
+        };
+        let issued_at = SystemTime::now();
+        if issued_at >= self.not_after {
+            return Err(fail(format!(
+                "the CA certificate expired at {}",
+                display(self.not_after)
+            )));
+        }
+        let wanted = issued_at.checked_add(ttl).unwrap_or(self.not_after);
+        let not_after = validity::truncate_to_secs(wanted.min(self.not_after));
+        if not_after <= issued_at {
+            return Err(fail(format!(
+                "a lifetime of {ttl:?} is too short; certificates count whole seconds"
+            )));
+        }
+        let not_before =
+            validity::truncate_to_secs(issued_at.checked_sub(CLOCK_SKEW).unwrap_or(UNIX_EPOCH));
+
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| fail(format!("key generation: {e}")))?;
+        // rcgen derives the serial from a hash of the fresh key, so serials
+        // are unique without a counter.
+        let mut params = CertificateParams::default();
+        // Empty subject, identity only in the SAN, as Istio issues them.
+        params.distinguished_name = DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.custom_extensions = vec![uri_san(id)];
+        validity::set_validity(&mut params, not_before, not_after);
+        let cert = params
+            .signed_by(&key, &self.issuer, &self.key)
+            .map_err(|e| fail(format!("signing: {e}")))?;
+
+        let mut chain = Vec::with_capacity(1 + self.intermediates.len());
+        chain.push(cert.der().clone());
+        chain.extend(self.intermediates.iter().cloned());
+        Ok(WorkloadCert {
+            id: id.clone(),
+            chain,
+            key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            not_before,
+            not_after,
+            issued_at,
+        })
+    }
+
+    /// Trust anchors for verifying peers: every root in `root-cert.pem`.
+    pub fn roots(&self) -> RootCertStore {
+        self.root_store.clone()
+    }
+
+    /// `root-cert.pem` as PEM, for distribution to peers and for `inspect`.
+    pub fn root_pem(&self) -> String {
+        self.roots
+            .iter()
+            .map(|c| files::to_pem("CERTIFICATE", c))
+            .collect()
+    }
+
+    /// The signing certificate and intermediates below the root.
+    pub fn intermediates(&self) -> &[CertificateDer<'static>] {
+        &self.intermediates
+    }
+
+    /// No certificate this CA issues is valid past this time.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// Issues a throwaway certificate and verifies it up to the roots, the
+    /// way peers will. This catches what the piecewise checks cannot: a
+    /// broken link in `cert-chain.pem`, or a subject rcgen cannot reproduce
+    /// byte for byte in the issuer field.
+    fn self_test(
+        &self,
+        signer: &X509Certificate<'_>,
+        signer_path: &Path,
+        key_path: &Path,
+        root_path: &Path,
+    ) -> Result<(), CaError> {
+        let probe = SpiffeId::new("selftest.sluice.invalid", "sluice", "selftest")
+            .map_err(|e| CaError::invalid(signer_path, e.to_string()))?;
+        let leaf = self.issue(&probe, Duration::from_secs(300)).map_err(|e| {
+            CaError::invalid(key_path, format!("cannot sign a test certificate: {e}"))
+        })?;
+        let (_, parsed_leaf) = X509Certificate::from_der(&leaf.chain[0]).map_err(|e| {
+            CaError::invalid(signer_path, format!("test certificate is unparsable: {e}"))
+        })?;
+        if parsed_leaf.issuer().as_raw() != signer.subject().as_raw() {
+            return Err(CaError::invalid(
+                signer_path,
+                format!(
+                    "the subject \"{}\" cannot be reproduced exactly in issued certificates \
+                     (repeated or unusual attributes); reissue the CA certificate with a plainer subject",
+                    signer.subject()
+                ),
+            ));
+        }
+        let provider = rustls::crypto::ring::default_provider();
+        let end_entity = ParsedCertificate::try_from(&leaf.chain[0]).map_err(|e| {
+            CaError::invalid(signer_path, format!("test certificate is unparsable: {e}"))
+        })?;
+        verify_server_cert_signed_by_trust_anchor(
+            &end_entity,
+            &self.root_store,
+            &leaf.chain[1..],
+            UnixTime::now(),
+            provider.signature_verification_algorithms.all,
+        )
+        .map_err(|e| {
+            CaError::invalid(
+                signer_path,
+                format!(
+                    "a test certificate signed with this CA does not verify up to {}: {e}",
+                    root_path.display()
+                ),
+            )
+        })
+    }
+}
+
+impl fmt::Debug for Ca {
+    // By hand, so that the signing key never reaches a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ca")
+            .field("roots", &self.roots.len())
+            .field("intermediates", &self.intermediates.len())
+            .field("not_after", &display(self.not_after))
+            .finish_non_exhaustive()
+    }
+}
+
+/// subjectAltName with the SPIFFE URI, marked critical because the subject
+/// is empty (RFC 5280 4.2.1.6); rcgen would write it non-critical.
+fn uri_san(id: &SpiffeId) -> CustomExtension {
+    let uri = der::tlv(der::TAG_GENERAL_NAME_URI, id.to_string().as_bytes());
+    let mut ext = CustomExtension::from_oid_content(SAN_OID, der::tlv(der::TAG_SEQUENCE, &uri));
+    ext.set_criticality(true);
+    ext
+}

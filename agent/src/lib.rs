@@ -1,9 +1,13 @@
 //! Sluice node agent. See ARCHITECTURE.md for how one connection travels
 //! through these modules.
+pub mod admin;
 pub mod bpf;
 pub mod identity;
+pub mod inpod;
+pub mod metrics;
 pub mod netns;
 pub mod policy;
+pub mod proxy;
 pub mod redirect;
 pub mod run;
 pub mod state;

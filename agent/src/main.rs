@@ -1,11 +1,14 @@
 //! `sluice`: the node agent binary. Subcommands dispatch into the library;
 //! nothing here but argument parsing and process setup.
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use sluice::bpf::{self, PinRoot};
+use sluice::{
+    bpf::{self, PinRoot},
+    run::{RedirectChoice, RunOptions},
+};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -21,17 +24,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Load the kernel programs and run the agent until SIGTERM or SIGINT.
-    Run {
-        /// cgroup v2 directory whose sockets get the in-kernel bypass (repeatable).
-        #[arg(long = "cgroup")]
-        cgroups: Vec<PathBuf>,
-        /// Directory on bpffs for Sluice's pinned maps.
-        #[arg(long, default_value = agent_common::PIN_ROOT)]
-        pin_root: PathBuf,
-        /// Leave the pinned maps in place on exit, for a restarted agent to adopt.
-        #[arg(long)]
-        keep_pins: bool,
+    /// Run the node agent until SIGTERM or SIGINT.
+    Run(Box<RunArgs>),
+    /// Manage the built-in certificate authority.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
     },
     /// Print the kernel programs' counters from the pinned maps.
     Inspect {
@@ -43,6 +41,51 @@ enum Cmd {
     },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Write a new ECDSA P-256 root: DIR/root-cert.pem and DIR/ca-key.pem.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The local config file (YAML; see README). Required unless --cgroup.
+    #[arg(long, required_unless_present = "cgroups")]
+    config: Option<PathBuf>,
+    /// This node's name: the agent enrolls the workloads whose `node` is this.
+    #[arg(long, required_unless_present = "cgroups")]
+    node: Option<String>,
+    /// How pod traffic is captured.
+    #[arg(long, value_enum, default_value = "auto")]
+    redirect: RedirectChoice,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness: SocketAddr,
+    /// On exit, remove all capture from enrolled pods (default: leave it, so
+    /// a restarted or upgraded agent takes over without a gap in capture).
+    #[arg(long)]
+    cleanup: bool,
+    /// Seconds in-flight connections get to finish after SIGTERM.
+    #[arg(long, default_value_t = 10)]
+    drain_secs: u64,
+    /// Socket-bypass only: attach sock_ops to this cgroup v2 (repeatable);
+    /// no config, no tunnel.
+    #[arg(long = "cgroup", conflicts_with = "config")]
+    cgroups: Vec<PathBuf>,
+    /// Directory on bpffs for Sluice's pinned maps.
+    #[arg(long, default_value = agent_common::PIN_ROOT)]
+    pin_root: PathBuf,
+    /// Leave the pinned maps in place on exit, for a restarted agent to adopt.
+    #[arg(long)]
+    keep_pins: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,17 +106,38 @@ fn main() -> std::process::ExitCode {
 
 fn dispatch(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Run {
-            cgroups,
-            pin_root,
-            keep_pins,
-        } => {
+        Cmd::Run(args) => {
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(sluice::run::run_bypass(
-                PinRoot::new(pin_root),
-                &cgroups,
-                keep_pins,
-            ))
+            if !args.cgroups.is_empty() {
+                return rt.block_on(sluice::run::run_bypass(
+                    PinRoot::new(args.pin_root),
+                    &args.cgroups,
+                    args.keep_pins,
+                ));
+            }
+            let opts = RunOptions {
+                config: args.config.context("--config is required")?,
+                node: args.node.context("--node is required")?,
+                redirect: args.redirect,
+                admin: args.admin,
+                metrics: args.metrics,
+                readiness: args.readiness,
+                cleanup: args.cleanup,
+                drain: Duration::from_secs(args.drain_secs),
+            };
+            rt.block_on(sluice::run::run(opts))
+        }
+        Cmd::Ca {
+            cmd: CaCmd::Init { dir },
+        } => {
+            sluice::identity::Ca::init(&dir)
+                .with_context(|| format!("creating a CA in {}", dir.display()))?;
+            println!(
+                "wrote {}/root-cert.pem and {}/ca-key.pem",
+                dir.display(),
+                dir.display()
+            );
+            Ok(())
         }
         Cmd::Inspect { pin_root, json } => {
             let counters = bpf::read_counters(&PinRoot::new(pin_root))?;

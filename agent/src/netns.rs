@@ -114,6 +114,10 @@ impl Netns {
             let s = agent_socket(addr)?;
             s.set_reuse_port(true)?;
             s.set_reuse_address(true)?;
+            if addr.is_ipv6() {
+                // The v4 listener is a separate socket on the same port.
+                s.set_only_v6(true)?;
+            }
             if transparent {
                 set_transparent(&s, addr)?;
             }

@@ -1,37 +1,236 @@
-//! The agent's main loop: bring the datapath up, wait for a stop signal, take
-//! it down again.
+//! The agent's main loop: load config and CA, pick the capture mode, serve
+//! the node endpoints, keep enrolled pods in line with the config, and shut
+//! down gracefully on SIGTERM/SIGINT.
 
-use std::path::PathBuf;
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use http::StatusCode;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::info;
+use tracing::{error, info, warn};
 
-use crate::bpf::{Datapath, PinRoot};
+use crate::{
+    admin::{self, Route},
+    bpf::{Datapath, PinRoot},
+    identity::{Ca, CertCache},
+    inpod::Pods,
+    metrics::{Metrics, ModeLabel, ResultLabel},
+    proxy::Ctx,
+    redirect::{iptables::IptablesRedirect, Redirect},
+    state::ConfigWatcher,
+    tunnel::pool::Pool,
+};
 
-/// Loads the kernel programs, enrolls `cgroups`, and runs until SIGTERM or
-/// SIGINT. On exit the programs are detached and, unless `keep_pins`, the
-/// pins are removed.
+/// `--redirect`: how pod traffic is captured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedirectChoice {
+    Auto,
+    Ebpf,
+    Iptables,
+}
+
+pub struct RunOptions {
+    pub config: PathBuf,
+    pub node: String,
+    pub redirect: RedirectChoice,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub readiness: SocketAddr,
+    pub cleanup: bool,
+    /// How long in-flight connections may take to finish after SIGTERM.
+    pub drain: Duration,
+}
+
+/// Idle HBONE connections close after this long.
+const POOL_IDLE: Duration = Duration::from_secs(30);
+
+pub async fn run(opts: RunOptions) -> Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let metrics = Arc::new(Metrics::default());
+
+    let m = metrics.clone();
+    let (mut states, _watcher) = ConfigWatcher::spawn(&opts.config, &opts.node, move |_| {
+        m.config_reloads
+            .get_or_create(&ResultLabel { result: "invalid" })
+            .inc();
+    })
+    .with_context(|| format!("loading the config {}", opts.config.display()))?;
+    let state = states.borrow().clone();
+    let ca = Ca::load(&state.ca().dir)
+        .with_context(|| format!("loading the CA from {}", state.ca().dir.display()))?;
+    let roots = Arc::new(ca.roots());
+    let certs = Arc::new(CertCache::new(Arc::new(ca), state.ca().cert_ttl));
+
+    let redirect = choose_redirect(opts.redirect)?;
+    let mode = redirect.mode().to_string();
+    metrics
+        .redirect_mode
+        .get_or_create(&ModeLabel { mode: mode.clone() })
+        .set(1);
+
+    let ctx = Arc::new(Ctx {
+        state: states.clone(),
+        certs,
+        roots,
+        pool: Pool::new(POOL_IDLE),
+        metrics: metrics.clone(),
+        active: Default::default(),
+    });
+    let pods = Pods::new(ctx.clone(), redirect);
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    serve_endpoints(&opts, &ctx, &pods, &ready, &mode).await?;
+
+    pods.sync(&state).await;
+    ready.store(true, Ordering::Relaxed);
+    info!(node = %opts.node, mode = %mode, pods = pods.dump().len(), "sluice ready");
+    // Tests and the demo wait for this line.
+    println!("READY");
+
+    let mut resync = tokio::time::interval(Duration::from_secs(5));
+    let signal = loop {
+        tokio::select! {
+            changed = states.changed() => {
+                if changed.is_err() {
+                    break "config watcher ended";
+                }
+                let state = states.borrow_and_update().clone();
+                metrics.config_reloads.get_or_create(&ResultLabel { result: "ok" }).inc();
+                info!(generation = state.generation(), "config reloaded");
+                pods.sync(&state).await;
+            }
+            _ = resync.tick() => pods.sync(&states.borrow().clone()).await,
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+        }
+    };
+    info!(
+        signal,
+        "shutting down: GOAWAY to HBONE clients, draining connections"
+    );
+    ready.store(false, Ordering::Relaxed);
+    pods.shutdown(opts.cleanup).await;
+    let deadline = Instant::now() + opts.drain;
+    while ctx.active.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = ctx.active.load(Ordering::Relaxed);
+    if left > 0 {
+        warn!(connections = left, "drain period over; closing the rest");
+    }
+    ctx.pool.clear();
+    Ok(())
+}
+
+fn choose_redirect(choice: RedirectChoice) -> Result<Arc<dyn Redirect>> {
+    match choice {
+        RedirectChoice::Ebpf => bail!(
+            "--redirect ebpf: eBPF capture (connect hooks, tc sk_assign) is not built yet; use --redirect iptables or auto"
+        ),
+        RedirectChoice::Auto => {
+            info!("redirect mode auto: using iptables (eBPF capture is not built yet)");
+            Ok(Arc::new(IptablesRedirect::detect().context("detecting the iptables backend")?))
+        }
+        RedirectChoice::Iptables => Ok(Arc::new(IptablesRedirect::detect().context("detecting the iptables backend")?)),
+    }
+}
+
+async fn serve_endpoints(
+    opts: &RunOptions,
+    ctx: &Arc<Ctx>,
+    pods: &Arc<Pods>,
+    ready: &Arc<std::sync::atomic::AtomicBool>,
+    mode: &str,
+) -> Result<()> {
+    let metrics = ctx.metrics.clone();
+    let route: Route = Arc::new(move |path| match path {
+        "/metrics" | "/stats/prometheus" => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.render(),
+        ),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    });
+    admin::serve("metrics", opts.metrics, route).await?;
+
+    let (ready_flag, ready_mode) = (ready.clone(), mode.to_owned());
+    let route: Route = Arc::new(move |path| match path {
+        "/healthz/ready" if ready_flag.load(Ordering::Relaxed) => (
+            StatusCode::OK,
+            "text/plain",
+            format!("ready\nmode: {ready_mode}\n"),
+        ),
+        "/healthz/ready" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("not ready\nmode: {ready_mode}\n"),
+        ),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    });
+    admin::serve("readiness", opts.readiness, route).await?;
+
+    let (ctx, pods, mode, node, redirect) = (
+        ctx.clone(),
+        pods.clone(),
+        mode.to_owned(),
+        opts.node.clone(),
+        opts.redirect,
+    );
+    let route: Route = Arc::new(move |path| match path {
+        "/config_dump" => {
+            let state = ctx.state();
+            let dump = serde_json::json!({
+                "node": node,
+                "redirect": { "requested": redirect, "mode": mode },
+                "trustDomain": state.trust_domain(),
+                "configGeneration": state.generation(),
+                "pods": pods.dump(),
+                "certificates": ctx.certs.ids().iter().map(|id| id.to_string()).collect::<Vec<_>>(),
+                "pool": ctx.pool.stats(),
+                "activeConnections": ctx.active.load(Ordering::Relaxed),
+                "workloads": state.workloads().map(|w| serde_json::json!({
+                    "uid": w.uid, "namespace": w.namespace, "serviceAccount": w.service_account,
+                    "ips": w.ips, "node": w.node, "protocol": format!("{:?}", w.protocol),
+                })).collect::<Vec<_>>(),
+            });
+            (
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string_pretty(&dump).unwrap_or_default(),
+            )
+        }
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    });
+    admin::serve("admin", opts.admin, route).await?;
+    Ok(())
+}
+
+/// The issue-2 mode, kept for the sockmap demo: load the kernel programs,
+/// enroll `cgroups`, run until SIGTERM or SIGINT.
 pub async fn run_bypass(pins: PinRoot, cgroups: &[PathBuf], keep_pins: bool) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut datapath = Datapath::load(pins)?;
-    let result = (|| {
-        for cg in cgroups {
-            datapath.enroll_cgroup(cg)?;
-        }
-        Ok::<_, anyhow::Error>(())
-    })();
+    let result = cgroups.iter().try_for_each(|cg| datapath.enroll_cgroup(cg));
     if let Err(e) = result {
         datapath.shutdown(!keep_pins)?;
         return Err(e);
     }
-    // Tests and the demo wait for this line before sending traffic.
     println!("READY");
     let sig = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
     info!(signal = sig, "stopping");
-    datapath.shutdown(!keep_pins)
+    if let Err(e) = datapath.shutdown(!keep_pins) {
+        error!(error = format!("{e:#}"), "cleanup failed");
+        return Err(e);
+    }
+    Ok(())
 }

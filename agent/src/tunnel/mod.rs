@@ -15,5 +15,4 @@ pub mod settings;
 
 pub use copy::{copy_bidirectional, CopyResult};
 
-/// The HBONE port, inside every enrolled pod's netns.
-pub const HBONE_PORT: u16 = 15008;
+pub use crate::redirect::HBONE_PORT;

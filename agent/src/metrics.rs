@@ -1,0 +1,163 @@
+//! Prometheus metrics, named and labelled the way Istio's are, so existing
+//! dashboards keep working after moving from sidecars; plus Sluice's own.
+
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+/// Istio's TCP labels. `reporter` is "source" (outbound side) or
+/// "destination" (inbound side); unknown peers are "unknown".
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub connection_security_policy: &'static str,
+    pub request_protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenyLabels {
+    pub reporter: &'static str,
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub direction: &'static str,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabel {
+    pub mode: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub opened: Family<ConnLabels, Counter>,
+    pub closed: Family<ConnLabels, Counter>,
+    pub sent_bytes: Family<ConnLabels, Counter>,
+    pub received_bytes: Family<ConnLabels, Counter>,
+    pub config_reloads: Family<ResultLabel, Counter>,
+    pub auth_denials: Family<DenyLabels, Counter>,
+    pub hbone_errors: Family<StatusLabels, Counter>,
+    pub redirect_mode: Family<ModeLabel, Gauge>,
+    pub enrolled_pods: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut m = Metrics {
+            registry: Registry::default(),
+            opened: Family::default(),
+            closed: Family::default(),
+            sent_bytes: Family::default(),
+            received_bytes: Family::default(),
+            config_reloads: Family::default(),
+            auth_denials: Family::default(),
+            hbone_errors: Family::default(),
+            redirect_mode: Family::default(),
+            enrolled_pods: Gauge::default(),
+        };
+        // prometheus-client appends `_total` to counters.
+        let r = &mut m.registry;
+        r.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            m.opened.clone(),
+        );
+        r.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            m.closed.clone(),
+        );
+        r.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent from server to client",
+            m.sent_bytes.clone(),
+        );
+        r.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from client by server",
+            m.received_bytes.clone(),
+        );
+        r.register(
+            "sluice_config_reloads",
+            "Config file reloads by result (ok, invalid)",
+            m.config_reloads.clone(),
+        );
+        r.register(
+            "sluice_auth_denials",
+            "Connections denied by L4 policy",
+            m.auth_denials.clone(),
+        );
+        r.register(
+            "sluice_hbone_errors",
+            "HBONE streams that did not get 200, by status",
+            m.hbone_errors.clone(),
+        );
+        r.register(
+            "sluice_redirect_mode",
+            "Capture mode in use (1 for the active mode)",
+            m.redirect_mode.clone(),
+        );
+        r.register(
+            "sluice_enrolled_pods",
+            "Pods enrolled on this node",
+            m.enrolled_pods.clone(),
+        );
+        m
+    }
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Records a connection as open; the guard records it closed with its
+    /// byte counts when dropped, so every exit path is counted once.
+    pub fn connection(&self, labels: ConnLabels) -> ConnGuard<'_> {
+        self.opened.get_or_create(&labels).inc();
+        ConnGuard {
+            metrics: self,
+            labels,
+            client_to_server: 0,
+            server_to_client: 0,
+        }
+    }
+}
+
+pub struct ConnGuard<'a> {
+    metrics: &'a Metrics,
+    labels: ConnLabels,
+    pub client_to_server: u64,
+    pub server_to_client: u64,
+}
+
+impl Drop for ConnGuard<'_> {
+    fn drop(&mut self) {
+        let m = self.metrics;
+        m.closed.get_or_create(&self.labels).inc();
+        m.received_bytes
+            .get_or_create(&self.labels)
+            .inc_by(self.client_to_server);
+        m.sent_bytes
+            .get_or_create(&self.labels)
+            .inc_by(self.server_to_client);
+    }
+}

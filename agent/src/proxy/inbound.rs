@@ -1,0 +1,156 @@
+//! 15008: HBONE from other agents. TLS proves the client's SPIFFE identity;
+//! each CONNECT stream is then authorized by L4 policy and dialled to the app
+//! inside this pod, with the client pod's IP as source.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use http::StatusCode;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info_span, warn, Instrument};
+
+use super::{canonical_ip, conn_labels, connect_app, Ctx, PodCtx};
+use crate::{
+    identity::SpiffeId,
+    metrics::{DenyLabels, StatusLabels},
+    policy::{authorize, Decision, Source},
+    tls,
+    tunnel::{
+        server::{serve_connection, Handler, InboundRequest, Refusal},
+        CopyResult,
+    },
+};
+
+pub async fn serve(
+    listener: TcpListener,
+    pod: Arc<PodCtx>,
+    ctx: Arc<Ctx>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = TlsAcceptor::from(pod.server_tls.clone());
+    let handler = Arc::new(InboundHandler {
+        pod: pod.clone(),
+        ctx: ctx.clone(),
+    });
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(pod = %pod.workload.uid, error = %e, "HBONE accept failed");
+                continue;
+            }
+        };
+        let (acceptor, handler, shutdown) = (acceptor.clone(), handler.clone(), shutdown.clone());
+        let span = info_span!("hbone", pod = %pod.workload.uid, %peer);
+        tokio::spawn(
+            async move {
+                if let Err(e) = connection(tcp, peer, acceptor, handler, shutdown).await {
+                    debug!(error = format!("{e:#}"), "HBONE connection ended");
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    handler: Arc<InboundHandler>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let local = tcp.local_addr()?;
+    let tls = acceptor.accept(tcp).await?;
+    let identity = tls::peer_identity(tls.get_ref().1);
+    serve_connection(
+        tls,
+        local,
+        peer,
+        identity.map(|id| id.to_string()),
+        handler,
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}
+
+struct InboundHandler {
+    pod: Arc<PodCtx>,
+    ctx: Arc<Ctx>,
+}
+
+impl Handler for InboundHandler {
+    async fn open(&self, req: &InboundRequest) -> Result<TcpStream, Refusal> {
+        let w = &self.pod.workload;
+        if !w
+            .ips
+            .iter()
+            .any(|ip| canonical_ip(*ip) == canonical_ip(req.target.ip()))
+        {
+            return Err(Refusal::BadRequest(format!(
+                "{} is not an address of {}",
+                req.target.ip(),
+                w.uid
+            )));
+        }
+        let principal = req
+            .peer_identity
+            .as_deref()
+            .and_then(|id| id.parse::<SpiffeId>().ok())
+            .map(|id| id.principal());
+        let source = match principal {
+            Some(p) => Source::authenticated(p, req.peer.ip()),
+            None => Source::plaintext(req.peer.ip()),
+        };
+        let state = self.ctx.state();
+        if let Decision::Deny { policy } = authorize(&state, w, &source, req.target.port()) {
+            self.ctx
+                .metrics
+                .auth_denials
+                .get_or_create(&DenyLabels {
+                    reporter: "destination",
+                    policy: policy.clone(),
+                })
+                .inc();
+            return Err(Refusal::Denied(policy));
+        }
+        connect_app(&self.pod.netns, req.peer.ip(), req.target)
+            .await
+            .map_err(Refusal::Unavailable)
+    }
+
+    fn finished(&self, req: &InboundRequest, status: StatusCode, bytes: CopyResult) {
+        let m = &self.ctx.metrics;
+        if status != StatusCode::OK {
+            m.hbone_errors
+                .get_or_create(&StatusLabels {
+                    direction: "inbound",
+                    status: status.as_u16().to_string(),
+                })
+                .inc();
+            return;
+        }
+        let state = self.ctx.state();
+        let src = state.workload_by_ip(req.peer.ip());
+        let src_principal = req
+            .peer_identity
+            .as_deref()
+            .and_then(|id| id.parse::<SpiffeId>().ok())
+            .map(|id| id.principal());
+        let labels = conn_labels(
+            "destination",
+            src.as_deref(),
+            src_principal,
+            Some(&self.pod.workload),
+            Some(self.pod.id.principal()),
+            true,
+        );
+        let mut guard = m.connection(labels);
+        guard.client_to_server = bytes.stream_to_tcp;
+        guard.server_to_client = bytes.tcp_to_stream;
+    }
+}

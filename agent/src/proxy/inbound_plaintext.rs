@@ -1,0 +1,77 @@
+//! 15006: plain TCP from clients that are not in the mesh, captured on its
+//! way into the pod. Policy sees no identity here; a connection it denies is
+//! reset before a single byte reaches the app.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info_span, warn, Instrument};
+
+use super::{conn_labels, connect_app, Ctx, PodCtx};
+use crate::{
+    metrics::DenyLabels,
+    netns::original_dst,
+    policy::{authorize, Decision, Source},
+};
+
+pub async fn serve(listener: TcpListener, pod: Arc<PodCtx>, ctx: Arc<Ctx>) {
+    loop {
+        let (client, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(pod = %pod.workload.uid, error = %e, "inbound accept failed");
+                continue;
+            }
+        };
+        let (pod, ctx) = (pod.clone(), ctx.clone());
+        let span = info_span!("inbound_plaintext", pod = %pod.workload.uid, src = %peer);
+        tokio::spawn(
+            async move {
+                let _active = ctx.track();
+                if let Err(e) = handle(client, peer, &pod, &ctx).await {
+                    debug!(error = format!("{e:#}"), "plaintext inbound failed");
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodCtx, ctx: &Ctx) -> Result<()> {
+    let target =
+        original_dst(&client).context("reading the original destination (SO_ORIGINAL_DST)")?;
+    let state = ctx.state();
+    let source = Source::plaintext(peer.ip());
+    if let Decision::Deny { policy } = authorize(&state, &pod.workload, &source, target.port()) {
+        ctx.metrics
+            .auth_denials
+            .get_or_create(&DenyLabels {
+                reporter: "destination",
+                policy: policy.clone(),
+            })
+            .inc();
+        let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+        debug!(%target, %policy, "denied");
+        return Ok(());
+    }
+    let mut app = connect_app(&pod.netns, peer.ip(), target)
+        .await
+        .with_context(|| format!("connecting to the app at {target}"))?;
+    let src = state.workload_by_ip(peer.ip());
+    let labels = conn_labels(
+        "destination",
+        src.as_deref(),
+        None,
+        Some(&pod.workload),
+        Some(pod.id.principal()),
+        false,
+    );
+    let mut guard = ctx.metrics.connection(labels);
+    let result = tokio::io::copy_bidirectional(&mut client, &mut app).await;
+    if let Ok((up, down)) = result {
+        guard.client_to_server = up;
+        guard.server_to_client = down;
+    }
+    Ok(result.map(drop)?)
+}

@@ -1,0 +1,37 @@
+//! Sockets the proxies open inside a pod's netns.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use anyhow::Result;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::netns::Netns;
+
+/// Listeners on `port` for each address family the pod has (a v4-only pod
+/// has no IPv6 to listen on, and binding [::] there would fail).
+pub fn listen_both(netns: &Netns, port: u16, ips: &[IpAddr]) -> Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    if ips.iter().any(IpAddr::is_ipv4) {
+        let l = netns.listen(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port), false)?;
+        out.push(TcpListener::from_std(l)?);
+    }
+    if ips.iter().any(IpAddr::is_ipv6) {
+        let l = netns.listen(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port), false)?;
+        out.push(TcpListener::from_std(l)?);
+    }
+    Ok(out)
+}
+
+/// Connects to the app at `target` from inside the pod, with the client's
+/// IP as source (IP_TRANSPARENT), so the app sees its real peer. The reply
+/// finds its way back through the connmark + ip rule the capture installs.
+pub async fn connect_app(
+    netns: &Netns,
+    client: IpAddr,
+    target: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let socket = netns
+        .socket(target, Some(SocketAddr::new(client, 0)), true)
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    socket.connect(target).await
+}

@@ -33,6 +33,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod names;
+pub mod mesh;
 pub mod netns;
 pub mod node;
 pub mod pattern;

@@ -21,6 +21,7 @@ const PACKAGES: &[&str] = &[
     "iptables",
     "tcpdump",
     "iperf3",
+    "curl",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,178 @@
+//! A meshed topology: nodes with pods, a CA, a Sluice config file listing
+//! every workload, and one real `sluice run` agent per node.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{ensure, Context, Result};
+
+use crate::{agent::agent_bin, Agent, Node, Pod, Topology};
+
+/// One workload in the config.
+#[derive(Clone)]
+pub struct MeshPod {
+    pub pod: Pod,
+    pub namespace: String,
+    pub service_account: String,
+    pub enrolled: bool,
+}
+
+impl MeshPod {
+    pub fn uid(&self) -> String {
+        format!("{}/{}", self.namespace, self.pod.name())
+    }
+}
+
+/// Config file, CA and agents for a [`Topology`]. Holds a temp dir that is
+/// removed on drop.
+pub struct Mesh {
+    pub dir: tempdir::Dir,
+    pub trust_domain: String,
+    pub pods: Vec<MeshPod>,
+    pub policies_yaml: String,
+    pub cert_ttl: String,
+}
+
+pub mod tempdir {
+    use std::path::{Path, PathBuf};
+
+    /// A directory under /tmp removed on drop.
+    pub struct Dir(PathBuf);
+
+    impl Dir {
+        pub fn new(prefix: &str) -> std::io::Result<Dir> {
+            let p = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p)?;
+            Ok(Dir(p))
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Mesh {
+    /// Creates the CA (`sluice ca init`) in a fresh temp dir named after the
+    /// topology.
+    pub fn new(topo: &Topology, trust_domain: &str) -> Result<Mesh> {
+        let dir = tempdir::Dir::new(topo.prefix())?;
+        let out = Command::new(agent_bin()).args(["ca", "init", "--dir"]).arg(dir.path().join("ca")).output()?;
+        ensure!(out.status.success(), "sluice ca init: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(Mesh {
+            dir,
+            trust_domain: trust_domain.into(),
+            pods: Vec::new(),
+            policies_yaml: String::new(),
+            cert_ttl: "24h".into(),
+        })
+    }
+
+    pub fn add(&mut self, pod: &Pod, namespace: &str, service_account: &str, enrolled: bool) -> MeshPod {
+        let p = MeshPod { pod: pod.clone(), namespace: namespace.into(), service_account: service_account.into(), enrolled };
+        self.pods.push(p.clone());
+        p
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.yaml")
+    }
+
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+
+    /// The config file text for the current pods and policies.
+    pub fn render(&self) -> String {
+        let mut y = format!(
+            "trustDomain: {}\nca:\n  dir: {}\n  certTtl: {}\nworkloads:\n",
+            self.trust_domain,
+            self.ca_dir().display(),
+            self.cert_ttl
+        );
+        for p in &self.pods {
+            let _ = writeln!(
+                y,
+                "  - uid: {uid}\n    name: {name}\n    namespace: {ns}\n    serviceAccount: {sa}\n    workloadIps: [{v4}, \"{v6}\"]\n    node: {node}\n    protocol: {proto}\n    netns: {netns}\n    cgroup: {cg}",
+                uid = p.uid(),
+                name = p.pod.name(),
+                ns = p.namespace,
+                sa = p.service_account,
+                v4 = p.pod.ipv4(),
+                v6 = p.pod.ipv6(),
+                node = p.pod.node_name(),
+                proto = if p.enrolled { "HBONE" } else { "TCP" },
+                netns = p.pod.netns_path().display(),
+                cg = p.pod.cgroup_path().display(),
+            );
+        }
+        if self.policies_yaml.is_empty() {
+            y.push_str("policies: []\n");
+        } else {
+            y.push_str("policies:\n");
+            y.push_str(&self.policies_yaml);
+        }
+        y
+    }
+
+    /// Writes the config atomically (write + rename), as an editor would.
+    pub fn write_config(&self) -> Result<PathBuf> {
+        write_atomic(&self.config_path(), &self.render())?;
+        Ok(self.config_path())
+    }
+
+    /// Starts `sluice run` in `node`'s netns with the mesh config.
+    pub fn start_agent(&self, node: &Node, redirect: &str) -> Result<Agent> {
+        self.start_agent_with(node, redirect, &self.config_path())
+    }
+
+    pub fn start_agent_with(&self, node: &Node, redirect: &str, config: &Path) -> Result<Agent> {
+        let pins = self.dir.path().join(format!("pins-{}", node.name()));
+        Agent::start(
+            node,
+            &pins,
+            &["run", "--config", config.to_str().context("config path")?, "--node", node.name(), "--redirect", redirect],
+        )
+    }
+}
+
+pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))
+}
+
+/// Fetches `path` from an agent endpoint inside `node`'s netns.
+pub fn http_get(node: &Node, port: u16, path: &str) -> Result<String> {
+    let out = node.output(
+        {
+            let mut c = Command::new("curl");
+            c.args(["-sS", "--max-time", "5", &format!("http://127.0.0.1:{port}{path}")]);
+            c
+        },
+        Duration::from_secs(10),
+    )?;
+    ensure!(out.status.success(), "GET {path}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The value of one Prometheus sample line whose name and labels contain
+/// every `needle`; summed over matching lines.
+pub fn metric_sum(metrics: &str, name: &str, needles: &[&str]) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && needles.iter().all(|n| l.contains(n)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}

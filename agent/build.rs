@@ -10,28 +10,16 @@ mod ebpf;
 use std::{env, path::PathBuf};
 
 fn main() {
-    let manifest_dir =
-        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let workspace = manifest_dir
-        .parent()
-        .expect("agent/ has a parent")
-        .to_owned();
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let workspace = manifest_dir.parent().expect("agent/ has a parent").to_owned();
     let ebpf_dir = workspace.join("agent-ebpf");
     for watched in ["src", "Cargo.toml", "Cargo.lock", ".cargo/config.toml"] {
-        println!(
-            "cargo:rerun-if-changed={}",
-            ebpf_dir.join(watched).display()
-        );
+        println!("cargo:rerun-if-changed={}", ebpf_dir.join(watched).display());
     }
-    println!(
-        "cargo:rerun-if-changed={}",
-        workspace.join("agent-common/src").display()
-    );
+    println!("cargo:rerun-if-changed={}", workspace.join("agent-common/src").display());
     println!("cargo:rerun-if-changed=build/ebpf.rs");
 
-    let target_dir = env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"));
+    let target_dir = env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
     match ebpf::build(&workspace, &target_dir) {
         Ok(object) => println!("cargo:rustc-env=SLUICE_EBPF_OBJECT={}", object.display()),
         Err(msg) => {

@@ -26,13 +26,8 @@ pub mod counter {
 }
 
 /// Human names of the counters, indexed like [`counter`].
-pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
-    "sockhash_added",
-    "msg_redirected",
-    "msg_redirected_bytes",
-    "msg_passed",
-    "sockhash_insert_failed",
-];
+pub const COUNTER_NAMES: [&str; counter::COUNT as usize] =
+    ["sockhash_added", "msg_redirected", "msg_redirected_bytes", "msg_passed", "sockhash_insert_failed"];
 
 /// Key of the socket-pair SOCKHASH: one TCP endpoint, seen from its own side.
 ///

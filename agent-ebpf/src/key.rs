@@ -76,13 +76,7 @@ pub fn make(
     local_port: u32,
     remote_port_be: u32,
 ) -> SockKey {
-    SockKey {
-        netns_cookie,
-        local_ip,
-        remote_ip,
-        local_port,
-        remote_port: u32::from_be(remote_port_be),
-    }
+    SockKey { netns_cookie, local_ip, remote_ip, local_port, remote_port: u32::from_be(remote_port_be) }
 }
 
 /// True for 127.0.0.0/8, ::1 and ::ffff:127.0.0.0/104. Only connections whose
@@ -91,6 +85,5 @@ pub fn make(
 pub fn is_loopback(ip: &[u32; 4]) -> bool {
     let v4_mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == u32::from_be(0x0000_ffff);
     let first_octet = (u32::from_be(ip[3]) >> 24) as u8;
-    (v4_mapped && first_octet == 127)
-        || (ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == u32::from_be(1))
+    (v4_mapped && first_octet == 127) || (ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == u32::from_be(1))
 }

@@ -6,9 +6,7 @@
 //! 5.15 for `bpf_get_netns_cookie` in sock_ops.
 
 use aya_ebpf::{
-    bindings::{
-        BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-    },
+    bindings::{BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
     helpers::bpf_get_netns_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
@@ -37,10 +35,7 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
     match SOCK_PAIRS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64) {
         Ok(()) => {
             count(counter::SOCKHASH_ADDED, 1);
-            debug!(
-                &ctx,
-                "sockhash add port {} -> {} (op {})", key.local_port, key.remote_port, op
-            );
+            debug!(&ctx, "sockhash add port {} -> {} (op {})", key.local_port, key.remote_port, op);
         }
         Err(_) => count(counter::SOCKHASH_INSERT_FAILED, 1),
     }

@@ -16,16 +16,11 @@ pub fn object_path(target_dir: &Path) -> PathBuf {
 /// What the BPF build needs that this machine lacks, each with its package.
 pub fn missing_toolchain() -> Vec<&'static str> {
     let mut missing = Vec::new();
-    if !Path::new("/usr/bin/rustc").is_file()
-        || !Path::new("/usr/lib/rustlib/bpfel-unknown-none/lib").is_dir()
-    {
-        missing.push(
-            "Debian's rustc-web with the BPF core (packages rustc-web, libstd-rust-web-dev-bpf)",
-        );
+    if !Path::new("/usr/bin/rustc").is_file() || !Path::new("/usr/lib/rustlib/bpfel-unknown-none/lib").is_dir() {
+        missing.push("Debian's rustc-web with the BPF core (packages rustc-web, libstd-rust-web-dev-bpf)");
     }
-    let on_path = env::var_os("PATH")
-        .map(|p| env::split_paths(&p).any(|d| d.join("bpf-linker").is_file()))
-        .unwrap_or(false);
+    let on_path =
+        env::var_os("PATH").map(|p| env::split_paths(&p).any(|d| d.join("bpf-linker").is_file())).unwrap_or(false);
     if !on_path && !cargo_bin_dir().join("bpf-linker").is_file() {
         missing.push("bpf-linker 0.13 built against LLVM 22");
     }
@@ -45,19 +40,11 @@ pub fn cargo_bin_dir() -> PathBuf {
 pub fn build(workspace: &Path, target_dir: &Path) -> Result<PathBuf, String> {
     let missing = missing_toolchain();
     if !missing.is_empty() {
-        return Err(format!(
-            "the eBPF toolchain is missing: {}. Run `cargo xtask setup` first.",
-            missing.join("; ")
-        ));
+        return Err(format!("the eBPF toolchain is missing: {}. Run `cargo xtask setup` first.", missing.join("; ")));
     }
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(workspace.join("agent-ebpf"))
-        .args([
-            "build",
-            "--release",
-            "--ignore-rust-version",
-            "--target-dir",
-        ])
+        .args(["build", "--release", "--ignore-rust-version", "--target-dir"])
         .arg(target_dir.join("ebpf"));
     // The outer build's target, compiler wrapper and flags must not leak into
     // a build for another target with another compiler.
@@ -75,13 +62,9 @@ pub fn build(workspace: &Path, target_dir: &Path) -> Result<PathBuf, String> {
     let mut dirs: Vec<PathBuf> = env::split_paths(&path).collect();
     dirs.push(cargo_bin_dir());
     cmd.env("PATH", env::join_paths(dirs).map_err(|e| e.to_string())?);
-    let status = cmd
-        .status()
-        .map_err(|e| format!("could not start cargo for agent-ebpf: {e}"))?;
+    let status = cmd.status().map_err(|e| format!("could not start cargo for agent-ebpf: {e}"))?;
     if !status.success() {
-        return Err(
-            "building the eBPF programs in agent-ebpf/ failed (see the errors above)".into(),
-        );
+        return Err("building the eBPF programs in agent-ebpf/ failed (see the errors above)".into());
     }
     Ok(object_path(target_dir))
 }

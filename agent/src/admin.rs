@@ -19,9 +19,7 @@ pub type Route = Arc<dyn Fn(&str) -> (StatusCode, &'static str, String) + Send +
 /// Binds now (so a port clash fails the start, loudly) and serves in the
 /// background until the runtime ends.
 pub async fn serve(name: &'static str, addr: SocketAddr, route: Route) -> Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the {name} endpoint on {addr}"))?;
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the {name} endpoint on {addr}"))?;
     let bound = listener.local_addr()?;
     info!(endpoint = name, addr = %bound, "listening");
     tokio::spawn(async move {
@@ -40,9 +38,8 @@ pub async fn serve(name: &'static str, addr: SocketAddr, route: Route) -> Result
                         .expect("static response parts are valid");
                     async move { Ok::<_, Infallible>(resp) }
                 });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await
+                if let Err(e) =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
                 {
                     debug!(endpoint = name, error = %e, "admin connection ended");
                 }

@@ -12,11 +12,7 @@ use sluice::{
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(
-    name = "sluice",
-    version,
-    about = "Sluice node agent: eBPF-steered mTLS/HBONE for Kubernetes pods"
-)]
+#[command(name = "sluice", version, about = "Sluice node agent: eBPF-steered mTLS/HBONE for Kubernetes pods")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -90,9 +86,7 @@ struct RunArgs {
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
     match dispatch(Cli::parse()) {
@@ -127,16 +121,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             };
             rt.block_on(sluice::run::run(opts))
         }
-        Cmd::Ca {
-            cmd: CaCmd::Init { dir },
-        } => {
-            sluice::identity::Ca::init(&dir)
-                .with_context(|| format!("creating a CA in {}", dir.display()))?;
-            println!(
-                "wrote {}/root-cert.pem and {}/ca-key.pem",
-                dir.display(),
-                dir.display()
-            );
+        Cmd::Ca { cmd: CaCmd::Init { dir } } => {
+            sluice::identity::Ca::init(&dir).with_context(|| format!("creating a CA in {}", dir.display()))?;
+            println!("wrote {}/root-cert.pem and {}/ca-key.pem", dir.display(), dir.display());
             Ok(())
         }
         Cmd::Inspect { pin_root, json } => {

@@ -73,51 +73,15 @@ impl Default for Metrics {
         };
         // prometheus-client appends `_total` to counters.
         let r = &mut m.registry;
-        r.register(
-            "istio_tcp_connections_opened",
-            "TCP connections opened",
-            m.opened.clone(),
-        );
-        r.register(
-            "istio_tcp_connections_closed",
-            "TCP connections closed",
-            m.closed.clone(),
-        );
-        r.register(
-            "istio_tcp_sent_bytes",
-            "Bytes sent from server to client",
-            m.sent_bytes.clone(),
-        );
-        r.register(
-            "istio_tcp_received_bytes",
-            "Bytes received from client by server",
-            m.received_bytes.clone(),
-        );
-        r.register(
-            "sluice_config_reloads",
-            "Config file reloads by result (ok, invalid)",
-            m.config_reloads.clone(),
-        );
-        r.register(
-            "sluice_auth_denials",
-            "Connections denied by L4 policy",
-            m.auth_denials.clone(),
-        );
-        r.register(
-            "sluice_hbone_errors",
-            "HBONE streams that did not get 200, by status",
-            m.hbone_errors.clone(),
-        );
-        r.register(
-            "sluice_redirect_mode",
-            "Capture mode in use (1 for the active mode)",
-            m.redirect_mode.clone(),
-        );
-        r.register(
-            "sluice_enrolled_pods",
-            "Pods enrolled on this node",
-            m.enrolled_pods.clone(),
-        );
+        r.register("istio_tcp_connections_opened", "TCP connections opened", m.opened.clone());
+        r.register("istio_tcp_connections_closed", "TCP connections closed", m.closed.clone());
+        r.register("istio_tcp_sent_bytes", "Bytes sent from server to client", m.sent_bytes.clone());
+        r.register("istio_tcp_received_bytes", "Bytes received from client by server", m.received_bytes.clone());
+        r.register("sluice_config_reloads", "Config file reloads by result (ok, invalid)", m.config_reloads.clone());
+        r.register("sluice_auth_denials", "Connections denied by L4 policy", m.auth_denials.clone());
+        r.register("sluice_hbone_errors", "HBONE streams that did not get 200, by status", m.hbone_errors.clone());
+        r.register("sluice_redirect_mode", "Capture mode in use (1 for the active mode)", m.redirect_mode.clone());
+        r.register("sluice_enrolled_pods", "Pods enrolled on this node", m.enrolled_pods.clone());
         m
     }
 }
@@ -133,12 +97,7 @@ impl Metrics {
     /// byte counts when dropped, so every exit path is counted once.
     pub fn connection(&self, labels: ConnLabels) -> ConnGuard<'_> {
         self.opened.get_or_create(&labels).inc();
-        ConnGuard {
-            metrics: self,
-            labels,
-            client_to_server: 0,
-            server_to_client: 0,
-        }
+        ConnGuard { metrics: self, labels, client_to_server: 0, server_to_client: 0 }
     }
 }
 
@@ -153,11 +112,7 @@ impl Drop for ConnGuard<'_> {
     fn drop(&mut self) {
         let m = self.metrics;
         m.closed.get_or_create(&self.labels).inc();
-        m.received_bytes
-            .get_or_create(&self.labels)
-            .inc_by(self.client_to_server);
-        m.sent_bytes
-            .get_or_create(&self.labels)
-            .inc_by(self.server_to_client);
+        m.received_bytes.get_or_create(&self.labels).inc_by(self.client_to_server);
+        m.sent_bytes.get_or_create(&self.labels).inc_by(self.server_to_client);
     }
 }

@@ -47,12 +47,8 @@ fn home() -> io::Result<&'static File> {
 impl Netns {
     pub fn open(path: &Path) -> Result<Self> {
         home().context("opening the agent's own netns /proc/self/ns/net")?;
-        let file =
-            File::open(path).with_context(|| format!("opening pod netns {}", path.display()))?;
-        Ok(Netns {
-            path: path.to_owned(),
-            file,
-        })
+        let file = File::open(path).with_context(|| format!("opening pod netns {}", path.display()))?;
+        Ok(Netns { path: path.to_owned(), file })
     }
 
     pub fn path(&self) -> &Path {
@@ -69,10 +65,7 @@ impl Netns {
         // If we cannot get back, this thread would silently serve the wrong
         // pod: there is no safe way to go on.
         if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
-            eprintln!(
-                "sluice: fatal: cannot return to the node netns after {}: {e}",
-                self.path.display()
-            );
+            eprintln!("sluice: fatal: cannot return to the node netns after {}: {e}", self.path.display());
             std::process::abort();
         }
         result.with_context(|| format!("in netns {}", self.path.display()))
@@ -87,11 +80,7 @@ impl Netns {
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(program);
         // A failed dup surfaces as the spawn error rather than a panic here.
-        let fd = self
-            .file
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| e.raw_os_error().unwrap_or(libc::EBADF));
+        let fd = self.file.as_fd().try_clone_to_owned().map_err(|e| e.raw_os_error().unwrap_or(libc::EBADF));
         // SAFETY: between fork and exec only async-signal-safe calls are
         // allowed; setns is a plain syscall and allocates nothing.
         unsafe {
@@ -155,11 +144,7 @@ impl Netns {
 
 /// A TCP socket of `addr`'s family carrying the agent mark.
 pub fn agent_socket(addr: SocketAddr) -> io::Result<Socket> {
-    let s = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.cloexec(),
-        Some(Protocol::TCP),
-    )?;
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
     s.set_mark(AGENT_MARK)?;
     s.set_tcp_nodelay(true)?;
     Ok(s)
@@ -183,10 +168,6 @@ pub fn original_dst(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
         SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_some() => sock.original_dst_v4()?,
         SocketAddr::V6(_) => sock.original_dst_v6()?,
     };
-    raw.as_socket().ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            "SO_ORIGINAL_DST returned a non-IP address",
-        )
-    })
+    raw.as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "SO_ORIGINAL_DST returned a non-IP address"))
 }

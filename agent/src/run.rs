@@ -57,23 +57,17 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
     let m = metrics.clone();
     let (mut states, _watcher) = ConfigWatcher::spawn(&opts.config, &opts.node, move |_| {
-        m.config_reloads
-            .get_or_create(&ResultLabel { result: "invalid" })
-            .inc();
+        m.config_reloads.get_or_create(&ResultLabel { result: "invalid" }).inc();
     })
     .with_context(|| format!("loading the config {}", opts.config.display()))?;
     let state = states.borrow().clone();
-    let ca = Ca::load(&state.ca().dir)
-        .with_context(|| format!("loading the CA from {}", state.ca().dir.display()))?;
+    let ca = Ca::load(&state.ca().dir).with_context(|| format!("loading the CA from {}", state.ca().dir.display()))?;
     let roots = Arc::new(ca.roots());
     let certs = Arc::new(CertCache::new(Arc::new(ca), state.ca().cert_ttl));
 
     let redirect = choose_redirect(opts.redirect)?;
     let mode = redirect.mode().to_string();
-    metrics
-        .redirect_mode
-        .get_or_create(&ModeLabel { mode: mode.clone() })
-        .set(1);
+    metrics.redirect_mode.get_or_create(&ModeLabel { mode: mode.clone() }).set(1);
 
     let ctx = Arc::new(Ctx {
         state: states.clone(),
@@ -110,10 +104,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = int.recv() => break "SIGINT",
         }
     };
-    info!(
-        signal,
-        "shutting down: GOAWAY to HBONE clients, draining connections"
-    );
+    info!(signal, "shutting down: GOAWAY to HBONE clients, draining connections");
     ready.store(false, Ordering::Relaxed);
     pods.shutdown(opts.cleanup).await;
     let deadline = Instant::now() + opts.drain;
@@ -150,38 +141,25 @@ async fn serve_endpoints(
 ) -> Result<()> {
     let metrics = ctx.metrics.clone();
     let route: Route = Arc::new(move |path| match path {
-        "/metrics" | "/stats/prometheus" => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.render(),
-        ),
+        "/metrics" | "/stats/prometheus" => {
+            (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render())
+        }
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     });
     admin::serve("metrics", opts.metrics, route).await?;
 
     let (ready_flag, ready_mode) = (ready.clone(), mode.to_owned());
     let route: Route = Arc::new(move |path| match path {
-        "/healthz/ready" if ready_flag.load(Ordering::Relaxed) => (
-            StatusCode::OK,
-            "text/plain",
-            format!("ready\nmode: {ready_mode}\n"),
-        ),
-        "/healthz/ready" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            format!("not ready\nmode: {ready_mode}\n"),
-        ),
+        "/healthz/ready" if ready_flag.load(Ordering::Relaxed) => {
+            (StatusCode::OK, "text/plain", format!("ready\nmode: {ready_mode}\n"))
+        }
+        "/healthz/ready" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready\nmode: {ready_mode}\n")),
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     });
     admin::serve("readiness", opts.readiness, route).await?;
 
-    let (ctx, pods, mode, node, redirect) = (
-        ctx.clone(),
-        pods.clone(),
-        mode.to_owned(),
-        opts.node.clone(),
-        opts.redirect,
-    );
+    let (ctx, pods, mode, node, redirect) =
+        (ctx.clone(), pods.clone(), mode.to_owned(), opts.node.clone(), opts.redirect);
     let route: Route = Arc::new(move |path| match path {
         "/config_dump" => {
             let state = ctx.state();
@@ -199,11 +177,7 @@ async fn serve_endpoints(
                     "ips": w.ips, "node": w.node, "protocol": format!("{:?}", w.protocol),
                 })).collect::<Vec<_>>(),
             });
-            (
-                StatusCode::OK,
-                "application/json",
-                serde_json::to_string_pretty(&dump).unwrap_or_default(),
-            )
+            (StatusCode::OK, "application/json", serde_json::to_string_pretty(&dump).unwrap_or_default())
         }
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     });

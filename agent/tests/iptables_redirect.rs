@@ -43,12 +43,7 @@ fn have_root(name: &str) -> bool {
 /// with `-n`, inside them.
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("running ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
 /// A pod netns and a client netns joined by a veth, with v4 and v6 addresses.
@@ -96,10 +91,7 @@ impl TestNet {
         }
         // Created inside the pod netns with its peer moved straight into
         // the client's, so no interface ever appears on the host.
-        ip(&[
-            "-n", &pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
-            &client,
-        ]);
+        ip(&["-n", &pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &client]);
         for (name, host) in [(&pod, 1), (&client, 2)] {
             ip(&["-n", name, "link", "set", "lo", "up"]);
             ip(&["-n", name, "link", "set", "eth0", "up"]);
@@ -136,22 +128,13 @@ impl TestNet {
 }
 
 fn capture<'a>(net: &'a TestNet, ips: &'a [IpAddr]) -> PodCapture<'a> {
-    PodCapture {
-        uid: "test-pod-uid",
-        netns: &net.pod,
-        ips,
-        cgroup: None,
-    }
+    PodCapture { uid: "test-pod-uid", netns: &net.pod, ips, cgroup: None }
 }
 
 /// stdout of `program args` inside `ns`.
 fn run_in(ns: &Netns, program: &str, args: &[&str]) -> String {
     let out = ns.command(program).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -213,25 +196,16 @@ fn expected_nat(lo: &str) -> Vec<String> {
 
 /// Asserts the full ruleset of both families, as `prefix`-save shows it.
 fn assert_rules_installed(ns: &Netns, backend: &str) {
-    for (save, lo) in [
-        (format!("iptables-{backend}-save"), "127.0.0.1/32"),
-        (format!("ip6tables-{backend}-save"), "::1/128"),
-    ] {
-        assert_eq!(
-            saved_table(ns, &save, "mangle"),
-            expected_mangle(),
-            "{save}"
-        );
+    for (save, lo) in
+        [(format!("iptables-{backend}-save"), "127.0.0.1/32"), (format!("ip6tables-{backend}-save"), "::1/128")]
+    {
+        assert_eq!(saved_table(ns, &save, "mangle"), expected_mangle(), "{save}");
         assert_eq!(saved_table(ns, &save, "nat"), expected_nat(lo), "{save}");
     }
     for fam in ["-4", "-6"] {
         let rules = run_in(ns, "ip", &[fam, "rule", "show"]);
         let ours: Vec<&str> = rules.lines().filter(|l| l.contains("0x111")).collect();
-        assert_eq!(
-            ours,
-            ["32764:\tfrom all fwmark 0x111/0xfff lookup 133"],
-            "ip {fam} rule"
-        );
+        assert_eq!(ours, ["32764:\tfrom all fwmark 0x111/0xfff lookup 133"], "ip {fam} rule");
         let routes = run_in(ns, "ip", &[fam, "route", "show", "table", "133"]);
         assert!(
             routes.trim().starts_with("local default dev lo") && routes.trim().lines().count() == 1,
@@ -241,10 +215,7 @@ fn assert_rules_installed(ns: &Netns, backend: &str) {
 }
 
 fn assert_nothing_left(ns: &Netns, backend: &str) {
-    for save in [
-        format!("iptables-{backend}-save"),
-        format!("ip6tables-{backend}-save"),
-    ] {
+    for save in [format!("iptables-{backend}-save"), format!("ip6tables-{backend}-save")] {
         let text = run_in(ns, &save, &[]);
         assert!(!text.contains("SLUICE"), "{save} still shows:\n{text}");
     }
@@ -304,13 +275,9 @@ fn legacy_backend_and_detection() {
     let pod = capture(&net, &ips);
     // Detection runs in the agent's netns; here a thread stands in the pod's.
     let detect_in = |ns: &Netns| {
-        std::thread::scope(|s| {
-            s.spawn(|| ns.run(|| Ok(IptablesRedirect::detect())).unwrap())
-                .join()
-                .unwrap()
-        })
-        .unwrap()
-        .backend()
+        std::thread::scope(|s| s.spawn(|| ns.run(|| Ok(IptablesRedirect::detect())).unwrap()).join().unwrap())
+            .unwrap()
+            .backend()
     };
     assert_eq!(detect_in(&net.pod), Backend::Nft, "no rules anywhere: nft");
 
@@ -319,11 +286,7 @@ fn legacy_backend_and_detection() {
     legacy.enroll(&pod).unwrap();
     assert_rules_installed(&net.pod, "legacy");
     assert!(!run_in(&net.pod, "iptables-nft-save", &[]).contains("-A SLUICE"));
-    assert_eq!(
-        detect_in(&net.pod),
-        Backend::Legacy,
-        "only legacy has rules"
-    );
+    assert_eq!(detect_in(&net.pod), Backend::Legacy, "only legacy has rules");
 
     legacy.unenroll(&pod).unwrap();
     assert_nothing_left(&net.pod, "legacy");
@@ -368,19 +331,12 @@ fn app_listener(ns: &Netns, addr: SocketAddr) -> TcpListener {
 
 /// A listener like the agent's (marked, in the pod netns).
 fn agent_listener(ns: &Netns, v6: bool, port: u16) -> TcpListener {
-    let any = if v6 {
-        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-    } else {
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-    };
+    let any = if v6 { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
     TcpListener::from_std(ns.listen(SocketAddr::new(any, port), false).unwrap()).unwrap()
 }
 
 async fn accept(l: &TcpListener, what: &str) -> (TcpStream, SocketAddr) {
-    timeout(WAIT, l.accept())
-        .await
-        .unwrap_or_else(|_| panic!("{what}: nothing accepted"))
-        .unwrap()
+    timeout(WAIT, l.accept()).await.unwrap_or_else(|_| panic!("{what}: nothing accepted")).unwrap()
 }
 
 async fn connect(s: TcpSocket, to: SocketAddr) -> TcpStream {
@@ -428,9 +384,7 @@ async fn inbound_is_captured(net: &TestNet, v6: bool) {
 async fn capture_works(v6: bool) {
     let net = TestNet::new();
     let ips = net.ips();
-    IptablesRedirect::with_backend(Backend::Nft)
-        .enroll(&capture(&net, &ips))
-        .unwrap();
+    IptablesRedirect::with_backend(Backend::Nft).enroll(&capture(&net, &ips)).unwrap();
     outbound_is_captured(&net, v6).await;
     inbound_is_captured(&net, v6).await;
 }
@@ -455,9 +409,7 @@ async fn capture_works_v6() {
 async fn transparent_return_path(v6: bool) {
     let net = TestNet::new();
     let ips = net.ips();
-    IptablesRedirect::with_backend(Backend::Nft)
-        .enroll(&capture(&net, &ips))
-        .unwrap();
+    IptablesRedirect::with_backend(Backend::Nft).enroll(&capture(&net, &ips)).unwrap();
     let (pod_ip, client_ip) = net.pair(v6);
     let inbound = agent_listener(&net.pod, v6, 15006);
     let any = if v6 { "[::]:8080" } else { "0.0.0.0:8080" };
@@ -470,10 +422,7 @@ async fn transparent_return_path(v6: bool) {
     let orig = original_dst(&from_client).unwrap();
     assert_eq!(orig, dst);
 
-    let upstream = net
-        .pod
-        .socket(orig, Some(SocketAddr::new(peer.ip(), 0)), true)
-        .unwrap();
+    let upstream = net.pod.socket(orig, Some(SocketAddr::new(peer.ip(), 0)), true).unwrap();
     let mut to_app = connect(upstream, orig).await;
     let (mut at_app, app_peer) = accept(&app, "app 8080").await;
     assert_eq!(app_peer.ip(), client_ip, "the app sees the real client");
@@ -483,16 +432,10 @@ async fn transparent_return_path(v6: bool) {
     });
     client.write_all(b"ping").await.unwrap();
     let mut buf = [0u8; 4];
-    timeout(WAIT, at_app.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
+    timeout(WAIT, at_app.read_exact(&mut buf)).await.unwrap().unwrap();
     assert_eq!(&buf, b"ping");
     at_app.write_all(b"pong").await.unwrap();
-    timeout(WAIT, client.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
+    timeout(WAIT, client.read_exact(&mut buf)).await.unwrap().unwrap();
     assert_eq!(&buf, b"pong");
 }
 

@@ -15,10 +15,7 @@ async fn every_program_loads_and_pins_are_removed() -> anyhow::Result<()> {
     names.sort();
     let mut expected = PROGRAMS.to_vec();
     expected.sort();
-    assert_eq!(
-        names, expected,
-        "the object's programs and the agent's list differ"
-    );
+    assert_eq!(names, expected, "the object's programs and the agent's list differ");
     for (_, file) in PINNED_MAPS {
         assert!(dir.0.join(file).exists(), "map {file} is not pinned");
     }
@@ -35,11 +32,7 @@ async fn restart_adopts_pinned_maps() -> anyhow::Result<()> {
     let id_before = map_id(&dir.0.join("counters"))?;
     first.shutdown(false)?;
     let second = Datapath::load(PinRoot::new(&dir.0))?;
-    assert_eq!(
-        map_id(&dir.0.join("counters"))?,
-        id_before,
-        "a restarted agent must reuse the pinned map"
-    );
+    assert_eq!(map_id(&dir.0.join("counters"))?, id_before, "a restarted agent must reuse the pinned map");
     second.shutdown(true)?;
     Ok(())
 }

@@ -44,21 +44,12 @@ impl Agent {
     pub fn start(place: &(impl Place + ?Sized), pin_root: &Path, args: &[&str]) -> Result<Agent> {
         let mut cmd = Command::new(agent_bin());
         cmd.args(args).arg("--pin-root").arg(pin_root);
-        cmd.env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        );
+        cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         let mut child = crate::spawn_in(place, cmd)?;
         if let Err(e) = child.wait_for_line("READY", Duration::from_secs(20)) {
-            bail!(
-                "agent did not become ready: {e:#}\nstderr:\n{}",
-                child.stderr_text()
-            );
+            bail!("agent did not become ready: {e:#}\nstderr:\n{}", child.stderr_text());
         }
-        Ok(Agent {
-            child,
-            pin_root: pin_root.to_owned(),
-        })
+        Ok(Agent { child, pin_root: pin_root.to_owned() })
     }
 
     pub fn pid(&self) -> u32 {
@@ -72,8 +63,7 @@ impl Agent {
     /// SIGTERM, then wait for a clean exit.
     pub fn stop(self) -> Result<String> {
         let pid = nix::unistd::Pid::from_raw(self.child.pid() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
-            .context("sending SIGTERM to the agent")?;
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).context("sending SIGTERM to the agent")?;
         let out = self.child.finish(Duration::from_secs(15))?;
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if !out.status.success() {
@@ -87,7 +77,5 @@ impl Agent {
 /// show what each test measured even when it passes.
 pub fn evidence(text: &str) {
     use std::io::Write;
-    let _ = std::io::stderr()
-        .lock()
-        .write_all(format!("EVIDENCE: {text}\n").as_bytes());
+    let _ = std::io::stderr().lock().write_all(format!("EVIDENCE: {text}\n").as_bytes());
 }

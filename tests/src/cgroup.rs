@@ -12,15 +12,11 @@ use std::time::{Duration, Instant};
 /// The first cgroup2 mount point of this mount namespace.
 pub fn cgroup2_mount() -> Result<PathBuf> {
     static MOUNT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    MOUNT
-        .get_or_init(|| find_cgroup2().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(|e| anyhow!(e))
+    MOUNT.get_or_init(|| find_cgroup2().map_err(|e| format!("{e:#}"))).clone().map_err(|e| anyhow!(e))
 }
 
 fn find_cgroup2() -> Result<PathBuf> {
-    let info =
-        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     parse_mountinfo(&info).context("no cgroup2 mount in /proc/self/mountinfo")
 }
 
@@ -31,9 +27,7 @@ fn parse_mountinfo(info: &str) -> Option<PathBuf> {
         if post.split_whitespace().next()? != "cgroup2" {
             return None;
         }
-        pre.split_whitespace()
-            .nth(4)
-            .map(|m| PathBuf::from(unescape(m)))
+        pre.split_whitespace().nth(4).map(|m| PathBuf::from(unescape(m)))
     })
 }
 
@@ -43,9 +37,7 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let oct = b
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let oct = b.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match (b[i], oct) {
             (b'\\', Some(d)) => {
                 out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
@@ -74,26 +66,19 @@ pub(crate) fn kill_all(path: &Path) -> Result<()> {
     }
     let kill_file = path.join("cgroup.kill");
     if kill_file.exists() {
-        std::fs::write(&kill_file, "1")
-            .with_context(|| format!("write {}", kill_file.display()))?;
+        std::fs::write(&kill_file, "1").with_context(|| format!("write {}", kill_file.display()))?;
     } else {
         // Kernels before 5.14: signal the listed pids of the subtree.
         for dir in subtree(path)? {
             for pid in procs(&dir)? {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
         }
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while populated(path)? {
         if Instant::now() > deadline {
-            bail!(
-                "cgroup {} still has processes 5s after SIGKILL",
-                path.display()
-            );
+            bail!("cgroup {} still has processes 5s after SIGKILL", path.display());
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -144,8 +129,7 @@ fn subtree(path: &Path) -> Result<Vec<PathBuf>> {
 /// Pids in one cgroup (not its children).
 pub fn procs(path: &Path) -> Result<Vec<i32>> {
     let file = path.join("cgroup.procs");
-    let text =
-        std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
+    let text = std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
     Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
 }
 
@@ -177,10 +161,7 @@ mod tests {
         let info = "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
                     40 31 0:37 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd\n\
                     41 31 0:38 / /sys/fs/cgroup/uni\\040fied rw shared:9 - cgroup2 cgroup2 rw\n";
-        assert_eq!(
-            parse_mountinfo(info),
-            Some(PathBuf::from("/sys/fs/cgroup/uni fied"))
-        );
+        assert_eq!(parse_mountinfo(info), Some(PathBuf::from("/sys/fs/cgroup/uni fied")));
         assert_eq!(parse_mountinfo("1 2 0:1 / /x rw - tmpfs t rw"), None);
     }
 }

@@ -32,8 +32,8 @@
 
 pub mod agent;
 pub mod cgroup;
-pub mod names;
 pub mod mesh;
+pub mod names;
 pub mod netns;
 pub mod node;
 pub mod pattern;

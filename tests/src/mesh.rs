@@ -80,7 +80,12 @@ impl Mesh {
     }
 
     pub fn add(&mut self, pod: &Pod, namespace: &str, service_account: &str, enrolled: bool) -> MeshPod {
-        let p = MeshPod { pod: pod.clone(), namespace: namespace.into(), service_account: service_account.into(), enrolled };
+        let p = MeshPod {
+            pod: pod.clone(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            enrolled,
+        };
         self.pods.push(p.clone());
         p
     }
@@ -142,7 +147,15 @@ impl Mesh {
         Agent::start(
             node,
             &pins,
-            &["run", "--config", config.to_str().context("config path")?, "--node", node.name(), "--redirect", redirect],
+            &[
+                "run",
+                "--config",
+                config.to_str().context("config path")?,
+                "--node",
+                node.name(),
+                "--redirect",
+                redirect,
+            ],
         )
     }
 }

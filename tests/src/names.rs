@@ -34,11 +34,7 @@ pub(crate) fn base36(mut n: u64) -> String {
 /// with a recycled pid left the same name behind.
 pub(crate) fn next_prefix(label: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!(
-        "{HARNESS_PREFIX}{}-{}-{label}",
-        base36(std::process::id().into()),
-        base36(n.into())
-    )
+    format!("{HARNESS_PREFIX}{}-{}-{label}", base36(std::process::id().into()), base36(n.into()))
 }
 
 /// The pid encoded in a harness name, if it is one of ours.
@@ -51,9 +47,7 @@ pub(crate) fn owner_pid(name: &str) -> Option<u32> {
 /// Names of topologies, nodes and pods end up in netns and cgroup names, so
 /// keep them to a safe alphabet and a sane length.
 pub(crate) fn validate(kind: &str, name: &str, max: usize) -> Result<()> {
-    let ok_chars = name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let ok_chars = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if name.is_empty() || name.len() > max || !ok_chars || name.starts_with('-') {
         bail!("{kind} name {name:?} must be 1..={max} chars of [a-z0-9-], not starting with '-'");
     }

@@ -21,36 +21,23 @@ pub fn netns_path(name: &str) -> PathBuf {
 
 /// Run a command to completion, failing with its stderr if it exits non-zero.
 pub(crate) fn run(cmd: &mut Command, what: &str) -> Result<Output> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("{what}: could not start {cmd:?}"))?;
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("{what}: could not start {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{what}: {cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{what}: {cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(out)
 }
 
 pub(crate) fn add(name: &str) -> Result<()> {
     let _g = NETNS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    run(
-        Command::new("ip").args(["netns", "add", name]),
-        &format!("create netns {name}"),
-    )?;
+    run(Command::new("ip").args(["netns", "add", name]), &format!("create netns {name}"))?;
     Ok(())
 }
 
 /// Delete a named netns. Its devices die with it (veth peers included).
 pub(crate) fn del(name: &str) -> Result<()> {
     let _g = NETNS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    run(
-        Command::new("ip").args(["netns", "del", name]),
-        &format!("delete netns {name}"),
-    )?;
+    run(Command::new("ip").args(["netns", "del", name]), &format!("delete netns {name}"))?;
     Ok(())
 }
 
@@ -77,10 +64,7 @@ pub fn exec_in(netns: &str, args: &[&str]) -> Result<Output> {
 
 /// Like [`exec_in`] but fails (with stderr) on a non-zero exit; returns stdout.
 pub fn exec_in_ok(netns: &str, args: &[&str]) -> Result<String> {
-    let out = run(
-        Command::new("ip").args(["netns", "exec", netns]).args(args),
-        &format!("in netns {netns}"),
-    )?;
+    let out = run(Command::new("ip").args(["netns", "exec", netns]).args(args), &format!("in netns {netns}"))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -101,14 +85,9 @@ pub(crate) fn ip_batch(netns: &str, lines: &[String]) -> Result<()> {
         .context("ip -batch stdin")?
         .write_all(script.as_bytes())
         .with_context(|| format!("ip -n {netns} -batch: writing commands"))?;
-    let out = child
-        .wait_with_output()
-        .with_context(|| format!("ip -n {netns} -batch: waiting"))?;
+    let out = child.wait_with_output().with_context(|| format!("ip -n {netns} -batch: waiting"))?;
     if !out.status.success() {
-        bail!(
-            "ip -n {netns} -batch failed: {}\ncommands:\n{script}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("ip -n {netns} -batch failed: {}\ncommands:\n{script}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }

@@ -125,12 +125,7 @@ impl Node {
     }
     pub fn pods(&self) -> Vec<Pod> {
         let pods = lock(&self.info.pods).clone();
-        pods.into_iter()
-            .map(|info| Pod {
-                info,
-                registry: self.topo.registry.clone(),
-            })
-            .collect()
+        pods.into_iter().map(|info| Pod { info, registry: self.topo.registry.clone() }).collect()
     }
 
     /// The pod called `name` on this node, if any.
@@ -175,13 +170,7 @@ impl Node {
             mac: format!("02:5e:0a:{i:02x}:{k:02x}:02"),
             host_mac: format!("02:5e:0a:{i:02x}:{k:02x}:01"),
         };
-        let (veth, mac, hmac, v4, v6) = (
-            &info.host_veth,
-            &info.mac,
-            &info.host_mac,
-            info.ipv4,
-            info.ipv6,
-        );
+        let (veth, mac, hmac, v4, v6) = (&info.host_veth, &info.mac, &info.host_mac, info.ipv4, info.ipv6);
         ip_batch(
             &node.netns,
             &[
@@ -218,10 +207,7 @@ impl Node {
         .with_context(|| format!("routes to pod {name} on node {}", node.name))?;
         let info = Arc::new(info);
         pods.push(info.clone());
-        Ok(Pod {
-            info,
-            registry: topo.registry.clone(),
-        })
+        Ok(Pod { info, registry: topo.registry.clone() })
     }
 }
 

@@ -26,10 +26,7 @@ pub fn fill(offset: u64, buf: &mut [u8]) {
 /// Stream offset of the first byte of `buf` (which starts at `offset`) that
 /// differs from the pattern.
 pub fn first_mismatch(offset: u64, buf: &[u8]) -> Option<u64> {
-    buf.iter()
-        .enumerate()
-        .find(|&(i, &b)| b != byte_at(offset + i as u64))
-        .map(|(i, _)| offset + i as u64)
+    buf.iter().enumerate().find(|&(i, &b)| b != byte_at(offset + i as u64)).map(|(i, _)| offset + i as u64)
 }
 
 #[cfg(test)]

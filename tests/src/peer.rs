@@ -44,13 +44,10 @@ pub fn target_bin(name: &str, env_override: &str) -> PathBuf {
         return p.into();
     }
     let exe = std::env::current_exe().expect("current_exe() of the test binary");
-    let candidates: Vec<PathBuf> = exe
-        .ancestors()
-        .skip(1)
-        .take(2)
-        .map(|dir| dir.join(name))
-        .collect();
+    let candidates: Vec<PathBuf> = exe.ancestors().skip(1).take(2).map(|dir| dir.join(name)).collect();
     candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
-        panic!("{name} not found at {candidates:?}; build it (cargo xtask test builds everything) or set {env_override}")
+        panic!(
+            "{name} not found at {candidates:?}; build it (cargo xtask test builds everything) or set {env_override}"
+        )
     })
 }

@@ -68,23 +68,15 @@ fn reap(slot: &mut Option<Child>) {
 /// The child is SIGKILLed and reaped when the guard (or the topology) drops.
 pub fn spawn_in(place: &(impl Place + ?Sized), mut cmd: Command) -> Result<ChildGuard> {
     let registry = place.registry();
-    if registry
-        .as_ref()
-        .is_some_and(|r| r.closed.load(Ordering::SeqCst))
-    {
-        bail!(
-            "netns {}: its topology was already dropped",
-            place.netns_name()
-        );
+    if registry.as_ref().is_some_and(|r| r.closed.load(Ordering::SeqCst)) {
+        bail!("netns {}: its topology was already dropped", place.netns_name());
     }
     // Open both before fork: only async-signal-safe calls after it.
     let ns_path = place.netns_path();
     let ns = File::open(&ns_path).with_context(|| format!("open netns {}", ns_path.display()))?;
     let procs_path = place.cgroup_path().join("cgroup.procs");
-    let procs = OpenOptions::new()
-        .write(true)
-        .open(&procs_path)
-        .with_context(|| format!("open {}", procs_path.display()))?;
+    let procs =
+        OpenOptions::new().write(true).open(&procs_path).with_context(|| format!("open {}", procs_path.display()))?;
     let (ns_fd, procs_fd) = (ns.as_raw_fd(), procs.as_raw_fd());
     // SAFETY: the closure only calls write(2) and setns(2), both
     // async-signal-safe, on fds that stay open until spawn() returns.
@@ -136,15 +128,7 @@ pub fn spawn_in(place: &(impl Place + ?Sized), mut cmd: Command) -> Result<Child
         slots.retain(|w| w.strong_count() > 0);
         slots.push(Arc::downgrade(&slot));
     }
-    Ok(ChildGuard {
-        slot,
-        pid,
-        what,
-        lines,
-        seen: Vec::new(),
-        stderr: err_buf,
-        stderr_thread: Some(stderr_thread),
-    })
+    Ok(ChildGuard { slot, pid, what, lines, seen: Vec::new(), stderr: err_buf, stderr_thread: Some(stderr_thread) })
 }
 
 /// Spawn in `place`, wait up to `timeout` for exit, return its output. The
@@ -183,11 +167,7 @@ impl ChildGuard {
             }
             Err(RecvTimeoutError::Disconnected) => Ok(None),
             Err(RecvTimeoutError::Timeout) => {
-                bail!(
-                    "{}: no stdout line within {timeout:?}; stderr: {}",
-                    self.what,
-                    self.stderr_text()
-                )
+                bail!("{}: no stdout line within {timeout:?}; stderr: {}", self.what, self.stderr_text())
             }
         }
     }
@@ -198,10 +178,7 @@ impl ChildGuard {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self
-                .next_line(left)
-                .with_context(|| format!("waiting for {prefix:?}"))?
-            {
+            match self.next_line(left).with_context(|| format!("waiting for {prefix:?}"))? {
                 Some(line) if line.starts_with(prefix) => return Ok(line),
                 Some(_) => {}
                 None => bail!(
@@ -227,9 +204,7 @@ impl ChildGuard {
     /// Exit status if the child has exited (reaps it), else `None`.
     pub fn try_status(&self) -> Result<Option<ExitStatus>> {
         match lock(&self.slot).as_mut() {
-            Some(c) => c
-                .try_wait()
-                .with_context(|| format!("waitpid {}", self.pid)),
+            Some(c) => c.try_wait().with_context(|| format!("waitpid {}", self.pid)),
             None => bail!("{} was already killed", self.what),
         }
     }
@@ -244,11 +219,7 @@ impl ChildGuard {
             }
             if Instant::now() > deadline {
                 reap(&mut lock(&self.slot));
-                bail!(
-                    "{} did not exit within {timeout:?}; stderr: {}",
-                    self.what,
-                    self.stderr_text()
-                );
+                bail!("{} did not exit within {timeout:?}; stderr: {}", self.what, self.stderr_text());
             }
             std::thread::sleep(Duration::from_millis(5));
         };
@@ -261,11 +232,7 @@ impl ChildGuard {
         if !stdout.is_empty() {
             stdout.push('\n');
         }
-        Ok(Output {
-            status,
-            stdout: stdout.into_bytes(),
-            stderr: lock(&self.stderr).clone(),
-        })
+        Ok(Output { status, stdout: stdout.into_bytes(), stderr: lock(&self.stderr).clone() })
     }
 
     /// SIGKILL and reap now.

@@ -53,10 +53,7 @@ pub fn root_or_skip(test: &str) -> bool {
             .open(&log)
             .and_then(|mut f| f.write_all(line.as_bytes()));
         if let Err(e) = appended {
-            let _ = writeln!(
-                std::io::stderr(),
-                "could not append to SLUICE_SKIP_LOG {log:?}: {e}"
-            );
+            let _ = writeln!(std::io::stderr(), "could not append to SLUICE_SKIP_LOG {log:?}: {e}");
         }
     }
     false

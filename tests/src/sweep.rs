@@ -18,8 +18,7 @@ pub fn sweep_stale(prefix: &str) -> Result<Vec<String>> {
         bail!("refusing to sweep {prefix:?}: not under the harness prefix {HARNESS_PREFIX:?}");
     }
     let stale = |name: &str| {
-        name.starts_with(prefix)
-            && owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        name.starts_with(prefix) && owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
     };
     let mut removed = Vec::new();
     let mut first_err = None;
@@ -30,10 +29,7 @@ pub fn sweep_stale(prefix: &str) -> Result<Vec<String>> {
             first_err.get_or_insert(e);
         }
     }
-    for name in list_dir(Path::new(netns::NETNS_DIR))?
-        .into_iter()
-        .filter(|n| stale(n))
-    {
+    for name in list_dir(Path::new(netns::NETNS_DIR))?.into_iter().filter(|n| stale(n)) {
         match netns::del(&name) {
             Ok(()) => removed.push(name),
             Err(e) => {

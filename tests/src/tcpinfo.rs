@@ -59,9 +59,7 @@ pub fn tcp_info(sock: &impl AsRawFd) -> std::io::Result<TcpInfo> {
         return Err(std::io::Error::last_os_error());
     }
     if (len as usize) < std::mem::size_of::<RawTcpInfo>() {
-        return Err(std::io::Error::other(format!(
-            "TCP_INFO returned only {len} bytes"
-        )));
+        return Err(std::io::Error::other(format!("TCP_INFO returned only {len} bytes")));
     }
     Ok(TcpInfo {
         segs_out: raw.segs_out,

@@ -80,20 +80,13 @@ impl Topology {
                 }
                 // A dead process with a recycled pid left this name behind.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => {
-                    return Err(e).with_context(|| format!("mkdir cgroup {}", root.display()))
-                }
+                Err(e) => return Err(e).with_context(|| format!("mkdir cgroup {}", root.display())),
             }
         }
         let (prefix, cgroup_root) = claimed.context("no free topology prefix after 8 tries")?;
         // From here on Drop cleans up whatever exists.
         let topo = Topology {
-            inner: Arc::new(Inner {
-                prefix,
-                cgroup_root,
-                registry: Arc::default(),
-                state: Mutex::default(),
-            }),
+            inner: Arc::new(Inner { prefix, cgroup_root, registry: Arc::default(), state: Mutex::default() }),
         };
         let lan = topo.lan_netns();
         topo.inner.add_netns(&lan)?;
@@ -137,13 +130,7 @@ impl Topology {
 
     pub fn nodes(&self) -> Vec<Node> {
         let nodes = lock(&self.inner.state).nodes.clone();
-        nodes
-            .into_iter()
-            .map(|info| Node {
-                info,
-                topo: self.inner.clone(),
-            })
-            .collect()
+        nodes.into_iter().map(|info| Node { info, topo: self.inner.clone() }).collect()
     }
 
     /// The node called `name`, if any.
@@ -189,11 +176,8 @@ impl Topology {
             ],
         )
         .with_context(|| format!("veth for node {name} in lan netns {lan}"))?;
-        netns::sysctl(
-            &ns,
-            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
-        )
-        .with_context(|| format!("forwarding on node {name}"))?;
+        netns::sysctl(&ns, &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
+            .with_context(|| format!("forwarding on node {name}"))?;
         let mut lines = vec![
             "link set lo up".into(),
             "link set eth0 up".into(),
@@ -208,19 +192,10 @@ impl Topology {
             ip_batch(&other.netns, &routes_to(index))
                 .with_context(|| format!("routes from node {} to {name}", other.name))?;
         }
-        let info = Arc::new(NodeInfo {
-            name: name.into(),
-            index,
-            netns: ns,
-            cgroup: cg,
-            lan_veth,
-            pods: Mutex::default(),
-        });
+        let info =
+            Arc::new(NodeInfo { name: name.into(), index, netns: ns, cgroup: cg, lan_veth, pods: Mutex::default() });
         state.nodes.push(info.clone());
-        Ok(Node {
-            info,
-            topo: inner.clone(),
-        })
+        Ok(Node { info, topo: inner.clone() })
     }
 
     /// Remove everything now and report the first error; Drop does the same
@@ -233,10 +208,7 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         if let Err(e) = self.inner.teardown() {
-            eprintln!(
-                "sluice-tests: cleanup of topology {} incomplete: {e:#}",
-                self.inner.prefix
-            );
+            eprintln!("sluice-tests: cleanup of topology {} incomplete: {e:#}", self.inner.prefix);
         }
     }
 }

@@ -3,8 +3,7 @@
 
 use anyhow::{ensure, Context, Result};
 use sluice_tests::{
-    cgroup2_mount, cgroup_of, netns, peer_bin, require_root, sweep_stale, ChildGuard, Pod,
-    SendReport, Topology,
+    cgroup2_mount, cgroup_of, netns, peer_bin, require_root, sweep_stale, ChildGuard, Pod, SendReport, Topology,
 };
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::unix::fs::MetadataExt;
@@ -22,29 +21,21 @@ fn peer() -> Command {
 /// Start an echo server on `ip` in `pod`; returns the guard and its address.
 fn echo_server(pod: &Pod, ip: IpAddr) -> Result<(ChildGuard, SocketAddr)> {
     let mut cmd = peer();
-    cmd.args(["serve", "--print-peer", "--listen"])
-        .arg(SocketAddr::new(ip, 0).to_string());
+    cmd.args(["serve", "--print-peer", "--listen"]).arg(SocketAddr::new(ip, 0).to_string());
     let mut server = pod.spawn(cmd)?;
     let line = server.wait_for_line("LISTENING ", WAIT)?;
-    let addr = line["LISTENING ".len()..]
-        .parse()
-        .with_context(|| format!("parse {line:?}"))?;
+    let addr = line["LISTENING ".len()..].parse().with_context(|| format!("parse {line:?}"))?;
     Ok((server, addr))
 }
 
 /// Run `sluice-peer send` in `pod` and return its report.
 fn send_from(pod: &Pod, to: SocketAddr, bytes: u64) -> Result<SendReport> {
     let mut cmd = peer();
-    cmd.args(["send", "--timeout-secs", "20", "--connect", &to.to_string()])
-        .args(["--bytes", &bytes.to_string()]);
+    cmd.args(["send", "--timeout-secs", "20", "--connect", &to.to_string()]).args(["--bytes", &bytes.to_string()]);
     let out = pod.output(cmd, Duration::from_secs(30))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: SendReport = serde_json::from_str(stdout.trim()).with_context(|| {
-        format!(
-            "send output {stdout:?}, stderr {:?}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
+    let report: SendReport = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("send output {stdout:?}, stderr {:?}", String::from_utf8_lossy(&out.stderr)))?;
     ensure!(out.status.success() && report.ok, "send failed: {report:?}");
     Ok(report)
 }
@@ -53,18 +44,13 @@ fn send_from(pod: &Pod, to: SocketAddr, bytes: u64) -> Result<SendReport> {
 fn rx_bytes(ns: &str, dev: &str) -> Result<u64> {
     let json = netns::exec_in_ok(ns, &["ip", "-s", "-j", "link", "show", "dev", dev])?;
     let v: serde_json::Value = serde_json::from_str(&json)?;
-    v[0]["stats64"]["rx"]["bytes"]
-        .as_u64()
-        .with_context(|| format!("no rx bytes in {json}"))
+    v[0]["stats64"]["rx"]["bytes"].as_u64().with_context(|| format!("no rx bytes in {json}"))
 }
 
 fn alive(pid: u32) -> bool {
     // A zombie (e.g. an orphan waiting for a non-reaping pid 1) is dead.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(") ")
-                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-        })
+        .map(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
         .unwrap_or(false)
 }
 
@@ -72,10 +58,7 @@ fn alive(pid: u32) -> bool {
 fn assert_gone(netns_names: &[String], cgroup: &Path) {
     let listed = netns::list().expect("ip netns list");
     for name in netns_names {
-        assert!(
-            !listed.contains(name),
-            "netns {name} left behind: {listed:?}"
-        );
+        assert!(!listed.contains(name), "netns {name} left behind: {listed:?}");
         assert!(!netns::netns_path(name).exists(), "{name} file left behind");
     }
     assert!(!cgroup.exists(), "cgroup {} left behind", cgroup.display());
@@ -112,27 +95,16 @@ fn cross_node_echo_ipv4_and_ipv6_root() -> Result<()> {
         for client in [&pods[2], &pods[3], &pods[1]] {
             let wire_before = rx_bytes(&lan, nodes[1].lan_veth())?;
             let report = send_from(client, addr, MIB)?;
-            assert_eq!(
-                (report.bytes_sent, report.bytes_verified),
-                (MIB, MIB),
-                "{report:?}"
-            );
+            assert_eq!((report.bytes_sent, report.bytes_verified), (MIB, MIB), "{report:?}");
             assert!(report.tcp_info.bytes_acked >= MIB, "{report:?}");
             let peer_line = srv.wait_for_line("PEER ", WAIT)?;
             let seen: SocketAddr = peer_line["PEER ".len()..].parse()?;
             assert_eq!(seen.ip(), ip(client), "app must see the real client IP");
             let wire = rx_bytes(&lan, nodes[1].lan_veth())? - wire_before;
             if client.node_name() == "node2" {
-                assert!(
-                    wire >= MIB,
-                    "only {wire} bytes crossed {}",
-                    nodes[1].lan_veth()
-                );
+                assert!(wire >= MIB, "only {wire} bytes crossed {}", nodes[1].lan_veth());
             } else {
-                assert!(
-                    wire < MIB / 4,
-                    "same-node traffic crossed the lan ({wire} bytes)"
-                );
+                assert!(wire < MIB / 4, "same-node traffic crossed the lan ({wire} bytes)");
             }
         }
     }
@@ -145,10 +117,8 @@ fn spawned_process_is_in_pod_cgroup_and_netns_root() -> Result<()> {
     let (topo, pods) = two_by_two("place")?;
     let mount = cgroup2_mount()?;
     let node = &topo.nodes()[1];
-    let places: [(&dyn sluice_tests::Place, PathBuf, PathBuf); 2] = [
-        (&pods[3], pods[3].cgroup_path(), pods[3].netns_path()),
-        (node, node.cgroup_path(), node.netns_path()),
-    ];
+    let places: [(&dyn sluice_tests::Place, PathBuf, PathBuf); 2] =
+        [(&pods[3], pods[3].cgroup_path(), pods[3].netns_path()), (node, node.cgroup_path(), node.netns_path())];
     for (place, cgroup, ns_path) in places {
         let mut cmd = Command::new("sleep");
         cmd.arg("60");
@@ -173,10 +143,7 @@ fn drop_removes_netns_cgroups_and_processes_root() -> Result<()> {
     let names = topo.netns_names();
     assert_eq!(names.len(), 7, "lan + 2 nodes + 4 pods: {names:?}");
     let listed = netns::list()?;
-    assert!(
-        names.iter().all(|n| listed.contains(n)),
-        "{names:?} not in {listed:?}"
-    );
+    assert!(names.iter().all(|n| listed.contains(n)), "{names:?} not in {listed:?}");
     let cgroup = topo.cgroup_path();
     // A forgotten guard and a grandchild outside any guard.
     let mut cmd = Command::new("sh");
@@ -218,17 +185,10 @@ fn concurrent_topologies_do_not_clash_root() -> Result<()> {
         let (topo, pods) = two_by_two("conc")?;
         let (_srv, addr) = echo_server(&pods[0], pods[0].ipv6().into())?;
         send_from(&pods[2], addr, 256 * 1024)?;
-        Ok((
-            topo.prefix().to_owned(),
-            topo.netns_names(),
-            topo.cgroup_path(),
-        ))
+        Ok((topo.prefix().to_owned(), topo.netns_names(), topo.cgroup_path()))
     };
     let threads: Vec<_> = (0..2).map(|_| std::thread::spawn(run)).collect();
-    let results: Vec<_> = threads
-        .into_iter()
-        .map(|t| t.join().expect("thread panicked"))
-        .collect::<Result<_>>()?;
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().expect("thread panicked")).collect::<Result<_>>()?;
     assert_ne!(results[0].0, results[1].0);
     for (_, names, cgroup) in &results {
         assert_gone(names, cgroup);
@@ -282,59 +242,32 @@ fn sweep_removes_only_dead_owners_root() -> Result<()> {
 #[test]
 fn peer_bin_is_the_cargo_built_binary() -> Result<()> {
     let found = std::fs::canonicalize(peer_bin())?;
-    assert_eq!(
-        found,
-        std::fs::canonicalize(env!("CARGO_BIN_EXE_sluice-peer"))?
-    );
+    assert_eq!(found, std::fs::canonicalize(env!("CARGO_BIN_EXE_sluice-peer"))?);
     Ok(())
 }
 
 /// The traffic tool on loopback in the current netns (no root needed).
 #[test]
 fn peer_modes_on_loopback() -> Result<()> {
-    for (mode, expect) in [
-        ("echo", "echo"),
-        ("discard-then-report", "report"),
-        ("sink", "none"),
-    ] {
+    for (mode, expect) in [("echo", "echo"), ("discard-then-report", "report"), ("sink", "none")] {
         let mut server = peer()
             .args(["serve", "--once", "--listen", "127.0.0.1:0", "--mode", mode])
             .stdout(std::process::Stdio::piped())
             .spawn()?;
         let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(server.stdout.take().context("stdout")?),
-            &mut line,
-        )?;
-        let addr = line
-            .trim()
-            .strip_prefix("LISTENING ")
-            .context("LISTENING line")?;
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().context("stdout")?), &mut line)?;
+        let addr = line.trim().strip_prefix("LISTENING ").context("LISTENING line")?;
         let out = peer()
-            .args([
-                "send",
-                "--connect",
-                addr,
-                "--bytes",
-                "300001",
-                "--chunk",
-                "7777",
-            ])
+            .args(["send", "--connect", addr, "--bytes", "300001", "--chunk", "7777"])
             .args(["--expect", expect])
             .output()?;
         let report: SendReport = serde_json::from_slice(&out.stdout)?;
-        assert!(
-            out.status.success() && report.ok,
-            "{mode}: {report:?} {out:?}"
-        );
+        assert!(out.status.success() && report.ok, "{mode}: {report:?} {out:?}");
         assert_eq!(report.bytes_sent, 300001);
         if expect != "none" {
             assert_eq!(report.bytes_verified, 300001, "{mode}");
         }
-        assert!(
-            server.wait()?.success(),
-            "{mode}: --once server must exit cleanly"
-        );
+        assert!(server.wait()?.success(), "{mode}: --once server must exit cleanly");
     }
     Ok(())
 }
@@ -352,9 +285,7 @@ fn peer_send_detects_corruption() -> Result<()> {
         all[12345] ^= 1;
         s.write_all(&all)
     });
-    let out = peer()
-        .args(["send", "--connect", &addr.to_string(), "--bytes", "50000"])
-        .output()?;
+    let out = peer().args(["send", "--connect", &addr.to_string(), "--bytes", "50000"]).output()?;
     corrupter.join().expect("corrupter")?;
     let report: SendReport = serde_json::from_slice(&out.stdout)?;
     assert!(!out.status.success() && !report.ok);

@@ -23,15 +23,9 @@ fn loopback_echo(pod: &Pod) -> Result<SendReport> {
 }
 
 fn counters(agent_pins: &std::path::Path) -> Result<serde_json::Value> {
-    let out = Command::new(sluice_tests::agent_bin())
-        .args(["inspect", "--json", "--pin-root"])
-        .arg(agent_pins)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "sluice inspect: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out =
+        Command::new(sluice_tests::agent_bin()).args(["inspect", "--json", "--pin-root"]).arg(agent_pins).output()?;
+    ensure!(out.status.success(), "sluice inspect: {}", String::from_utf8_lossy(&out.stderr));
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
@@ -44,11 +38,7 @@ fn sk_msg_moves_bytes_for_enrolled_cgroup_only() -> Result<()> {
     let plain = node.add_pod("plain")?;
     let pins = PinDir::new(topo.prefix());
     let cgroup = enrolled.cgroup_path();
-    let agent = Agent::start(
-        &node,
-        &pins.0,
-        &["run", "--cgroup", cgroup.to_str().unwrap()],
-    )?;
+    let agent = Agent::start(&node, &pins.0, &["run", "--cgroup", cgroup.to_str().unwrap()])?;
 
     let before = counters(&pins.0)?;
     let fast = loopback_echo(&enrolled)?;
@@ -56,57 +46,22 @@ fn sk_msg_moves_bytes_for_enrolled_cgroup_only() -> Result<()> {
     let slow = loopback_echo(&plain)?;
     let after = counters(&pins.0)?;
 
-    let moved = mid["msg_redirected_bytes"].as_u64().unwrap()
-        - before["msg_redirected_bytes"].as_u64().unwrap();
-    evidence(&format!(
-        "enrolled pod: sk_msg redirected {moved} bytes; counters {mid}"
-    ));
-    evidence(&format!(
-        "enrolled pod client TCP_INFO: {:?}",
-        fast.tcp_info
-    ));
-    evidence(&format!(
-        "unenrolled pod client TCP_INFO: {:?}",
-        slow.tcp_info
-    ));
+    let moved = mid["msg_redirected_bytes"].as_u64().unwrap() - before["msg_redirected_bytes"].as_u64().unwrap();
+    evidence(&format!("enrolled pod: sk_msg redirected {moved} bytes; counters {mid}"));
+    evidence(&format!("enrolled pod client TCP_INFO: {:?}", fast.tcp_info));
+    evidence(&format!("unenrolled pod client TCP_INFO: {:?}", slow.tcp_info));
 
     // Both directions of the echo went through sk_msg.
-    assert!(
-        moved >= 2 * BYTES,
-        "sk_msg redirected only {moved} bytes of {}",
-        2 * BYTES
-    );
-    assert!(
-        mid["sockhash_added"].as_u64().unwrap() >= 2,
-        "both ends must be in the SOCKHASH: {mid}"
-    );
+    assert!(moved >= 2 * BYTES, "sk_msg redirected only {moved} bytes of {}", 2 * BYTES);
+    assert!(mid["sockhash_added"].as_u64().unwrap() >= 2, "both ends must be in the SOCKHASH: {mid}");
     // TCP acked at most the handshake and FIN, not the payload.
-    assert!(
-        fast.tcp_info.bytes_acked < BYTES / 100,
-        "TCP carried the payload: {:?}",
-        fast.tcp_info
-    );
-    assert!(
-        fast.tcp_info.segs_out < 100,
-        "too many TCP segments for a bypassed socket: {:?}",
-        fast.tcp_info
-    );
+    assert!(fast.tcp_info.bytes_acked < BYTES / 100, "TCP carried the payload: {:?}", fast.tcp_info);
+    assert!(fast.tcp_info.segs_out < 100, "too many TCP segments for a bypassed socket: {:?}", fast.tcp_info);
     // The unenrolled pod's bytes went through TCP, and no counter moved for it.
-    assert!(
-        slow.tcp_info.bytes_acked >= BYTES,
-        "unenrolled pod should use TCP: {:?}",
-        slow.tcp_info
-    );
-    assert_eq!(
-        mid["msg_redirected_bytes"], after["msg_redirected_bytes"],
-        "counters moved for an unenrolled pod"
-    );
+    assert!(slow.tcp_info.bytes_acked >= BYTES, "unenrolled pod should use TCP: {:?}", slow.tcp_info);
+    assert_eq!(mid["msg_redirected_bytes"], after["msg_redirected_bytes"], "counters moved for an unenrolled pod");
 
     agent.stop()?;
-    assert!(
-        !pins.0.exists(),
-        "the agent left pins behind in {}",
-        pins.0.display()
-    );
+    assert!(!pins.0.exists(), "the agent left pins behind in {}", pins.0.display());
     Ok(())
 }

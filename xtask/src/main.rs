@@ -54,16 +54,11 @@ fn main() {
 }
 
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask/ has a parent")
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ has a parent").to_owned()
 }
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"))
 }
 
 fn build_ebpf() -> Result<PathBuf> {
@@ -78,9 +73,7 @@ pub fn step(what: &str) {
 
 /// Runs a command to completion; the error names the step and the command.
 pub fn exec(step_name: &str, cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("{step_name}: could not start {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("{step_name}: could not start {cmd:?}"))?;
     if !status.success() {
         bail!("{step_name}: {cmd:?} failed with {status}");
     }
@@ -103,8 +96,5 @@ fn demo() -> Result<()> {
         ]),
     )?;
     step("running the demo");
-    exec(
-        "demo",
-        Command::new(target_dir().join("debug/sluice-demo")).current_dir(workspace()),
-    )
+    exec("demo", Command::new(target_dir().join("debug/sluice-demo")).current_dir(workspace()))
 }

@@ -35,28 +35,15 @@ pub fn run() -> Result<()> {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }
     if !nix_is_root() {
-        bail!(
-            "setup: packages {} are missing and installing them needs root",
-            missing.join(" ")
-        );
+        bail!("setup: packages {} are missing and installing them needs root", missing.join(" "));
     }
-    step(&format!(
-        "setup: installing Debian packages {}",
-        missing.join(" ")
-    ));
-    exec(
-        "setup: apt-get update",
-        Command::new("apt-get").args(["update", "-qq"]),
-    )?;
+    step(&format!("setup: installing Debian packages {}", missing.join(" ")));
+    exec("setup: apt-get update", Command::new("apt-get").args(["update", "-qq"]))?;
     exec(
         "setup: apt-get install",
         Command::new("apt-get")
@@ -84,24 +71,13 @@ fn bpf_linker() -> Result<()> {
     if installed {
         return Ok(());
     }
-    step(&format!(
-        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 75 s)"
-    ));
+    step(&format!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 75 s)"));
     // /usr/bin/llvm-config is LLVM 14; LLVM 22's must come first on PATH.
-    let path = format!(
-        "/usr/lib/llvm-22/bin:{}",
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
     exec(
         "setup: cargo install bpf-linker",
         Command::new("cargo")
-            .args([
-                "install",
-                "bpf-linker",
-                "--version",
-                BPF_LINKER_VERSION,
-                "--locked",
-            ])
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22")
             .env("PATH", path),
@@ -110,24 +86,20 @@ fn bpf_linker() -> Result<()> {
 
 fn bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
-    {
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")) {
         return Ok(());
     }
     if !Path::new("/sys/fs/bpf").is_dir() {
         bail!("setup: /sys/fs/bpf does not exist; is sysfs mounted?");
     }
     if !nix_is_root() {
-        eprintln!("==> setup: bpffs is not mounted at /sys/fs/bpf and mounting it needs root; root tests will be skipped");
+        eprintln!(
+            "==> setup: bpffs is not mounted at /sys/fs/bpf and mounting it needs root; root tests will be skipped"
+        );
         return Ok(());
     }
     step("setup: mounting bpffs at /sys/fs/bpf");
-    exec(
-        "setup: mount bpffs",
-        Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]),
-    )
+    exec("setup: mount bpffs", Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
 }
 
 pub fn nix_is_root() -> bool {

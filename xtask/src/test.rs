@@ -12,14 +12,7 @@ use crate::{exec, setup, step, workspace};
 pub fn run(extra: &[String]) -> Result<()> {
     setup::run()?;
     step("building the workspace (the agent build also builds the eBPF object)");
-    exec(
-        "build",
-        Command::new("cargo").current_dir(workspace()).args([
-            "build",
-            "--workspace",
-            "--all-targets",
-        ]),
-    )?;
+    exec("build", Command::new("cargo").current_dir(workspace()).args(["build", "--workspace", "--all-targets"]))?;
     step("running the test suite");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace()).args(["test", "--workspace"]);

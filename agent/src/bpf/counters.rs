@@ -30,15 +30,12 @@ impl fmt::Display for Counters {
 
 pub fn read_counters(pins: &PinRoot) -> Result<Counters> {
     let path = pins.path().join("counters");
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
     let array: PerCpuArray<MapData, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
         .with_context(|| format!("{} is not Sluice's counter array", path.display()))?;
     let mut out = BTreeMap::new();
     for idx in 0..counter::COUNT {
-        let per_cpu = array
-            .get(&idx, 0)
-            .with_context(|| format!("reading counter {idx} from {}", path.display()))?;
+        let per_cpu = array.get(&idx, 0).with_context(|| format!("reading counter {idx} from {}", path.display()))?;
         out.insert(COUNTER_NAMES[idx as usize], per_cpu.iter().sum());
     }
     Ok(Counters(out))

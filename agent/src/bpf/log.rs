@@ -44,9 +44,7 @@ impl LogForwarder {
         Some(LogForwarder(handle.spawn(async move {
             // SAFETY: the logger owns its ring-buffer fd and lives inside the
             // AsyncFd, so the fd stays open for as long as it is registered.
-            let Ok(mut fd) =
-                (unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) })
-            else {
+            let Ok(mut fd) = (unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }) else {
                 return;
             };
             while let Ok(mut guard) = fd.readable_mut().await {

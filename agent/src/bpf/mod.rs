@@ -61,19 +61,14 @@ impl Datapath {
     }
 
     fn load_into(pins: PinRoot) -> Result<Self> {
-        let paths: Vec<(&str, PathBuf)> = PINNED_MAPS
-            .iter()
-            .map(|(name, file)| (*name, pins.path().join(file)))
-            .collect();
+        let paths: Vec<(&str, PathBuf)> =
+            PINNED_MAPS.iter().map(|(name, file)| (*name, pins.path().join(file))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(OBJECT).with_context(|| {
-            format!(
-                "loading Sluice's eBPF object with maps pinned under {}",
-                pins.path().display()
-            )
+            format!("loading Sluice's eBPF object with maps pinned under {}", pins.path().display())
         })?;
         let logger = log::LogForwarder::start(&mut ebpf);
 
@@ -82,38 +77,25 @@ impl Datapath {
         let skmsg: &mut SkMsg = program(&mut ebpf, "sluice_sk_msg")?;
         skmsg.load().context("verifier rejected sluice_sk_msg")?;
 
-        let pairs: SockHash<_, agent_common::SockKey> = SockHash::try_from(
-            ebpf.map("SOCK_PAIRS")
-                .context("the object has no SOCK_PAIRS map")?,
-        )
-        .context("opening SOCK_PAIRS as a SOCKHASH")?;
-        let pairs_fd = pairs
-            .fd()
-            .try_clone()
-            .context("duplicating the SOCK_PAIRS fd")?;
+        let pairs: SockHash<_, agent_common::SockKey> =
+            SockHash::try_from(ebpf.map("SOCK_PAIRS").context("the object has no SOCK_PAIRS map")?)
+                .context("opening SOCK_PAIRS as a SOCKHASH")?;
+        let pairs_fd = pairs.fd().try_clone().context("duplicating the SOCK_PAIRS fd")?;
         let skmsg: &mut SkMsg = program(&mut ebpf, "sluice_sk_msg")?;
-        skmsg
-            .attach(&pairs_fd)
-            .context("attaching sluice_sk_msg to SOCK_PAIRS")?;
+        skmsg.attach(&pairs_fd).context("attaching sluice_sk_msg to SOCK_PAIRS")?;
         // A program added to the object but not loaded above would be silently
         // dead; refuse to run with one.
         if let Some((name, _)) = ebpf.programs().find(|(_, p)| p.fd().is_err()) {
             anyhow::bail!("program {name} is in the eBPF object but the agent does not load it");
         }
         info!(pin_root = %pins.path().display(), "eBPF datapath loaded");
-        Ok(Datapath {
-            ebpf,
-            pins,
-            cgroups: Vec::new(),
-            _logger: logger,
-        })
+        Ok(Datapath { ebpf, pins, cgroups: Vec::new(), _logger: logger })
     }
 
     /// Attaches sock_ops to a cgroup v2 directory: sockets created by
     /// processes in it (and below it) get the in-kernel bypass.
     pub fn enroll_cgroup(&mut self, cgroup: &Path) -> Result<()> {
-        let dir =
-            File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let dir = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         let sockops: &mut SockOps = program(&mut self.ebpf, "sluice_sockops")?;
         sockops
             .attach(dir, CgroupAttachMode::Single)
@@ -130,10 +112,7 @@ impl Datapath {
     /// Every program in the object with its kernel program id: all of them
     /// were accepted by the verifier.
     pub fn loaded_programs(&self) -> Vec<(String, u32)> {
-        self.ebpf
-            .programs()
-            .filter_map(|(name, p)| Some((name.to_owned(), p.info().ok()?.id())))
-            .collect()
+        self.ebpf.programs().filter_map(|(name, p)| Some((name.to_owned(), p.info().ok()?.id()))).collect()
     }
 
     pub fn pin_root(&self) -> &PinRoot {
@@ -143,12 +122,7 @@ impl Datapath {
     /// Detaches every program and, when `unpin`, removes the pinned maps so
     /// nothing of Sluice is left in bpffs.
     pub fn shutdown(self, unpin: bool) -> Result<()> {
-        let Datapath {
-            ebpf,
-            pins,
-            cgroups,
-            _logger,
-        } = self;
+        let Datapath { ebpf, pins, cgroups, _logger } = self;
         drop(ebpf); // closes the link fds: the kernel detaches the programs
         drop(_logger);
         info!(cgroups = cgroups.len(), "eBPF programs detached");

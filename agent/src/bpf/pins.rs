@@ -26,8 +26,7 @@ impl PinRoot {
     pub fn create(&self) -> Result<()> {
         let parent = self.0.parent().unwrap_or(Path::new("/"));
         ensure_bpffs(parent)?;
-        fs::create_dir_all(&self.0)
-            .with_context(|| format!("creating the pin directory {}", self.0.display()))
+        fs::create_dir_all(&self.0).with_context(|| format!("creating the pin directory {}", self.0.display()))
     }
 
     /// Removes every pin Sluice made and the directory itself.
@@ -43,8 +42,7 @@ impl PinRoot {
 /// Fails with the fix when `dir` is not on a bpf filesystem: pins written
 /// elsewhere would silently not be pins.
 pub fn ensure_bpffs(dir: &Path) -> Result<()> {
-    let st = nix::sys::statfs::statfs(dir)
-        .with_context(|| format!("statfs {} (is bpffs mounted?)", dir.display()))?;
+    let st = nix::sys::statfs::statfs(dir).with_context(|| format!("statfs {} (is bpffs mounted?)", dir.display()))?;
     if st.filesystem_type().0 as i64 != BPF_FS_MAGIC {
         bail!(
             "{} is not a bpf filesystem; mount it with `mount -t bpf bpf /sys/fs/bpf` (or run `cargo xtask setup`)",

@@ -16,8 +16,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::{
     client::verify_server_cert_signed_by_trust_anchor,
@@ -64,11 +64,7 @@ impl Ca {
     pub fn init(dir: &Path) -> Result<(), CaError> {
         // Private by default: the directory holds the key. An existing
         // directory keeps whatever mode its owner chose.
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| CaError::io(dir, e))?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| CaError::io(dir, e))?;
         let cert_path = dir.join(ROOT_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
         for path in [&cert_path, &key_path] {
@@ -80,18 +76,11 @@ impl Ca {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generate)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "sluice");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "sluice root CA");
+        params.distinguished_name.push(DnType::OrganizationName, "sluice");
+        params.distinguished_name.push(DnType::CommonName, "sluice root CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = validity::truncate_to_secs(SystemTime::now());
         validity::set_validity(&mut params, now - CLOCK_SKEW, now + ROOT_LIFETIME);
         let cert = params.self_signed(&key).map_err(generate)?;
@@ -126,11 +115,7 @@ impl Ca {
         let (signer, signer_path, intermediates) = match &chain {
             None => (roots[0].clone(), root_path.as_path(), Vec::new()),
             Some(chain) => {
-                let below_root: Vec<_> = chain
-                    .iter()
-                    .take_while(|c| !roots.contains(c))
-                    .cloned()
-                    .collect();
+                let below_root: Vec<_> = chain.iter().take_while(|c| !roots.contains(c)).cloned().collect();
                 (chain[0].clone(), chain_path.as_path(), below_root)
             }
         };
@@ -141,14 +126,7 @@ impl Ca {
             (Some(der), Some(parsed)) => (der, parsed),
             _ => (&signer, &parsed_signer),
         };
-        let anchor = find_anchor(
-            &roots,
-            &parsed_roots,
-            top,
-            parsed_top,
-            &root_path,
-            signer_path,
-        )?;
+        let anchor = find_anchor(&roots, &parsed_roots, top, parsed_top, &root_path, signer_path)?;
 
         let now = SystemTime::now();
         let mut not_after = check_validity(anchor, &root_path, now)?;
@@ -161,50 +139,30 @@ impl Ca {
 
         let mut root_store = RootCertStore::empty();
         for root in &roots {
-            root_store.add(root.clone()).map_err(|e| {
-                CaError::invalid(
-                    &root_path,
-                    format!("a root cannot be used as a trust anchor: {e}"),
-                )
-            })?;
+            root_store
+                .add(root.clone())
+                .map_err(|e| CaError::invalid(&root_path, format!("a root cannot be used as a trust anchor: {e}")))?;
         }
-        let ca = Ca {
-            roots,
-            root_store,
-            intermediates,
-            issuer,
-            key,
-            not_after,
-        };
+        let ca = Ca { roots, root_store, intermediates, issuer, key, not_after };
         ca.self_test(&parsed_signer, signer_path, &key_path, &root_path)?;
         Ok(ca)
     }
 
     /// Issues a certificate for `id`, valid for `ttl` but never past the CA.
     pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<WorkloadCert, CaError> {
-        let fail = |reason: String| CaError::Issue {
-            id: id.to_string(),
-            reason,
-        };
+        let fail = |reason: String| CaError::Issue { id: id.to_string(), reason };
         let issued_at = SystemTime::now();
         if issued_at >= self.not_after {
-            return Err(fail(format!(
-                "the CA certificate expired at {}",
-                display(self.not_after)
-            )));
+            return Err(fail(format!("the CA certificate expired at {}", display(self.not_after))));
         }
         let wanted = issued_at.checked_add(ttl).unwrap_or(self.not_after);
         let not_after = validity::truncate_to_secs(wanted.min(self.not_after));
         if not_after <= issued_at {
-            return Err(fail(format!(
-                "a lifetime of {ttl:?} is too short; certificates count whole seconds"
-            )));
+            return Err(fail(format!("a lifetime of {ttl:?} is too short; certificates count whole seconds")));
         }
-        let not_before =
-            validity::truncate_to_secs(issued_at.checked_sub(CLOCK_SKEW).unwrap_or(UNIX_EPOCH));
+        let not_before = validity::truncate_to_secs(issued_at.checked_sub(CLOCK_SKEW).unwrap_or(UNIX_EPOCH));
 
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| fail(format!("key generation: {e}")))?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(format!("key generation: {e}")))?;
         // rcgen derives the serial from a hash of the fresh key, so serials
         // are unique without a counter.
         let mut params = CertificateParams::default();
@@ -212,16 +170,11 @@ impl Ca {
         params.distinguished_name = DistinguishedName::new();
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         params.custom_extensions = vec![uri_san(id)];
         validity::set_validity(&mut params, not_before, not_after);
-        let cert = params
-            .signed_by(&key, &self.issuer, &self.key)
-            .map_err(|e| fail(format!("signing: {e}")))?;
+        let cert = params.signed_by(&key, &self.issuer, &self.key).map_err(|e| fail(format!("signing: {e}")))?;
 
         let mut chain = Vec::with_capacity(1 + self.intermediates.len());
         chain.push(cert.der().clone());
@@ -243,10 +196,7 @@ impl Ca {
 
     /// `root-cert.pem` as PEM, for distribution to peers and for `inspect`.
     pub fn root_pem(&self) -> String {
-        self.roots
-            .iter()
-            .map(|c| files::to_pem("CERTIFICATE", c))
-            .collect()
+        self.roots.iter().map(|c| files::to_pem("CERTIFICATE", c)).collect()
     }
 
     /// The signing certificate and intermediates below the root.
@@ -272,12 +222,11 @@ impl Ca {
     ) -> Result<(), CaError> {
         let probe = SpiffeId::new("selftest.sluice.invalid", "sluice", "selftest")
             .map_err(|e| CaError::invalid(signer_path, e.to_string()))?;
-        let leaf = self.issue(&probe, Duration::from_secs(300)).map_err(|e| {
-            CaError::invalid(key_path, format!("cannot sign a test certificate: {e}"))
-        })?;
-        let (_, parsed_leaf) = X509Certificate::from_der(&leaf.chain[0]).map_err(|e| {
-            CaError::invalid(signer_path, format!("test certificate is unparsable: {e}"))
-        })?;
+        let leaf = self
+            .issue(&probe, Duration::from_secs(300))
+            .map_err(|e| CaError::invalid(key_path, format!("cannot sign a test certificate: {e}")))?;
+        let (_, parsed_leaf) = X509Certificate::from_der(&leaf.chain[0])
+            .map_err(|e| CaError::invalid(signer_path, format!("test certificate is unparsable: {e}")))?;
         if parsed_leaf.issuer().as_raw() != signer.subject().as_raw() {
             return Err(CaError::invalid(
                 signer_path,
@@ -289,9 +238,8 @@ impl Ca {
             ));
         }
         let provider = rustls::crypto::ring::default_provider();
-        let end_entity = ParsedCertificate::try_from(&leaf.chain[0]).map_err(|e| {
-            CaError::invalid(signer_path, format!("test certificate is unparsable: {e}"))
-        })?;
+        let end_entity = ParsedCertificate::try_from(&leaf.chain[0])
+            .map_err(|e| CaError::invalid(signer_path, format!("test certificate is unparsable: {e}")))?;
         verify_server_cert_signed_by_trust_anchor(
             &end_entity,
             &self.root_store,
@@ -302,10 +250,7 @@ impl Ca {
         .map_err(|e| {
             CaError::invalid(
                 signer_path,
-                format!(
-                    "a test certificate signed with this CA does not verify up to {}: {e}",
-                    root_path.display()
-                ),
+                format!("a test certificate signed with this CA does not verify up to {}: {e}", root_path.display()),
             )
         })
     }

@@ -28,9 +28,7 @@ fn verify(ca: &Ca, cert: &WorkloadCert) -> Result<(), rustls::Error> {
         &ca.roots(),
         &cert.chain[1..],
         UnixTime::now(),
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .all,
+        rustls::crypto::ring::default_provider().signature_verification_algorithms.all,
     )
 }
 
@@ -47,28 +45,19 @@ fn load_ok(root: &str, key: &str, chain: Option<&str>) -> Ca {
 }
 
 fn assert_names(err: &CaError, file: &str) {
-    assert!(
-        err.to_string().contains(file),
-        "error should name {file}: {err}"
-    );
+    assert!(err.to_string().contains(file), "error should name {file}: {err}");
 }
 
 #[test]
 fn init_then_load_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     Ca::init(dir.path()).unwrap();
-    let key_mode = std::fs::metadata(dir.path().join(CA_KEY_FILE))
-        .unwrap()
-        .permissions()
-        .mode();
+    let key_mode = std::fs::metadata(dir.path().join(CA_KEY_FILE)).unwrap().permissions().mode();
     assert_eq!(key_mode & 0o777, 0o600);
     let ca = Ca::load(dir.path()).unwrap();
     let on_disk = std::fs::read(dir.path().join(ROOT_CERT_FILE)).unwrap();
     let root = CertificateDer::from_pem_slice(&on_disk).unwrap();
-    assert_eq!(
-        CertificateDer::from_pem_slice(ca.root_pem().as_bytes()).unwrap(),
-        root
-    );
+    assert_eq!(CertificateDer::from_pem_slice(ca.root_pem().as_bytes()).unwrap(), root);
 
     let before = SystemTime::now();
     let cert = ca.issue(&id(), Duration::from_secs(3600)).unwrap();
@@ -78,15 +67,9 @@ fn init_then_load_round_trip() {
     assert!(cert.not_before <= before - CLOCK_SKEW + Duration::from_secs(1));
     assert!(cert.not_before >= before - CLOCK_SKEW - Duration::from_secs(2));
     let life = cert.not_after.duration_since(before).unwrap();
-    assert!(
-        life > Duration::from_secs(3597) && life <= Duration::from_secs(3600),
-        "{life:?}"
-    );
+    assert!(life > Duration::from_secs(3597) && life <= Duration::from_secs(3600), "{life:?}");
     let half = cert.refresh_at().duration_since(before).unwrap();
-    assert!(
-        half > Duration::from_secs(1797) && half <= Duration::from_secs(1800),
-        "{half:?}"
-    );
+    assert!(half > Duration::from_secs(1797) && half <= Duration::from_secs(1800), "{half:?}");
 }
 
 #[test]
@@ -119,10 +102,7 @@ fn init_refuses_to_overwrite() {
     let err = Ca::init(dir.path()).unwrap_err();
     assert!(matches!(err, CaError::Exists { .. }), "{err}");
     assert_names(&err, ROOT_CERT_FILE);
-    assert_eq!(
-        std::fs::read(dir.path().join(ROOT_CERT_FILE)).unwrap(),
-        root_before
-    );
+    assert_eq!(std::fs::read(dir.path().join(ROOT_CERT_FILE)).unwrap(), root_before);
 
     let only_key = tempfile::tempdir().unwrap();
     std::fs::write(only_key.path().join(CA_KEY_FILE), "x").unwrap();
@@ -159,19 +139,14 @@ fn load_names_unparsable_files() {
     assert!(matches!(err, CaError::Invalid { .. }), "{err}");
     assert_names(&err, ROOT_CERT_FILE);
 
-    let err = load_err(
-        RSA2048_ROOT,
-        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
-        None,
-    );
+    let err = load_err(RSA2048_ROOT, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", None);
     assert_names(&err, CA_KEY_FILE);
 
     let garbled = RSA2048_ROOT.replace('A', "*");
     let err = load_err(&garbled, RSA2048_KEY, None);
     assert_names(&err, ROOT_CERT_FILE);
 
-    let encrypted =
-        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n";
+    let encrypted = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n";
     let err = load_err(RSA2048_ROOT, encrypted, None);
     assert!(err.to_string().contains("encrypted"), "{err}");
 }
@@ -194,10 +169,7 @@ fn ec_sec1_ca_issues_verifiable_leaves() {
 #[test]
 fn rsa_1024_is_refused() {
     let err = load_err(RSA1024_ROOT, RSA1024_KEY, None);
-    assert!(
-        matches!(err, CaError::KeyTooSmall { bits: 1024, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, CaError::KeyTooSmall { bits: 1024, .. }), "{err}");
     assert!(err.to_string().contains("2048"), "{err}");
     assert_names(&err, ROOT_CERT_FILE);
 }
@@ -205,10 +177,7 @@ fn rsa_1024_is_refused() {
 #[test]
 fn small_rsa_key_is_named_even_when_the_cert_differs() {
     let err = load_err(RSA2048_ROOT, RSA1024_KEY, None);
-    assert!(
-        matches!(err, CaError::KeyTooSmall { bits: 1024, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, CaError::KeyTooSmall { bits: 1024, .. }), "{err}");
     assert_names(&err, CA_KEY_FILE);
 }
 
@@ -227,12 +196,7 @@ fn expired_ca_is_refused() {
 fn expired_intermediate_is_refused() {
     let now = SystemTime::now();
     let (root, root_key) = rcgen_ca("root", now - 2 * DAY, now + DAY, None);
-    let (int, int_key) = rcgen_ca(
-        "old intermediate",
-        now - 2 * DAY,
-        now - DAY,
-        Some((&root, &root_key)),
-    );
+    let (int, int_key) = rcgen_ca("old intermediate", now - 2 * DAY, now - DAY, Some((&root, &root_key)));
     let err = load_err(&root.pem(), &int_key.serialize_pem(), Some(&int.pem()));
     assert!(matches!(err, CaError::Expired { .. }), "{err}");
     assert_names(&err, CERT_CHAIN_FILE);
@@ -269,8 +233,7 @@ fn intermediate_chain_is_sent_with_leaves() {
     for chain in [chain.as_str(), RSA_INTERMEDIATE_CERT] {
         let ca = load_ok(RSA2048_ROOT, RSA_INTERMEDIATE_KEY, Some(chain));
         let cert = ca.issue(&id(), Duration::from_secs(600)).unwrap();
-        let intermediate =
-            CertificateDer::from_pem_slice(RSA_INTERMEDIATE_CERT.as_bytes()).unwrap();
+        let intermediate = CertificateDer::from_pem_slice(RSA_INTERMEDIATE_CERT.as_bytes()).unwrap();
         assert_eq!(cert.chain.len(), 2);
         assert_eq!(cert.chain[1], intermediate);
         verify(&ca, &cert).unwrap();
@@ -279,11 +242,7 @@ fn intermediate_chain_is_sent_with_leaves() {
 
 #[test]
 fn chain_that_misses_the_root_is_refused() {
-    let err = load_err(
-        EC_SEC1_ROOT,
-        RSA_INTERMEDIATE_KEY,
-        Some(RSA_INTERMEDIATE_CERT),
-    );
+    let err = load_err(EC_SEC1_ROOT, RSA_INTERMEDIATE_KEY, Some(RSA_INTERMEDIATE_CERT));
     assert!(err.to_string().contains("which is not in"), "{err}");
     assert_names(&err, CERT_CHAIN_FILE);
 }
@@ -298,10 +257,7 @@ fn key_must_match_the_chain_not_the_root() {
 #[test]
 fn non_ca_certificate_cannot_sign() {
     let key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["example.com".into()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["example.com".into()]).unwrap().self_signed(&key).unwrap();
     let err = load_err(&leaf.pem(), &key.serialize_pem(), None);
     assert!(err.to_string().contains("not a CA"), "{err}");
 }
@@ -309,12 +265,7 @@ fn non_ca_certificate_cannot_sign() {
 #[test]
 fn leaves_never_outlive_the_ca() {
     let now = SystemTime::now();
-    let (cert, key) = rcgen_ca(
-        "short root",
-        now - DAY,
-        now + Duration::from_secs(3600),
-        None,
-    );
+    let (cert, key) = rcgen_ca("short root", now - DAY, now + Duration::from_secs(3600), None);
     let ca = load_ok(&cert.pem(), &key.serialize_pem(), None);
     let leaf = ca.issue(&id(), 30 * DAY).unwrap();
     assert_eq!(leaf.not_after, ca.not_after());

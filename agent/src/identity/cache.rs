@@ -20,11 +20,7 @@ pub struct CertCache {
 
 impl CertCache {
     pub fn new(ca: Arc<Ca>, ttl: Duration) -> Self {
-        Self {
-            ca,
-            ttl,
-            certs: RwLock::new(HashMap::new()),
-        }
+        Self { ca, ttl, certs: RwLock::new(HashMap::new()) }
     }
 
     /// The current certificate for `id`, issuing one if there is none or the
@@ -96,10 +92,7 @@ impl CertCache {
 
 impl std::fmt::Debug for CertCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertCache")
-            .field("ttl", &self.ttl)
-            .field("certs", &self.read().len())
-            .finish_non_exhaustive()
+        f.debug_struct("CertCache").field("ttl", &self.ttl).field("certs", &self.read().len()).finish_non_exhaustive()
     }
 }
 
@@ -129,11 +122,7 @@ mod tests {
         let cache = CertCache::new(ca, Duration::from_secs(2));
         let first = cache.get(&id("a")).unwrap();
         std::thread::sleep(
-            first
-                .refresh_at()
-                .duration_since(SystemTime::now())
-                .unwrap_or_default()
-                + Duration::from_millis(50),
+            first.refresh_at().duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_millis(50),
         );
         let second = cache.get(&id("a")).unwrap();
         assert!(!Arc::ptr_eq(&first, &second));
@@ -158,11 +147,7 @@ mod tests {
         let handles: Vec<_> = (0..8)
             .map(|i| {
                 let cache = cache.clone();
-                std::thread::spawn(move || {
-                    cache
-                        .get(&id(&format!("sa{}", i % 2)))
-                        .map(|c| c.id.clone())
-                })
+                std::thread::spawn(move || cache.get(&id(&format!("sa{}", i % 2))).map(|c| c.id.clone()))
             })
             .collect();
         for h in handles {

@@ -13,19 +13,13 @@ use super::{
     CaError,
 };
 
-pub(crate) fn parse<'a>(
-    der: &'a CertificateDer<'_>,
-    path: &Path,
-) -> Result<X509Certificate<'a>, CaError> {
+pub(crate) fn parse<'a>(der: &'a CertificateDer<'_>, path: &Path) -> Result<X509Certificate<'a>, CaError> {
     X509Certificate::from_der(der)
         .map(|(_, cert)| cert)
         .map_err(|e| CaError::invalid(path, format!("unparsable certificate: {e}")))
 }
 
-pub(crate) fn parse_all<'a>(
-    certs: &'a [CertificateDer<'_>],
-    path: &Path,
-) -> Result<Vec<X509Certificate<'a>>, CaError> {
+pub(crate) fn parse_all<'a>(certs: &'a [CertificateDer<'_>], path: &Path) -> Result<Vec<X509Certificate<'a>>, CaError> {
     certs.iter().map(|c| parse(c, path)).collect()
 }
 
@@ -41,28 +35,21 @@ pub(crate) fn find_anchor<'r, 'a>(
     if let Some(i) = roots.iter().position(|r| r == top) {
         return Ok(&parsed_roots[i]);
     }
-    parsed_roots
-        .iter()
-        .find(|r| r.subject().as_raw() == parsed_top.issuer().as_raw())
-        .ok_or_else(|| {
-            CaError::invalid(
-                signer_path,
-                format!(
-                    "certificate \"{}\" was issued by \"{}\", which is not in {}",
-                    parsed_top.subject(),
-                    parsed_top.issuer(),
-                    root_path.display()
-                ),
-            )
-        })
+    parsed_roots.iter().find(|r| r.subject().as_raw() == parsed_top.issuer().as_raw()).ok_or_else(|| {
+        CaError::invalid(
+            signer_path,
+            format!(
+                "certificate \"{}\" was issued by \"{}\", which is not in {}",
+                parsed_top.subject(),
+                parsed_top.issuer(),
+                root_path.display()
+            ),
+        )
+    })
 }
 
 /// Refuses certificates outside their validity window, returning not-after.
-pub(crate) fn check_validity(
-    cert: &X509Certificate<'_>,
-    path: &Path,
-    now: SystemTime,
-) -> Result<SystemTime, CaError> {
+pub(crate) fn check_validity(cert: &X509Certificate<'_>, path: &Path, now: SystemTime) -> Result<SystemTime, CaError> {
     let not_before = validity::from_asn1(cert.validity().not_before);
     let not_after = validity::from_asn1(cert.validity().not_after);
     if now >= not_after {
@@ -88,19 +75,13 @@ pub(crate) fn check_can_sign(cert: &X509Certificate<'_>, path: &Path) -> Result<
     if !cert.is_ca() {
         return Err(CaError::invalid(
             path,
-            format!(
-                "certificate \"{}\" is not a CA (basicConstraints CA:TRUE is missing)",
-                cert.subject()
-            ),
+            format!("certificate \"{}\" is not a CA (basicConstraints CA:TRUE is missing)", cert.subject()),
         ));
     }
     match cert.key_usage() {
         Ok(Some(ku)) if !ku.value.key_cert_sign() => Err(CaError::invalid(
             path,
-            format!(
-                "certificate \"{}\" may not sign certificates (keyUsage lacks keyCertSign)",
-                cert.subject()
-            ),
+            format!("certificate \"{}\" may not sign certificates (keyUsage lacks keyCertSign)", cert.subject()),
         )),
         Ok(_) => Ok(()),
         Err(e) => Err(CaError::invalid(path, format!("unparsable keyUsage: {e}"))),
@@ -119,16 +100,11 @@ pub(crate) fn issuer_for(
     if parsed.subject().iter().any(|rdn| rdn.iter().count() != 1) {
         return Err(CaError::invalid(
             path,
-            format!(
-                "subject \"{}\" has a multi-valued or empty RDN, which is not supported",
-                parsed.subject()
-            ),
+            format!("subject \"{}\" has a multi-valued or empty RDN, which is not supported", parsed.subject()),
         ));
     }
     let params = CertificateParams::from_ca_cert_der(signer)
         .map_err(|e| CaError::invalid(path, format!("cannot use as a signing certificate: {e}")))?;
     // The re-signed copy is discarded; rcgen only reads its name and key id.
-    params
-        .self_signed(key)
-        .map_err(|e| CaError::invalid(path, format!("cannot use as a signing certificate: {e}")))
+    params.self_signed(key).map_err(|e| CaError::invalid(path, format!("cannot use as a signing certificate: {e}")))
 }

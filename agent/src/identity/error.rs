@@ -27,28 +27,16 @@ pub enum CaError {
     Invalid { path: PathBuf, reason: String },
 
     #[error("{}: certificate \"{subject}\" expired at {not_after}", .path.display())]
-    Expired {
-        path: PathBuf,
-        subject: String,
-        not_after: String,
-    },
+    Expired { path: PathBuf, subject: String, not_after: String },
 
     #[error("{}: certificate \"{subject}\" is not valid until {not_before}", .path.display())]
-    NotYetValid {
-        path: PathBuf,
-        subject: String,
-        not_before: String,
-    },
+    NotYetValid { path: PathBuf, subject: String, not_before: String },
 
     #[error("{}: the RSA key has {bits} bits; at least {MIN_RSA_BITS} are required", .path.display())]
     KeyTooSmall { path: PathBuf, bits: usize },
 
     #[error("{}: private key does not match the certificate in {}: {detail}", .key.display(), .cert.display())]
-    KeyMismatch {
-        key: PathBuf,
-        cert: PathBuf,
-        detail: String,
-    },
+    KeyMismatch { key: PathBuf, cert: PathBuf, detail: String },
 
     #[error("cannot issue a certificate for {id}: {reason}")]
     Issue { id: String, reason: String },
@@ -65,9 +53,6 @@ impl CaError {
     }
 
     pub(crate) fn invalid(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        CaError::Invalid {
-            path: path.into(),
-            reason: reason.into(),
-        }
+        CaError::Invalid { path: path.into(), reason: reason.into() }
     }
 }

@@ -27,10 +27,7 @@ pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, CaError> {
     // The generic parser skips blocks it does not know, so an encrypted key
     // would otherwise be reported as "no key found", which misleads.
     if pem.windows(9).any(|w| w == b"ENCRYPTED") {
-        return Err(CaError::invalid(
-            path,
-            "the key is encrypted; decrypt it first",
-        ));
+        return Err(CaError::invalid(path, "the key is encrypted; decrypt it first"));
     }
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         CaError::invalid(
@@ -46,20 +43,12 @@ pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, CaError> {
 /// Creates `path` with `mode`, failing if it exists, so that a second
 /// `ca init` can never replace a CA that workloads already trust.
 pub(crate) fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => CaError::Exists {
-                path: path.to_owned(),
-            },
+    let mut file =
+        fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => CaError::Exists { path: path.to_owned() },
             _ => CaError::io(path, e),
         })?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| CaError::io(path, e))
+    file.write_all(contents).and_then(|()| file.sync_all()).map_err(|e| CaError::io(path, e))
 }
 
 pub(crate) fn to_pem(label: &str, der: &[u8]) -> String {
@@ -79,11 +68,7 @@ fn base64(input: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {

@@ -10,9 +10,7 @@ use std::path::Path;
 
 use rustls::pki_types::PrivateKeyDer;
 use x509_parser::{
-    oid_registry::{
-        Oid, OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
-    },
+    oid_registry::{Oid, OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION},
     public_key::PublicKey,
     x509::SubjectPublicKeyInfo,
 };
@@ -74,48 +72,28 @@ pub(crate) fn load_signing_key(
     cert_path: &Path,
 ) -> Result<rcgen::KeyPair, CaError> {
     let alg = cert_key_alg(spki, cert_path)?;
-    let mismatch = |detail: String| CaError::KeyMismatch {
-        key: key_path.to_owned(),
-        cert: cert_path.to_owned(),
-        detail,
-    };
+    let mismatch =
+        |detail: String| CaError::KeyMismatch { key: key_path.to_owned(), cert: cert_path.to_owned(), detail };
     let (key_alg, pkcs8) = match key {
-        PrivateKeyDer::Pkcs8(k) => (
-            pkcs8_alg(k.secret_pkcs8_der(), key_path)?,
-            k.secret_pkcs8_der().to_vec(),
-        ),
+        PrivateKeyDer::Pkcs8(k) => (pkcs8_alg(k.secret_pkcs8_der(), key_path)?, k.secret_pkcs8_der().to_vec()),
         PrivateKeyDer::Pkcs1(k) => (KeyAlg::Rsa, wrap_pkcs8(KeyAlg::Rsa, k.secret_pkcs1_der())),
         // SEC1 does not always name its curve; the certificate does.
         PrivateKeyDer::Sec1(k) if alg != KeyAlg::Rsa => (alg, wrap_pkcs8(alg, k.secret_sec1_der())),
-        PrivateKeyDer::Sec1(_) => {
-            return Err(mismatch(
-                "the key is EC but the certificate's key is RSA".into(),
-            ))
-        }
+        PrivateKeyDer::Sec1(_) => return Err(mismatch("the key is EC but the certificate's key is RSA".into())),
         _ => return Err(CaError::invalid(key_path, "unsupported private key format")),
     };
     if key_alg != alg {
-        return Err(mismatch(format!(
-            "the key is {} but the certificate's key is {}",
-            key_alg.name(),
-            alg.name()
-        )));
+        return Err(mismatch(format!("the key is {} but the certificate's key is {}", key_alg.name(), alg.name())));
     }
     if alg == KeyAlg::Rsa {
-        let bits = rsa_private_bits(&pkcs8)
-            .ok_or_else(|| CaError::invalid(key_path, "malformed RSA private key"))?;
+        let bits = rsa_private_bits(&pkcs8).ok_or_else(|| CaError::invalid(key_path, "malformed RSA private key"))?;
         if bits < MIN_RSA_BITS {
-            return Err(CaError::KeyTooSmall {
-                path: key_path.to_owned(),
-                bits,
-            });
+            return Err(CaError::KeyTooSmall { path: key_path.to_owned(), bits });
         }
     }
     let pkcs8 = rustls::pki_types::PrivatePkcs8KeyDer::from(pkcs8);
-    let pair =
-        rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, alg.sign_alg()).map_err(|e| {
-            CaError::invalid(key_path, format!("cannot load the {} key: {e}", alg.name()))
-        })?;
+    let pair = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, alg.sign_alg())
+        .map_err(|e| CaError::invalid(key_path, format!("cannot load the {} key: {e}", alg.name())))?;
     // Both sides are DER (an RSAPublicKey, or an uncompressed EC point), so
     // byte equality is key equality.
     if pair.public_key_raw() != spki.subject_public_key.data.as_ref() {
@@ -134,32 +112,21 @@ fn cert_key_alg(spki: &SubjectPublicKeyInfo<'_>, cert_path: &Path) -> Result<Key
             _ => return Err(CaError::invalid(cert_path, "malformed RSA public key")),
         };
         if bits < MIN_RSA_BITS {
-            return Err(CaError::KeyTooSmall {
-                path: cert_path.to_owned(),
-                bits,
-            });
+            return Err(CaError::KeyTooSmall { path: cert_path.to_owned(), bits });
         }
         return Ok(KeyAlg::Rsa);
     }
     if *alg == OID_KEY_TYPE_EC_PUBLIC_KEY {
-        let curve = spki
-            .algorithm
-            .parameters
-            .as_ref()
-            .and_then(|p| p.as_oid().ok());
+        let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
         return match curve {
             Some(c) if c == OID_EC_P256 => Ok(KeyAlg::P256),
             Some(c) if c == OID_NIST_EC_P384 => Ok(KeyAlg::P384),
-            other => Err(CaError::invalid(
-                cert_path,
-                format!("unsupported EC curve {other:?}; use P-256, P-384 or RSA"),
-            )),
+            other => {
+                Err(CaError::invalid(cert_path, format!("unsupported EC curve {other:?}; use P-256, P-384 or RSA")))
+            }
         };
     }
-    Err(CaError::invalid(
-        cert_path,
-        format!("unsupported public key algorithm {alg}; use ECDSA P-256, P-384 or RSA"),
-    ))
+    Err(CaError::invalid(cert_path, format!("unsupported public key algorithm {alg}; use ECDSA P-256, P-384 or RSA")))
 }
 
 /// Reads the algorithm out of a PKCS#8 PrivateKeyInfo.
@@ -174,21 +141,13 @@ fn pkcs8_alg(pkcs8: &[u8], key_path: &Path) -> Result<KeyAlg, CaError> {
         (OID_RSA, _) => Ok(KeyAlg::Rsa),
         (OID_EC, Some(OID_P256)) => Ok(KeyAlg::P256),
         (OID_EC, Some(OID_P384)) => Ok(KeyAlg::P384),
-        _ => Err(CaError::invalid(
-            key_path,
-            "unsupported private key algorithm; use ECDSA P-256, P-384 or RSA",
-        )),
+        _ => Err(CaError::invalid(key_path, "unsupported private key algorithm; use ECDSA P-256, P-384 or RSA")),
     }
 }
 
 /// PrivateKeyInfo { version 0, algorithm, OCTET STRING { key } }.
 fn wrap_pkcs8(alg: KeyAlg, inner: &[u8]) -> Vec<u8> {
-    let body = [
-        der::tlv(TAG_INTEGER, &[0]),
-        alg.algorithm_identifier(),
-        der::tlv(TAG_OCTET_STRING, inner),
-    ]
-    .concat();
+    let body = [der::tlv(TAG_INTEGER, &[0]), alg.algorithm_identifier(), der::tlv(TAG_OCTET_STRING, inner)].concat();
     der::tlv(TAG_SEQUENCE, &body)
 }
 

@@ -33,10 +33,7 @@ impl SpiffeIdError {
             Some((cut, _)) => format!("{}...", &input[..cut]),
             None => input.to_owned(),
         };
-        Self {
-            input,
-            reason: reason.into(),
-        }
+        Self { input, reason: reason.into() }
     }
 
     pub fn reason(&self) -> &str {
@@ -76,13 +73,9 @@ impl SpiffeId {
         let text = id.to_string();
         validate_trust_domain(&id.trust_domain).map_err(|r| SpiffeIdError::new(&text, r))?;
         validate_segment("namespace", &id.namespace).map_err(|r| SpiffeIdError::new(&text, r))?;
-        validate_segment("service account", &id.service_account)
-            .map_err(|r| SpiffeIdError::new(&text, r))?;
+        validate_segment("service account", &id.service_account).map_err(|r| SpiffeIdError::new(&text, r))?;
         if text.len() > MAX_LEN {
-            return Err(SpiffeIdError::new(
-                &text,
-                format!("longer than {MAX_LEN} bytes"),
-            ));
+            return Err(SpiffeIdError::new(&text, format!("longer than {MAX_LEN} bytes")));
         }
         Ok(id)
     }
@@ -90,10 +83,7 @@ impl SpiffeId {
     /// The Istio principal: the SPIFFE ID without its scheme, as written in
     /// AuthorizationPolicy `principals`.
     pub fn principal(&self) -> String {
-        format!(
-            "{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        format!("{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
     }
 
     /// Reads the SPIFFE ID from a DER certificate's single URI SAN.
@@ -142,13 +132,8 @@ fn validate_segment(what: &str, value: &str) -> Result<(), String> {
     if value == "." || value == ".." {
         return Err(format!("{what} may not be {value:?}"));
     }
-    match value
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
-    {
-        Some(c) => Err(format!(
-            "{what} {value:?} contains {c:?}; only letters, digits, '.', '-' and '_' are allowed"
-        )),
+    match value.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))) {
+        Some(c) => Err(format!("{what} {value:?} contains {c:?}; only letters, digits, '.', '-' and '_' are allowed")),
         None => Ok(()),
     }
 }
@@ -164,27 +149,18 @@ impl FromStr for SpiffeId {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.len() > MAX_LEN {
-            return Err(SpiffeIdError::new(
-                s,
-                format!("longer than {MAX_LEN} bytes"),
-            ));
+            return Err(SpiffeIdError::new(s, format!("longer than {MAX_LEN} bytes")));
         }
-        let rest = s
-            .strip_prefix(SCHEME)
-            .ok_or_else(|| SpiffeIdError::new(s, format!("must start with {SCHEME:?}")))?;
+        let rest =
+            s.strip_prefix(SCHEME).ok_or_else(|| SpiffeIdError::new(s, format!("must start with {SCHEME:?}")))?;
         if rest.contains(['?', '#']) {
             return Err(SpiffeIdError::new(s, "query and fragment are not allowed"));
         }
         let (td, path) = rest.split_once('/').unwrap_or((rest, ""));
         validate_trust_domain(td).map_err(|r| SpiffeIdError::new(s, r))?;
         match path.split('/').collect::<Vec<_>>().as_slice() {
-            ["ns", ns, "sa", sa] => {
-                Self::new(td, *ns, *sa).map_err(|e| SpiffeIdError::new(s, e.reason))
-            }
-            _ => Err(SpiffeIdError::new(
-                s,
-                "path must be /ns/<namespace>/sa/<service-account>",
-            )),
+            ["ns", ns, "sa", sa] => Self::new(td, *ns, *sa).map_err(|e| SpiffeIdError::new(s, e.reason)),
+            _ => Err(SpiffeIdError::new(s, "path must be /ns/<namespace>/sa/<service-account>")),
         }
     }
 }
@@ -195,21 +171,10 @@ mod tests {
 
     #[test]
     fn display_parse_round_trip() {
-        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/bookinfo-ratings"
-            .parse()
-            .unwrap();
-        assert_eq!(
-            id,
-            SpiffeId::new("cluster.local", "default", "bookinfo-ratings").unwrap()
-        );
-        assert_eq!(
-            id.to_string(),
-            "spiffe://cluster.local/ns/default/sa/bookinfo-ratings"
-        );
-        assert_eq!(
-            id.principal(),
-            "cluster.local/ns/default/sa/bookinfo-ratings"
-        );
+        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/bookinfo-ratings".parse().unwrap();
+        assert_eq!(id, SpiffeId::new("cluster.local", "default", "bookinfo-ratings").unwrap());
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/bookinfo-ratings");
+        assert_eq!(id.principal(), "cluster.local/ns/default/sa/bookinfo-ratings");
     }
 
     #[test]
@@ -230,10 +195,7 @@ mod tests {
         for (input, want) in cases {
             let err = input.parse::<SpiffeId>().unwrap_err();
             assert!(err.to_string().contains(want), "{input}: got {err}");
-            assert!(
-                err.to_string().contains(input),
-                "{input}: error must quote the input: {err}"
-            );
+            assert!(err.to_string().contains(input), "{input}: error must quote the input: {err}");
         }
     }
 
@@ -252,13 +214,7 @@ mod tests {
 
     #[test]
     fn garbage_certificate_is_an_error_not_a_panic() {
-        assert!(matches!(
-            SpiffeId::from_cert_der(b"not a certificate"),
-            Err(CertIdError::NotACertificate(_))
-        ));
-        assert!(matches!(
-            SpiffeId::from_cert_der(&[]),
-            Err(CertIdError::NotACertificate(_))
-        ));
+        assert!(matches!(SpiffeId::from_cert_der(b"not a certificate"), Err(CertIdError::NotACertificate(_))));
+        assert!(matches!(SpiffeId::from_cert_der(&[]), Err(CertIdError::NotACertificate(_))));
     }
 }

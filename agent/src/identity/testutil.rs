@@ -46,11 +46,7 @@ pub(crate) fn rcgen_ca(
     params.distinguished_name.push(DnType::CommonName, name);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    validity::set_validity(
-        &mut params,
-        validity::truncate_to_secs(not_before),
-        validity::truncate_to_secs(not_after),
-    );
+    validity::set_validity(&mut params, validity::truncate_to_secs(not_before), validity::truncate_to_secs(not_after));
     let cert = match signer {
         None => params.self_signed(&key).unwrap(),
         Some((issuer, issuer_key)) => params.signed_by(&key, issuer, issuer_key).unwrap(),

@@ -37,11 +37,7 @@ pub(crate) fn display(t: SystemTime) -> String {
 
 /// Sets an rcgen validity window. Both ends must be whole seconds (see
 /// [`truncate_to_secs`]).
-pub(crate) fn set_validity(
-    params: &mut rcgen::CertificateParams,
-    not_before: SystemTime,
-    not_after: SystemTime,
-) {
+pub(crate) fn set_validity(params: &mut rcgen::CertificateParams, not_before: SystemTime, not_after: SystemTime) {
     // rcgen takes `time::OffsetDateTime`, which converts from `SystemTime`;
     // writing it this way avoids depending on the `time` crate by name.
     params.not_before = not_before.into();

@@ -28,10 +28,7 @@ impl WorkloadCert {
     /// replaces it. Renewing at half-life leaves the other half to ride out
     /// a CA outage.
     pub fn refresh_at(&self) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.issued_at)
-            .unwrap_or_default();
+        let life = self.not_after.duration_since(self.issued_at).unwrap_or_default();
         self.issued_at + life / 2
     }
 

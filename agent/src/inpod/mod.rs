@@ -46,11 +46,7 @@ pub struct PodDump {
 
 impl Pods {
     pub fn new(ctx: Arc<Ctx>, redirect: Arc<dyn Redirect>) -> Arc<Pods> {
-        Arc::new(Pods {
-            ctx,
-            redirect,
-            running: Mutex::default(),
-        })
+        Arc::new(Pods { ctx, redirect, running: Mutex::default() })
     }
 
     /// Brings the running pods in line with `state`: every local HBONE
@@ -84,19 +80,12 @@ impl Pods {
                 warn!(pod = %uid, error = format!("{e:#}"), "enrolling pod failed; will retry");
             }
         }
-        self.ctx
-            .metrics
-            .enrolled_pods
-            .set(self.running.lock().unwrap_or_else(|e| e.into_inner()).len() as i64);
+        self.ctx.metrics.enrolled_pods.set(self.running.lock().unwrap_or_else(|e| e.into_inner()).len() as i64);
     }
 
     pub async fn enroll(&self, w: Arc<Workload>) -> Result<()> {
-        let netns_path = w
-            .netns
-            .as_ref()
-            .with_context(|| format!("pod {} has no netns", w.uid))?;
-        let netns =
-            Arc::new(Netns::open(netns_path).with_context(|| format!("enrolling pod {}", w.uid))?);
+        let netns_path = w.netns.as_ref().with_context(|| format!("pod {} has no netns", w.uid))?;
+        let netns = Arc::new(Netns::open(netns_path).with_context(|| format!("enrolling pod {}", w.uid))?);
         let id = self.ctx.spiffe_id(&w)?;
         let server_tls = tls::server_config(
             self.ctx.certs.clone(),
@@ -105,54 +94,31 @@ impl Pods {
             self.ctx.state().trust_domain().to_owned(),
         )
         .with_context(|| format!("TLS config for pod {}", w.uid))?;
-        let pod = Arc::new(PodCtx {
-            workload: w.clone(),
-            netns: netns.clone(),
-            id,
-            server_tls,
-        });
+        let pod = Arc::new(PodCtx { workload: w.clone(), netns: netns.clone(), id, server_tls });
 
-        let out = listen_both(&netns, OUTBOUND_PORT, &w.ips)
-            .with_context(|| format!("pod {}: outbound listener", w.uid))?;
+        let out =
+            listen_both(&netns, OUTBOUND_PORT, &w.ips).with_context(|| format!("pod {}: outbound listener", w.uid))?;
         let plain = listen_both(&netns, INBOUND_PLAINTEXT_PORT, &w.ips)
             .with_context(|| format!("pod {}: inbound listener", w.uid))?;
-        let hbone = listen_both(&netns, HBONE_PORT, &w.ips)
-            .with_context(|| format!("pod {}: HBONE listener", w.uid))?;
+        let hbone =
+            listen_both(&netns, HBONE_PORT, &w.ips).with_context(|| format!("pod {}: HBONE listener", w.uid))?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         for l in out {
-            tasks.push(tokio::spawn(outbound::serve(
-                l,
-                pod.clone(),
-                self.ctx.clone(),
-            )));
+            tasks.push(tokio::spawn(outbound::serve(l, pod.clone(), self.ctx.clone())));
         }
         for l in plain {
-            tasks.push(tokio::spawn(inbound_plaintext::serve(
-                l,
-                pod.clone(),
-                self.ctx.clone(),
-            )));
+            tasks.push(tokio::spawn(inbound_plaintext::serve(l, pod.clone(), self.ctx.clone())));
         }
         for l in hbone {
-            tasks.push(tokio::spawn(inbound::serve(
-                l,
-                pod.clone(),
-                self.ctx.clone(),
-                shutdown_rx.clone(),
-            )));
+            tasks.push(tokio::spawn(inbound::serve(l, pod.clone(), self.ctx.clone(), shutdown_rx.clone())));
         }
 
         let redirect = self.redirect.clone();
         let (uid, ips, cgroup) = (w.uid.clone(), w.ips.clone(), w.cgroup.clone());
         let capture_ns = netns.clone();
         let enrolled = tokio::task::spawn_blocking(move || {
-            redirect.enroll(&PodCapture {
-                uid: &uid,
-                netns: &capture_ns,
-                ips: &ips,
-                cgroup: cgroup.as_deref(),
-            })
+            redirect.enroll(&PodCapture { uid: &uid, netns: &capture_ns, ips: &ips, cgroup: cgroup.as_deref() })
         })
         .await?;
         if let Err(e) = enrolled {
@@ -160,41 +126,21 @@ impl Pods {
             return Err(e);
         }
         info!(pod = %w.uid, identity = %pod.id, mode = %self.redirect.mode(), "pod enrolled");
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                w.uid.clone(),
-                Running {
-                    pod,
-                    tasks,
-                    shutdown,
-                },
-            );
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(w.uid.clone(), Running { pod, tasks, shutdown });
         Ok(())
     }
 
     /// Removes capture, closes the listeners, sends GOAWAY on HBONE
     /// connections and drops the pod's certificate.
     pub async fn remove(&self, uid: &str) {
-        let Some(running) = self
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(uid)
-        else {
+        let Some(running) = self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(uid) else {
             return;
         };
         let pod = running.pod.clone();
         let redirect = self.redirect.clone();
         let unenrolled = tokio::task::spawn_blocking(move || {
             let w = &pod.workload;
-            redirect.unenroll(&PodCapture {
-                uid: &w.uid,
-                netns: &pod.netns,
-                ips: &w.ips,
-                cgroup: w.cgroup.as_deref(),
-            })
+            redirect.unenroll(&PodCapture { uid: &w.uid, netns: &pod.netns, ips: &w.ips, cgroup: w.cgroup.as_deref() })
         })
         .await;
         if let Ok(Err(e)) | Err(e) = unenrolled.map_err(anyhow::Error::from) {
@@ -209,13 +155,7 @@ impl Pods {
     /// Agent shutdown: GOAWAY to every HBONE client and stop accepting.
     /// Capture stays unless `cleanup`, so an upgraded agent takes over.
     pub async fn shutdown(&self, cleanup: bool) {
-        let uids: Vec<String> = self
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let uids: Vec<String> = self.running.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
         if cleanup {
             for uid in uids {
                 self.remove(&uid).await;
@@ -238,28 +178,17 @@ impl Pods {
                 identity: r.pod.id.to_string(),
                 netns: r.pod.netns.path().display().to_string(),
                 ips: r.pod.workload.ips.clone(),
-                cert_not_after: self
-                    .ctx
-                    .certs
-                    .get(&r.pod.id)
-                    .ok()
-                    .map(|c| humantime(c.not_after)),
+                cert_not_after: self.ctx.certs.get(&r.pod.id).ok().map(|c| humantime(c.not_after)),
             })
             .collect()
     }
 
     pub fn is_enrolled(&self, uid: &str) -> bool {
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(uid)
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).contains_key(uid)
     }
 }
 
 fn humantime(t: std::time::SystemTime) -> String {
-    let secs = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     format!("{secs} (unix)")
 }

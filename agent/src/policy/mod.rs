@@ -32,20 +32,12 @@ impl Source {
     pub fn authenticated(principal: impl Into<String>, ip: IpAddr) -> Source {
         let principal = principal.into();
         let namespace = names::parse_principal(&principal).map(|p| p.namespace.to_string());
-        Source {
-            principal: Some(principal),
-            namespace,
-            ip,
-        }
+        Source { principal: Some(principal), namespace, ip }
     }
 
     /// A plaintext peer: it matches no principal or namespace constraint.
     pub fn plaintext(ip: IpAddr) -> Source {
-        Source {
-            principal: None,
-            namespace: None,
-            ip,
-        }
+        Source { principal: None, namespace: None, ip }
     }
 }
 
@@ -80,40 +72,23 @@ impl fmt::Display for Decision {
 /// to `dst`, one of its rules must match; if none applies, the connection is
 /// allowed.
 pub fn authorize(state: &State, dst: &Workload, src: &Source, dst_port: u16) -> Decision {
-    let applicable = || {
-        state
-            .policies_in(&dst.namespace)
-            .iter()
-            .filter(|p| p.applies_to(dst))
-    };
+    let applicable = || state.policies_in(&dst.namespace).iter().filter(|p| p.applies_to(dst));
 
-    if let Some(deny) = applicable()
-        .filter(|p| p.action == Action::Deny)
-        .find(|p| policy_matches(p, src, dst_port))
-    {
-        return Decision::Deny {
-            policy: deny.name.clone(),
-        };
+    if let Some(deny) = applicable().filter(|p| p.action == Action::Deny).find(|p| policy_matches(p, src, dst_port)) {
+        return Decision::Deny { policy: deny.name.clone() };
     }
 
-    let mut allow_policies = applicable()
-        .filter(|p| p.action == Action::Allow)
-        .peekable();
+    let mut allow_policies = applicable().filter(|p| p.action == Action::Allow).peekable();
     if allow_policies.peek().is_none() {
         return Decision::Allow;
     }
     if allow_policies.any(|p| policy_matches(p, src, dst_port)) {
         Decision::Allow
     } else {
-        Decision::Deny {
-            policy: DEFAULT_DENY.to_string(),
-        }
+        Decision::Deny { policy: DEFAULT_DENY.to_string() }
     }
 }
 
 fn policy_matches(policy: &AuthorizationPolicy, src: &Source, dst_port: u16) -> bool {
-    policy
-        .rules
-        .iter()
-        .any(|rule| matcher::rule_matches(rule, src, dst_port))
+    policy.rules.iter().any(|rule| matcher::rule_matches(rule, src, dst_port))
 }

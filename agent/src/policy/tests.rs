@@ -40,9 +40,7 @@ fn from_ns(ns: &str, sa: &str) -> Source {
 }
 
 fn denied_by(policy: &str) -> Decision {
-    Decision::Deny {
-        policy: policy.to_string(),
-    }
+    Decision::Deny { policy: policy.to_string() }
 }
 
 fn default_deny() -> Decision {
@@ -62,10 +60,7 @@ const ALLOW_SLEEP_8080: &str = r#"
 fn no_policies_allow() {
     let (state, server) = setup("  []\n");
     assert_eq!(authorize(&state, &server, &sleep(), 80), Decision::Allow);
-    assert_eq!(
-        authorize(&state, &server, &Source::plaintext(ip()), 80),
-        Decision::Allow
-    );
+    assert_eq!(authorize(&state, &server, &Source::plaintext(ip()), 80), Decision::Allow);
 }
 
 #[test]
@@ -74,10 +69,7 @@ fn allow_policy_matches_and_default_denies() {
     assert_eq!(authorize(&state, &server, &sleep(), 8080), Decision::Allow);
     // Wrong port, wrong principal: an ALLOW policy applies, so default-deny.
     assert_eq!(authorize(&state, &server, &sleep(), 9090), default_deny());
-    assert_eq!(
-        authorize(&state, &server, &from_ns("default", "curl"), 8080),
-        default_deny()
-    );
+    assert_eq!(authorize(&state, &server, &from_ns("default", "curl"), 8080), default_deny());
 }
 
 #[test]
@@ -90,10 +82,7 @@ fn deny_beats_allow() {
       - from: [{ principals: ["cluster.local/ns/default/sa/sleep"] }]
 "#;
     let (state, server) = setup(&format!("{ALLOW_SLEEP_8080}{deny}"));
-    assert_eq!(
-        authorize(&state, &server, &sleep(), 8080),
-        denied_by("no-sleep")
-    );
+    assert_eq!(authorize(&state, &server, &sleep(), 8080), denied_by("no-sleep"));
 }
 
 #[test]
@@ -106,15 +95,9 @@ fn deny_only_policy_allows_the_rest() {
       - to: [{ ports: [9000] }]
 "#;
     let (state, server) = setup(deny);
-    assert_eq!(
-        authorize(&state, &server, &sleep(), 9000),
-        denied_by("no-admin-port")
-    );
+    assert_eq!(authorize(&state, &server, &sleep(), 9000), denied_by("no-admin-port"));
     assert_eq!(authorize(&state, &server, &sleep(), 8080), Decision::Allow);
-    assert_eq!(
-        authorize(&state, &server, &Source::plaintext(ip()), 8080),
-        Decision::Allow
-    );
+    assert_eq!(authorize(&state, &server, &Source::plaintext(ip()), 8080), Decision::Allow);
 }
 
 #[test]
@@ -128,13 +111,9 @@ fn allow_without_rules_denies_everything() {
 
 #[test]
 fn empty_rule_matches_everything() {
-    let (state, server) =
-        setup("  - { name: allow-all, namespace: default, action: ALLOW, rules: [{}] }\n");
+    let (state, server) = setup("  - { name: allow-all, namespace: default, action: ALLOW, rules: [{}] }\n");
     assert_eq!(authorize(&state, &server, &sleep(), 1), Decision::Allow);
-    assert_eq!(
-        authorize(&state, &server, &Source::plaintext(ip()), 65535),
-        Decision::Allow
-    );
+    assert_eq!(authorize(&state, &server, &Source::plaintext(ip()), 65535), Decision::Allow);
 }
 
 #[test]
@@ -144,34 +123,28 @@ fn plaintext_client_never_matches_identity_constraints() {
     assert_eq!(authorize(&state, &server, &plaintext, 8080), default_deny());
 
     // Even `*`, which means "any authenticated peer".
-    let any_principal = "  - { name: mtls-only, namespace: default, action: ALLOW, rules: [{ from: [{ principals: ['*'] }] }] }\n";
+    let any_principal =
+        "  - { name: mtls-only, namespace: default, action: ALLOW, rules: [{ from: [{ principals: ['*'] }] }] }\n";
     let (state, server) = setup(any_principal);
     assert_eq!(authorize(&state, &server, &plaintext, 8080), default_deny());
     assert_eq!(authorize(&state, &server, &sleep(), 8080), Decision::Allow);
 
-    let any_namespace = "  - { name: ns, namespace: default, action: ALLOW, rules: [{ from: [{ namespaces: ['*'] }] }] }\n";
+    let any_namespace =
+        "  - { name: ns, namespace: default, action: ALLOW, rules: [{ from: [{ namespaces: ['*'] }] }] }\n";
     let (state, server) = setup(any_namespace);
     assert_eq!(authorize(&state, &server, &plaintext, 8080), default_deny());
 
     // So a DENY on principals does not catch plaintext clients either.
-    let deny_any = "  - { name: deny-mtls, namespace: default, action: DENY, rules: [{ from: [{ principals: ['*'] }] }] }\n";
+    let deny_any =
+        "  - { name: deny-mtls, namespace: default, action: DENY, rules: [{ from: [{ principals: ['*'] }] }] }\n";
     let (state, server) = setup(deny_any);
-    assert_eq!(
-        authorize(&state, &server, &plaintext, 8080),
-        Decision::Allow
-    );
-    assert_eq!(
-        authorize(&state, &server, &sleep(), 8080),
-        denied_by("deny-mtls")
-    );
+    assert_eq!(authorize(&state, &server, &plaintext, 8080), Decision::Allow);
+    assert_eq!(authorize(&state, &server, &sleep(), 8080), denied_by("deny-mtls"));
 
     // A source clause with empty lists places no constraint at all.
     let open = "  - { name: open, namespace: default, action: ALLOW, rules: [{ from: [{ principals: [], namespaces: [] }] }] }\n";
     let (state, server) = setup(open);
-    assert_eq!(
-        authorize(&state, &server, &plaintext, 8080),
-        Decision::Allow
-    );
+    assert_eq!(authorize(&state, &server, &plaintext, 8080), Decision::Allow);
 }
 
 #[test]
@@ -233,12 +206,12 @@ fn from_and_to_must_both_match() {
     assert!(authorize(&state, &server, &sleep(), 8080).is_allow());
     assert!(!authorize(&state, &server, &sleep(), 8081).is_allow());
     // Any listed operation may match; empty ports means any port.
-    let policy = "  - { name: p, namespace: default, action: ALLOW, rules: [{ to: [{ ports: [1] }, { ports: [2, 3] }] }] }\n";
+    let policy =
+        "  - { name: p, namespace: default, action: ALLOW, rules: [{ to: [{ ports: [1] }, { ports: [2, 3] }] }] }\n";
     let (state, server) = setup(policy);
     assert!(authorize(&state, &server, &sleep(), 3).is_allow());
     assert!(!authorize(&state, &server, &sleep(), 4).is_allow());
-    let policy =
-        "  - { name: p, namespace: default, action: ALLOW, rules: [{ to: [{ ports: [] }] }] }\n";
+    let policy = "  - { name: p, namespace: default, action: ALLOW, rules: [{ to: [{ ports: [] }] }] }\n";
     let (state, server) = setup(policy);
     assert!(authorize(&state, &server, &sleep(), 4).is_allow());
 }
@@ -249,10 +222,7 @@ fn other_namespace_policy_does_not_apply() {
     let (state, server) = setup(policy);
     assert_eq!(authorize(&state, &server, &sleep(), 8080), Decision::Allow);
     let db = state.workload_by_uid("prod/db").unwrap();
-    assert_eq!(
-        authorize(&state, &db, &sleep(), 8080),
-        denied_by("prod-deny")
-    );
+    assert_eq!(authorize(&state, &db, &sleep(), 8080), denied_by("prod-deny"));
 }
 
 #[test]

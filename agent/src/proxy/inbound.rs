@@ -24,17 +24,9 @@ use crate::{
     },
 };
 
-pub async fn serve(
-    listener: TcpListener,
-    pod: Arc<PodCtx>,
-    ctx: Arc<Ctx>,
-    shutdown: watch::Receiver<bool>,
-) {
+pub async fn serve(listener: TcpListener, pod: Arc<PodCtx>, ctx: Arc<Ctx>, shutdown: watch::Receiver<bool>) {
     let acceptor = TlsAcceptor::from(pod.server_tls.clone());
-    let handler = Arc::new(InboundHandler {
-        pod: pod.clone(),
-        ctx: ctx.clone(),
-    });
+    let handler = Arc::new(InboundHandler { pod: pod.clone(), ctx: ctx.clone() });
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -66,15 +58,7 @@ async fn connection(
     let local = tcp.local_addr()?;
     let tls = acceptor.accept(tcp).await?;
     let identity = tls::peer_identity(tls.get_ref().1);
-    serve_connection(
-        tls,
-        local,
-        peer,
-        identity.map(|id| id.to_string()),
-        handler,
-        shutdown,
-    )
-    .await?;
+    serve_connection(tls, local, peer, identity.map(|id| id.to_string()), handler, shutdown).await?;
     Ok(())
 }
 
@@ -86,22 +70,11 @@ struct InboundHandler {
 impl Handler for InboundHandler {
     async fn open(&self, req: &InboundRequest) -> Result<TcpStream, Refusal> {
         let w = &self.pod.workload;
-        if !w
-            .ips
-            .iter()
-            .any(|ip| canonical_ip(*ip) == canonical_ip(req.target.ip()))
-        {
-            return Err(Refusal::BadRequest(format!(
-                "{} is not an address of {}",
-                req.target.ip(),
-                w.uid
-            )));
+        if !w.ips.iter().any(|ip| canonical_ip(*ip) == canonical_ip(req.target.ip())) {
+            return Err(Refusal::BadRequest(format!("{} is not an address of {}", req.target.ip(), w.uid)));
         }
-        let principal = req
-            .peer_identity
-            .as_deref()
-            .and_then(|id| id.parse::<SpiffeId>().ok())
-            .map(|id| id.principal());
+        let principal =
+            req.peer_identity.as_deref().and_then(|id| id.parse::<SpiffeId>().ok()).map(|id| id.principal());
         let source = match principal {
             Some(p) => Source::authenticated(p, req.peer.ip()),
             None => Source::plaintext(req.peer.ip()),
@@ -111,36 +84,25 @@ impl Handler for InboundHandler {
             self.ctx
                 .metrics
                 .auth_denials
-                .get_or_create(&DenyLabels {
-                    reporter: "destination",
-                    policy: policy.clone(),
-                })
+                .get_or_create(&DenyLabels { reporter: "destination", policy: policy.clone() })
                 .inc();
             return Err(Refusal::Denied(policy));
         }
-        connect_app(&self.pod.netns, req.peer.ip(), req.target)
-            .await
-            .map_err(Refusal::Unavailable)
+        connect_app(&self.pod.netns, req.peer.ip(), req.target).await.map_err(Refusal::Unavailable)
     }
 
     fn finished(&self, req: &InboundRequest, status: StatusCode, bytes: CopyResult) {
         let m = &self.ctx.metrics;
         if status != StatusCode::OK {
             m.hbone_errors
-                .get_or_create(&StatusLabels {
-                    direction: "inbound",
-                    status: status.as_u16().to_string(),
-                })
+                .get_or_create(&StatusLabels { direction: "inbound", status: status.as_u16().to_string() })
                 .inc();
             return;
         }
         let state = self.ctx.state();
         let src = state.workload_by_ip(req.peer.ip());
-        let src_principal = req
-            .peer_identity
-            .as_deref()
-            .and_then(|id| id.parse::<SpiffeId>().ok())
-            .map(|id| id.principal());
+        let src_principal =
+            req.peer_identity.as_deref().and_then(|id| id.parse::<SpiffeId>().ok()).map(|id| id.principal());
         let labels = conn_labels(
             "destination",
             src.as_deref(),

@@ -39,18 +39,11 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodCtx>, ctx: Arc<Ctx>) {
 }
 
 async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodCtx, ctx: &Ctx) -> Result<()> {
-    let target =
-        original_dst(&client).context("reading the original destination (SO_ORIGINAL_DST)")?;
+    let target = original_dst(&client).context("reading the original destination (SO_ORIGINAL_DST)")?;
     let state = ctx.state();
     let source = Source::plaintext(peer.ip());
     if let Decision::Deny { policy } = authorize(&state, &pod.workload, &source, target.port()) {
-        ctx.metrics
-            .auth_denials
-            .get_or_create(&DenyLabels {
-                reporter: "destination",
-                policy: policy.clone(),
-            })
-            .inc();
+        ctx.metrics.auth_denials.get_or_create(&DenyLabels { reporter: "destination", policy: policy.clone() }).inc();
         let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
         debug!(%target, %policy, "denied");
         return Ok(());
@@ -59,14 +52,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodCtx, ctx: &Ctx
         .await
         .with_context(|| format!("connecting to the app at {target}"))?;
     let src = state.workload_by_ip(peer.ip());
-    let labels = conn_labels(
-        "destination",
-        src.as_deref(),
-        None,
-        Some(&pod.workload),
-        Some(pod.id.principal()),
-        false,
-    );
+    let labels = conn_labels("destination", src.as_deref(), None, Some(&pod.workload), Some(pod.id.principal()), false);
     let mut guard = ctx.metrics.connection(labels);
     let result = tokio::io::copy_bidirectional(&mut client, &mut app).await;
     if let Ok((up, down)) = result {

@@ -54,11 +54,7 @@ impl Ctx {
 
     pub fn spiffe_id(&self, w: &Workload) -> anyhow::Result<SpiffeId> {
         let state = self.state();
-        Ok(SpiffeId::new(
-            state.trust_domain(),
-            &w.namespace,
-            &w.service_account,
-        )?)
+        Ok(SpiffeId::new(state.trust_domain(), &w.namespace, &w.service_account)?)
     }
 }
 

@@ -55,108 +55,63 @@ async fn handle(app: TcpStream, peer: SocketAddr, pod: &PodCtx, ctx: &Ctx) -> Re
     }
 }
 
-async fn hbone(
-    app: TcpStream,
-    peer: SocketAddr,
-    dst: SocketAddr,
-    w: &Workload,
-    pod: &PodCtx,
-    ctx: &Ctx,
-) -> Result<()> {
+async fn hbone(app: TcpStream, peer: SocketAddr, dst: SocketAddr, w: &Workload, pod: &PodCtx, ctx: &Ctx) -> Result<()> {
     let dst_id = ctx.spiffe_id(w)?;
     let key = PoolKey {
         src_identity: pod.id.to_string(),
         dst_identity: dst_id.to_string(),
         dst: SocketAddr::new(dst.ip(), HBONE_PORT),
     };
-    let conn = ctx
-        .pool
-        .get(&key, || dial(pod, ctx, key.dst, dst_id.clone()))
-        .await?;
+    let refuse = |status: String| {
+        ctx.metrics.hbone_errors.get_or_create(&StatusLabels { direction: "outbound", status }).inc();
+        // Reset, not close: the app must see a failed connect, not an EOF
+        // it could take for a complete (empty) response.
+        let _ = socket2::SockRef::from(&app).set_linger(Some(std::time::Duration::ZERO));
+    };
+    let conn = match ctx.pool.get(&key, || dial(pod, ctx, key.dst, dst_id.clone())).await {
+        Ok(c) => c,
+        Err(e) => {
+            refuse("connect_failed".into());
+            return Err(e);
+        }
+    };
     let stream = match conn.connect(dst, peer.ip()).await {
         Ok(s) => s,
         Err(e) => {
-            let status = e
-                .status()
-                .map(|s| s.as_u16().to_string())
-                .unwrap_or_else(|| "error".into());
-            ctx.metrics
-                .hbone_errors
-                .get_or_create(&StatusLabels {
-                    direction: "outbound",
-                    status,
-                })
-                .inc();
-            // Reset, not close: the app must see a failed connect, not EOF.
-            let _ = socket2::SockRef::from(&app).set_linger(Some(std::time::Duration::ZERO));
+            refuse(e.status().map(|s| s.as_u16().to_string()).unwrap_or_else(|| "stream_failed".into()));
             return Err(e).with_context(|| format!("HBONE CONNECT to {dst} via {}", key.dst));
         }
     };
-    let labels = conn_labels(
-        "source",
-        Some(&pod.workload),
-        Some(pod.id.principal()),
-        Some(w),
-        Some(dst_id.principal()),
-        true,
-    );
+    let labels =
+        conn_labels("source", Some(&pod.workload), Some(pod.id.principal()), Some(w), Some(dst_id.principal()), true);
     let mut guard = ctx.metrics.connection(labels);
     let (bytes, outcome) = copy_bidirectional(app, stream.send, stream.recv).await;
     guard.client_to_server = bytes.tcp_to_stream;
     guard.server_to_client = bytes.stream_to_tcp;
-    debug!(
-        sent = bytes.tcp_to_stream,
-        received = bytes.stream_to_tcp,
-        "HBONE stream done"
-    );
+    debug!(sent = bytes.tcp_to_stream, received = bytes.stream_to_tcp, "HBONE stream done");
     Ok(outcome?)
 }
 
 /// A new HBONE connection: TCP from inside the source pod (so it leaves with
 /// the pod's IP), mTLS as the pod's identity expecting `dst_id`, then HTTP/2.
 async fn dial(pod: &PodCtx, ctx: &Ctx, to: SocketAddr, dst_id: SpiffeId) -> Result<Connection> {
-    let tcp = pod
-        .netns
-        .socket(to, None, false)?
-        .connect(to)
-        .await
-        .with_context(|| format!("TCP connect to {to}"))?;
-    let config = tls::client_config(
-        ctx.certs.clone(),
-        pod.id.clone(),
-        ctx.roots.clone(),
-        dst_id.clone(),
-    )?;
+    let tcp = pod.netns.socket(to, None, false)?.connect(to).await.with_context(|| format!("TCP connect to {to}"))?;
+    let config = tls::client_config(ctx.certs.clone(), pod.id.clone(), ctx.roots.clone(), dst_id.clone())?;
     let tls = TlsConnector::from(config)
         .connect(tls::connect_server_name(to.ip()), tcp)
         .await
         .with_context(|| format!("mTLS handshake with {to} expecting {dst_id}"))?;
-    Ok(Connection::handshake(tls)
-        .await
-        .with_context(|| format!("HTTP/2 handshake with {to}"))?)
+    Ok(Connection::handshake(tls).await.with_context(|| format!("HTTP/2 handshake with {to}"))?)
 }
 
-async fn passthrough(
-    mut app: TcpStream,
-    dst: SocketAddr,
-    w: Option<&Workload>,
-    pod: &PodCtx,
-    ctx: &Ctx,
-) -> Result<()> {
+async fn passthrough(mut app: TcpStream, dst: SocketAddr, w: Option<&Workload>, pod: &PodCtx, ctx: &Ctx) -> Result<()> {
     let mut upstream = pod
         .netns
         .socket(dst, None, false)?
         .connect(dst)
         .await
         .with_context(|| format!("passthrough connect to {dst}"))?;
-    let labels = conn_labels(
-        "source",
-        Some(&pod.workload),
-        Some(pod.id.principal()),
-        w,
-        None,
-        false,
-    );
+    let labels = conn_labels("source", Some(&pod.workload), Some(pod.id.principal()), w, None, false);
     let mut guard = ctx.metrics.connection(labels);
     let result = tokio::io::copy_bidirectional(&mut app, &mut upstream).await;
     if let Ok((up, down)) = result {

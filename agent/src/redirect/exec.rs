@@ -20,13 +20,9 @@ pub(crate) struct Output {
 /// Runs `cmd` to completion, feeding it `stdin` if given. Only spawn
 /// failures (binary missing, setns refused) are errors here.
 pub(crate) fn output(mut cmd: Command, stdin: Option<&str>) -> std::io::Result<Output> {
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn()?;
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
         // The rules are a few hundred bytes, far below the pipe buffer, so
@@ -49,40 +45,22 @@ pub(crate) fn output(mut cmd: Command, stdin: Option<&str>) -> std::io::Result<O
 
 /// `program args...` as a human would type it, for error messages.
 pub(crate) fn display(program: &str, args: &[&str]) -> String {
-    std::iter::once(program)
-        .chain(args.iter().copied())
-        .collect::<Vec<_>>()
-        .join(" ")
+    std::iter::once(program).chain(args.iter().copied()).collect::<Vec<_>>().join(" ")
 }
 
 /// Runs `program args` in the pod's netns and returns what it printed,
 /// whatever the exit status.
-pub(crate) fn run_in(
-    pod: &PodCapture<'_>,
-    program: &str,
-    args: &[&str],
-    stdin: Option<&str>,
-) -> Result<Output> {
+pub(crate) fn run_in(pod: &PodCapture<'_>, program: &str, args: &[&str], stdin: Option<&str>) -> Result<Output> {
     let mut cmd = pod.netns.command(program);
     cmd.args(args);
     output(cmd, stdin).with_context(|| {
-        format!(
-            "pod {}: cannot run `{}` in netns {}",
-            pod.uid,
-            display(program, args),
-            pod.netns.path().display()
-        )
+        format!("pod {}: cannot run `{}` in netns {}", pod.uid, display(program, args), pod.netns.path().display())
     })
 }
 
 /// Like [`run_in`], but a non-zero exit is an error carrying stderr (and the
 /// input, for restores, since the line number in stderr refers to it).
-pub(crate) fn check_in(
-    pod: &PodCapture<'_>,
-    program: &str,
-    args: &[&str],
-    stdin: Option<&str>,
-) -> Result<String> {
+pub(crate) fn check_in(pod: &PodCapture<'_>, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
     let out = run_in(pod, program, args, stdin)?;
     if !out.status.success() {
         let mut msg = format!(

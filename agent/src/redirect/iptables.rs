@@ -19,8 +19,8 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use super::{
-    exec, route, Family, Mode, PodCapture, Redirect, AGENT_MARK, CONNMARK, HBONE_PORT,
-    INBOUND_PLAINTEXT_PORT, MARK_MASK, OUTBOUND_PORT,
+    exec, route, Family, Mode, PodCapture, Redirect, AGENT_MARK, CONNMARK, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
+    MARK_MASK, OUTBOUND_PORT,
 };
 use crate::netns::Netns;
 
@@ -82,10 +82,7 @@ pub struct IptablesRedirect {
 
 impl IptablesRedirect {
     pub fn with_backend(backend: Backend) -> Self {
-        IptablesRedirect {
-            backend,
-            lock: Mutex::new(()),
-        }
+        IptablesRedirect { backend, lock: Mutex::new(()) }
     }
 
     /// Picks the backend the node already uses, by reading (never writing)
@@ -121,8 +118,7 @@ impl IptablesRedirect {
             let key = family.name().to_owned();
             let saved = self.save(pod, family)?;
             dump.iptables.insert(key.clone(), saved.ours());
-            dump.ip_rules
-                .insert(key.clone(), route::rules(pod, family)?);
+            dump.ip_rules.insert(key.clone(), route::rules(pod, family)?);
             dump.routes.insert(key, route::routes(pod, family)?);
         }
         Ok(dump)
@@ -130,12 +126,7 @@ impl IptablesRedirect {
 
     /// Like [`dump`](Self::dump) for a netns alone, e.g. from a debug command.
     pub fn dump_netns(&self, netns: &Netns) -> Result<RulesDump> {
-        self.dump(&PodCapture {
-            uid: "-",
-            netns,
-            ips: &[],
-            cgroup: None,
-        })
+        self.dump(&PodCapture { uid: "-", netns, ips: &[], cgroup: None })
     }
 
     fn save(&self, pod: &PodCapture<'_>, family: Family) -> Result<Saved> {
@@ -277,10 +268,8 @@ fn unenroll_input(saved: &Saved) -> Option<String> {
     let mut out = String::new();
     for table in TABLES {
         let lines = saved.lines(table);
-        let jumps: Vec<&String> = lines
-            .iter()
-            .filter(|l| l.starts_with("-A ") && !is_ours(chain_of(l)) && targets_ours(l))
-            .collect();
+        let jumps: Vec<&String> =
+            lines.iter().filter(|l| l.starts_with("-A ") && !is_ours(chain_of(l)) && targets_ours(l)).collect();
         let chains: Vec<&str> = [PRERT_CHAIN, OUTPUT_CHAIN]
             .into_iter()
             .filter(|c| lines.iter().any(|l| l.starts_with(&format!(":{c} "))))
@@ -315,9 +304,7 @@ fn chain_of(line: &str) -> &str {
 /// Whether a rule jumps (`-j`) or goes (`-g`) to one of our chains.
 fn targets_ours(line: &str) -> bool {
     let words: Vec<&str> = line.split_whitespace().collect();
-    words
-        .windows(2)
-        .any(|w| (w[0] == "-j" || w[0] == "-g") && is_ours(w[1]))
+    words.windows(2).any(|w| (w[0] == "-j" || w[0] == "-g") && is_ours(w[1]))
 }
 
 /// `iptables-save` output, by table, without comments and table markers.
@@ -358,11 +345,8 @@ impl Saved {
                 .lines(table)
                 .iter()
                 .filter(|l| {
-                    let decl = l
-                        .strip_prefix(':')
-                        .and_then(|d| d.split_whitespace().next());
-                    decl.is_some_and(is_ours)
-                        || (l.starts_with("-A ") && (is_ours(chain_of(l)) || targets_ours(l)))
+                    let decl = l.strip_prefix(':').and_then(|d| d.split_whitespace().next());
+                    decl.is_some_and(is_ours) || (l.starts_with("-A ") && (is_ours(chain_of(l)) || targets_ours(l)))
                 })
                 .collect();
             if mine.is_empty() {
@@ -417,9 +401,7 @@ COMMIT
             "*mangle\n-D PREROUTING -j SLUICE_PRERT\n-D PREROUTING -j SLUICE_PRERT\n\
              -F SLUICE_PRERT\n-X SLUICE_PRERT\nCOMMIT\n"
         );
-        assert!(
-            unenroll_input(&Saved::parse("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n")).is_none()
-        );
+        assert!(unenroll_input(&Saved::parse("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n")).is_none());
     }
 
     #[test]

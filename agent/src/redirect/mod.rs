@@ -158,10 +158,7 @@ mod tests {
     #[test]
     fn mode_names() {
         assert_eq!(Mode::Ebpf.to_string(), "ebpf");
-        assert_eq!(
-            serde_json::to_string(&Mode::Iptables).unwrap(),
-            "\"iptables\""
-        );
+        assert_eq!(serde_json::to_string(&Mode::Iptables).unwrap(), "\"iptables\"");
     }
 
     #[test]

@@ -14,14 +14,7 @@ fn fwmark() -> String {
 
 /// `fwmark 0x111/0xfff pref 32764 lookup 133`, the arguments that name our rule.
 fn rule_args(fwmark: &str) -> [String; 6] {
-    [
-        "fwmark".into(),
-        fwmark.into(),
-        "pref".into(),
-        RULE_PRIORITY.to_string(),
-        "lookup".into(),
-        ROUTE_TABLE.to_string(),
-    ]
+    ["fwmark".into(), fwmark.into(), "pref".into(), RULE_PRIORITY.to_string(), "lookup".into(), ROUTE_TABLE.to_string()]
 }
 
 /// Our rules as `ip rule show` prints them.
@@ -29,22 +22,13 @@ pub(crate) fn rules(pod: &PodCapture<'_>, family: Family) -> Result<Vec<String>>
     let out = exec::check_in(pod, "ip", &[family.ip_flag(), "rule", "show"], None)?;
     let pref = format!("{RULE_PRIORITY}:");
     let want = format!("fwmark {} lookup {ROUTE_TABLE}", fwmark());
-    Ok(out
-        .lines()
-        .filter(|l| l.starts_with(&pref) && l.contains(&want))
-        .map(|l| l.trim().to_owned())
-        .collect())
+    Ok(out.lines().filter(|l| l.starts_with(&pref) && l.contains(&want)).map(|l| l.trim().to_owned()).collect())
 }
 
 /// The routes in our table, as `ip route show` prints them.
 pub(crate) fn routes(pod: &PodCapture<'_>, family: Family) -> Result<Vec<String>> {
     let table = ROUTE_TABLE.to_string();
-    let out = exec::check_in(
-        pod,
-        "ip",
-        &[family.ip_flag(), "route", "show", "table", &table],
-        None,
-    )?;
+    let out = exec::check_in(pod, "ip", &[family.ip_flag(), "route", "show", "table", &table], None)?;
     Ok(out.lines().map(|l| l.trim().to_owned()).collect())
 }
 
@@ -63,17 +47,7 @@ pub(crate) fn install(pod: &PodCapture<'_>, family: Family) -> Result<()> {
     exec::check_in(
         pod,
         "ip",
-        &[
-            family.ip_flag(),
-            "route",
-            "replace",
-            "local",
-            family.any(),
-            "dev",
-            "lo",
-            "table",
-            &table,
-        ],
+        &[family.ip_flag(), "route", "replace", "local", family.any(), "dev", "lo", "table", &table],
         None,
     )?;
     Ok(())
@@ -90,11 +64,6 @@ pub(crate) fn remove(pod: &PodCapture<'_>, family: Family) -> Result<()> {
     }
     let table = ROUTE_TABLE.to_string();
     // Flushing an empty or never-created table succeeds.
-    exec::check_in(
-        pod,
-        "ip",
-        &[family.ip_flag(), "route", "flush", "table", &table],
-        None,
-    )?;
+    exec::check_in(pod, "ip", &[family.ip_flag(), "route", "flush", "table", &table], None)?;
     Ok(())
 }

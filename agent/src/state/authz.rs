@@ -24,8 +24,7 @@ pub struct AuthorizationPolicy {
 
 impl AuthorizationPolicy {
     pub fn applies_to(&self, workload: &Workload) -> bool {
-        self.namespace == workload.namespace
-            && self.selector.as_ref().is_none_or(|s| s.selects(workload))
+        self.namespace == workload.namespace && self.selector.as_ref().is_none_or(|s| s.selects(workload))
     }
 }
 

@@ -79,18 +79,14 @@ impl Config {
     pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
         let path = path.as_ref();
         let file = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
-            file: file.clone(),
-            source,
-        })?;
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
         Config::from_bytes_named(&bytes, &file)
     }
 
     /// Parses and validates `text`; `name` stands in for the file path in
     /// error messages.
     pub fn from_str_named(text: &str, name: &str) -> Result<Config, ConfigError> {
-        let mut config: Config =
-            serde_yaml::from_str(text).map_err(|err| parse_error(name, text, &err))?;
+        let mut config: Config = serde_yaml::from_str(text).map_err(|err| parse_error(name, text, &err))?;
         config.origin = name.to_string();
         config.validate()?;
         Ok(config)
@@ -127,10 +123,7 @@ impl Config {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(ConfigError::Invalid {
-                file: self.origin().to_string(),
-                errors,
-            })
+            Err(ConfigError::Invalid { file: self.origin().to_string(), errors })
         }
     }
 }
@@ -142,9 +135,7 @@ fn parse_error(name: &str, text: &str, err: &serde_yaml::Error) -> ConfigError {
     if matches!(serde_yaml::from_str(text), Ok(serde_yaml::Value::Null)) {
         return ConfigError::Parse {
             file: name.to_string(),
-            message:
-                "the file is empty; expected a mapping with trustDomain, ca, workloads and policies"
-                    .into(),
+            message: "the file is empty; expected a mapping with trustDomain, ca, workloads and policies".into(),
             line: None,
             column: None,
         };

@@ -43,10 +43,7 @@ fn error_of(text: &str) -> String {
 
 fn assert_contains(message: &str, parts: &[&str]) {
     for part in parts {
-        assert!(
-            message.contains(part),
-            "{message:?} should contain {part:?}"
-        );
+        assert!(message.contains(part), "{message:?} should contain {part:?}");
     }
 }
 
@@ -99,23 +96,14 @@ fn load_names_the_file() {
     let path = dir.path().join("sluice.yaml");
     let err = Config::load(&path).unwrap_err();
     assert!(matches!(err, ConfigError::Read { .. }));
-    assert_contains(
-        &err.to_string(),
-        &[&path.display().to_string(), "cannot read"],
-    );
+    assert_contains(&err.to_string(), &[&path.display().to_string(), "cannot read"]);
 
     std::fs::write(&path, EXAMPLE.replace("certTtl: 24h", "certTtl: 24")).unwrap();
     let err = Config::load(&path).unwrap_err();
-    assert_contains(
-        &err.to_string(),
-        &[&path.display().to_string(), "ca.certTtl"],
-    );
+    assert_contains(&err.to_string(), &[&path.display().to_string(), "ca.certTtl"]);
 
     std::fs::write(&path, EXAMPLE).unwrap();
-    assert_eq!(
-        Config::load(&path).unwrap().origin(),
-        path.display().to_string()
-    );
+    assert_eq!(Config::load(&path).unwrap().origin(), path.display().to_string());
 }
 
 #[test]
@@ -129,32 +117,17 @@ fn empty_and_non_utf8_files() {
 
 #[test]
 fn unknown_field_is_named() {
-    let message = error_of(&example_with(
-        "    node: node1",
-        "    node: node1\n    nodeName: x",
-    ));
-    assert_contains(
-        &message,
-        &["workloads[0]", "unknown field `nodeName`", "line 13"],
-    );
+    let message = error_of(&example_with("    node: node1", "    node: node1\n    nodeName: x"));
+    assert_contains(&message, &["workloads[0]", "unknown field `nodeName`", "line 13"]);
 
-    let message = error_of(&example_with(
-        "action: ALLOW",
-        "action: ALLOW\n    selectr: {}",
-    ));
+    let message = error_of(&example_with("action: ALLOW", "action: ALLOW\n    selectr: {}"));
     assert_contains(&message, &["policies[0]", "unknown field `selectr`"]);
 }
 
 #[test]
 fn parse_errors_carry_location() {
     let err = parse(&example_with("certTtl: 24h", "certTtl: 24")).unwrap_err();
-    let ConfigError::Parse {
-        line,
-        column,
-        message,
-        ..
-    } = &err
-    else {
+    let ConfigError::Parse { line, column, message, .. } = &err else {
         panic!("expected a parse error, got {err:?}");
     };
     assert_eq!(*line, Some(5));
@@ -164,49 +137,29 @@ fn parse_errors_carry_location() {
 
 #[test]
 fn bad_duration() {
-    assert_contains(
-        &error_of(&example_with("certTtl: 24h", "certTtl: 1d")),
-        &["ca.certTtl", "unknown unit \"d\""],
-    );
-    assert_contains(
-        &error_of(&example_with("certTtl: 24h", "certTtl: 0s")),
-        &["ca.certTtl", "at least 1s"],
-    );
+    assert_contains(&error_of(&example_with("certTtl: 24h", "certTtl: 1d")), &["ca.certTtl", "unknown unit \"d\""]);
+    assert_contains(&error_of(&example_with("certTtl: 24h", "certTtl: 0s")), &["ca.certTtl", "at least 1s"]);
 }
 
 #[test]
 fn bad_ip() {
     assert_contains(
         &error_of(&example_with("[10.10.1.2]", "[10.10.1.256]")),
-        &[
-            "workloads[0].workloadIps[0]",
-            "invalid IP address",
-            "line 11",
-        ],
+        &["workloads[0].workloadIps[0]", "invalid IP address", "line 11"],
     );
     assert_contains(
         &error_of(&example_with("[10.10.1.2]", "[127.0.0.1]")),
         &["workloads[0].workloadIps[0]", "loopback"],
     );
-    assert_contains(
-        &error_of(&example_with("[10.10.1.2]", "[]")),
-        &["workloads[0].workloadIps", "at least one"],
-    );
+    assert_contains(&error_of(&example_with("[10.10.1.2]", "[]")), &["workloads[0].workloadIps", "at least one"]);
 }
 
 #[test]
 fn duplicate_ip_names_both_workloads() {
-    let message = error_of(&second_workload(
-        "    workloadIps: [10.10.1.3, 10.10.1.2]\n",
-    ));
+    let message = error_of(&second_workload("    workloadIps: [10.10.1.3, 10.10.1.2]\n"));
     assert_contains(
         &message,
-        &[
-            "workloads[1].workloadIps[1]",
-            "\"default/server\"",
-            "\"default/client\"",
-            "workloads[0].workloadIps[0]",
-        ],
+        &["workloads[1].workloadIps[1]", "\"default/server\"", "\"default/client\"", "workloads[0].workloadIps[0]"],
     );
     // The IPv4-mapped spelling of the same address is the same address.
     let message = error_of(&second_workload("    workloadIps: ['::ffff:10.10.1.2']\n"));
@@ -219,37 +172,20 @@ fn duplicate_ip_names_both_workloads() {
 #[test]
 fn duplicate_uid() {
     let message = error_of(
-        &second_workload("    workloadIps: [10.10.1.3]\n")
-            .replace("uid: default/server", "uid: default/client"),
+        &second_workload("    workloadIps: [10.10.1.3]\n").replace("uid: default/server", "uid: default/client"),
     );
-    assert_contains(
-        &message,
-        &[
-            "workloads[1].uid",
-            "duplicate uid \"default/client\"",
-            "workloads[0].uid",
-        ],
-    );
+    assert_contains(&message, &["workloads[1].uid", "duplicate uid \"default/client\"", "workloads[0].uid"]);
 }
 
 #[test]
 fn trust_domain_rules() {
+    assert_contains(&error_of(&example_with("cluster.local", "''")), &["trustDomain", "empty"]);
     assert_contains(
-        &error_of(&example_with("cluster.local", "''")),
-        &["trustDomain", "empty"],
-    );
-    assert_contains(
-        &error_of(&example_with(
-            "trustDomain: cluster.local",
-            "trustDomain: Cluster.Local",
-        )),
+        &error_of(&example_with("trustDomain: cluster.local", "trustDomain: Cluster.Local")),
         &["trustDomain", "'C'"],
     );
     assert_contains(
-        &error_of(&example_with(
-            "trustDomain: cluster.local",
-            "trustDomain: cluster..local",
-        )),
+        &error_of(&example_with("trustDomain: cluster.local", "trustDomain: cluster..local")),
         &["trustDomain", "empty label"],
     );
 }
@@ -257,10 +193,7 @@ fn trust_domain_rules() {
 #[test]
 fn workload_name_rules() {
     assert_contains(
-        &error_of(&example_with(
-            "namespace: default\n    serviceAccount",
-            "namespace: ''\n    serviceAccount",
-        )),
+        &error_of(&example_with("namespace: default\n    serviceAccount", "namespace: ''\n    serviceAccount")),
         &["workloads[0].namespace", "must not be empty"],
     );
     assert_contains(
@@ -268,25 +201,16 @@ fn workload_name_rules() {
         &["workloads[0].serviceAccount", "must not be empty"],
     );
     assert_contains(
-        &error_of(&example_with(
-            "serviceAccount: sleep",
-            "serviceAccount: Sleep/x",
-        )),
+        &error_of(&example_with("serviceAccount: sleep", "serviceAccount: Sleep/x")),
         &["workloads[0].serviceAccount", "DNS-1123"],
     );
     assert_contains(
         &error_of(&example_with("uid: default/client", "uid: ''")),
         &["workloads[0].uid", "must not be empty"],
     );
+    assert_contains(&error_of(&example_with("node: node1", "node: ''")), &["workloads[0].node", "must not be empty"]);
     assert_contains(
-        &error_of(&example_with("node: node1", "node: ''")),
-        &["workloads[0].node", "must not be empty"],
-    );
-    assert_contains(
-        &error_of(&example_with(
-            "netns: /var/run/netns/pod1",
-            "netns: run/pod1",
-        )),
+        &error_of(&example_with("netns: /var/run/netns/pod1", "netns: run/pod1")),
         &["workloads[0].netns", "absolute"],
     );
 }
@@ -295,21 +219,13 @@ fn workload_name_rules() {
 fn enums_are_checked() {
     assert_contains(
         &error_of(&example_with("protocol: HBONE", "protocol: hbone")),
-        &[
-            "workloads[0].protocol",
-            "unknown variant `hbone`",
-            "HBONE",
-            "TCP",
-        ],
+        &["workloads[0].protocol", "unknown variant `hbone`", "HBONE", "TCP"],
     );
     assert_contains(
         &error_of(&example_with("action: ALLOW", "action: AUDIT")),
         &["policies[0].action", "unknown variant `AUDIT`"],
     );
-    assert_contains(
-        &error_of(&example_with("    action: ALLOW\n", "")),
-        &["policies[0]", "missing field `action`"],
-    );
+    assert_contains(&error_of(&example_with("    action: ALLOW\n", "")), &["policies[0]", "missing field `action`"]);
 }
 
 #[test]
@@ -322,10 +238,7 @@ fn ports_are_checked() {
         &error_of(&example_with("ports: [8080]", "ports: [70000]")),
         &["policies[0].rules[0].to[0].ports[0]", "70000"],
     );
-    assert_contains(
-        &error_of(&example_with("ports: [8080]", "ports: [-1]")),
-        &["policies[0].rules[0].to[0].ports[0]"],
-    );
+    assert_contains(&error_of(&example_with("ports: [8080]", "ports: [-1]")), &["policies[0].rules[0].to[0].ports[0]"]);
 }
 
 #[test]
@@ -337,26 +250,12 @@ fn principals_are_checked() {
         ("cluster.local/ns/Default/sa/sleep", "namespace"),
     ];
     for (bad, reason) in cases {
-        let message = error_of(&example_with(
-            "\"cluster.local/ns/default/sa/sleep\"",
-            &format!("{bad:?}"),
-        ));
-        assert_contains(
-            &message,
-            &["policies[0].rules[0].from[0].principals[0]", reason],
-        );
+        let message = error_of(&example_with("\"cluster.local/ns/default/sa/sleep\"", &format!("{bad:?}")));
+        assert_contains(&message, &["policies[0].rules[0].from[0].principals[0]", reason]);
     }
-    for good in [
-        "*",
-        "cluster.local/*",
-        "*/sa/sleep",
-        "other.domain/ns/x/sa/y",
-    ] {
-        parse(&example_with(
-            "\"cluster.local/ns/default/sa/sleep\"",
-            &format!("{good:?}"),
-        ))
-        .unwrap_or_else(|e| panic!("{good}: {e}"));
+    for good in ["*", "cluster.local/*", "*/sa/sleep", "other.domain/ns/x/sa/y"] {
+        parse(&example_with("\"cluster.local/ns/default/sa/sleep\"", &format!("{good:?}")))
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
     }
     assert_contains(
         &error_of(&example_with("namespaces: []", "namespaces: [a*b]")),
@@ -368,36 +267,18 @@ fn principals_are_checked() {
 fn policy_names_unique_per_namespace() {
     let dup = "  - name: only-sleep\n    namespace: default\n    action: DENY\n";
     let message = error_of(&format!("{EXAMPLE}{dup}"));
-    assert_contains(
-        &message,
-        &[
-            "policies[1].name",
-            "duplicate policy \"only-sleep\"",
-            "policies[0].name",
-        ],
-    );
+    assert_contains(&message, &["policies[1].name", "duplicate policy \"only-sleep\"", "policies[0].name"]);
     // Same name in another namespace is fine.
-    parse(&format!(
-        "{EXAMPLE}{}",
-        dup.replace("namespace: default", "namespace: other")
-    ))
-    .unwrap();
+    parse(&format!("{EXAMPLE}{}", dup.replace("namespace: default", "namespace: other"))).unwrap();
 }
 
 #[test]
 fn all_problems_reported_at_once() {
-    let text = example_with("serviceAccount: sleep", "serviceAccount: ''")
-        .replace("ports: [8080]", "ports: [0]");
+    let text = example_with("serviceAccount: sleep", "serviceAccount: ''").replace("ports: [8080]", "ports: [0]");
     let err = parse(&text).unwrap_err();
     let ConfigError::Invalid { errors, .. } = &err else {
         panic!("expected validation errors, got {err:?}");
     };
     let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
-    assert_eq!(
-        paths,
-        [
-            "workloads[0].serviceAccount",
-            "policies[0].rules[0].to[0].ports[0]"
-        ]
-    );
+    assert_eq!(paths, ["workloads[0].serviceAccount", "policies[0].rules[0].to[0].ports[0]"]);
 }

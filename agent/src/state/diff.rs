@@ -32,9 +32,7 @@ impl StateDiff {
             }
         }
         for before in old.local_workloads(node) {
-            let still_here = new
-                .workload_by_uid(&before.uid)
-                .is_some_and(|w| w.is_on_node(node));
+            let still_here = new.workload_by_uid(&before.uid).is_some_and(|w| w.is_on_node(node));
             if !still_here {
                 diff.removed.push(before);
             }

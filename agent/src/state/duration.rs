@@ -32,19 +32,13 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         let unit_len = after.bytes().take_while(u8::is_ascii_alphabetic).count();
         let (unit, after) = after.split_at(unit_len);
         if unit.is_empty() {
-            return Err(format!(
-                "invalid duration {text:?}: missing unit after {number}; use h, m, s or ms"
-            ));
+            return Err(format!("invalid duration {text:?}: missing unit after {number}; use h, m, s or ms"));
         }
         let Some(index) = UNITS.iter().position(|(name, _)| *name == unit) else {
-            return Err(format!(
-                "invalid duration {text:?}: unknown unit {unit:?}; use h, m, s or ms"
-            ));
+            return Err(format!("invalid duration {text:?}: unknown unit {unit:?}; use h, m, s or ms"));
         };
         if last_unit.is_some_and(|last| index <= last) {
-            return Err(format!(
-                "invalid duration {text:?}: units must go from largest to smallest, each once"
-            ));
+            return Err(format!("invalid duration {text:?}: units must go from largest to smallest, each once"));
         }
         last_unit = Some(index);
         let overflow = || format!("invalid duration {text:?}: too large");
@@ -73,9 +67,7 @@ pub fn format(duration: Duration) -> String {
     out
 }
 
-pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Duration, D::Error> {
+pub(crate) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     struct DurationVisitor;
 
     impl Visitor<'_> for DurationVisitor {
@@ -92,25 +84,18 @@ pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
         // YAML turns `certTtl: 90` into an integer; say why that is refused
         // rather than serde's generic "invalid type".
         fn visit_u64<E: de::Error>(self, value: u64) -> Result<Duration, E> {
-            Err(E::custom(format!(
-                "invalid duration {value}: missing unit; write e.g. {value}s or {value}m"
-            )))
+            Err(E::custom(format!("invalid duration {value}: missing unit; write e.g. {value}s or {value}m")))
         }
 
         fn visit_i64<E: de::Error>(self, value: i64) -> Result<Duration, E> {
-            Err(E::custom(format!(
-                "invalid duration {value}: durations are positive and need a unit, e.g. 90s"
-            )))
+            Err(E::custom(format!("invalid duration {value}: durations are positive and need a unit, e.g. 90s")))
         }
     }
 
     deserializer.deserialize_any(DurationVisitor)
 }
 
-pub(crate) fn serialize<S: Serializer>(
-    duration: &Duration,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
+pub(crate) fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&format(*duration))
 }
 
@@ -130,18 +115,7 @@ mod tests {
 
     #[test]
     fn rejects_ambiguous_or_malformed() {
-        for bad in [
-            "",
-            "90",
-            "h",
-            "1x",
-            "1m1h",
-            "1h1h",
-            "-5s",
-            "1.5h",
-            "1 h",
-            "99999999999999999999h",
-        ] {
+        for bad in ["", "90", "h", "1x", "1m1h", "1h1h", "-5s", "1.5h", "1 h", "99999999999999999999h"] {
             assert!(parse(bad).is_err(), "{bad:?} should be rejected");
         }
         assert!(parse("90").unwrap_err().contains("missing unit"));

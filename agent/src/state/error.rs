@@ -17,10 +17,7 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
-        FieldError {
-            path: path.into(),
-            reason: reason.into(),
-        }
+        FieldError { path: path.into(), reason: reason.into() }
     }
 }
 
@@ -43,37 +40,25 @@ pub enum ConfigError {
     /// The YAML is malformed or does not fit the schema. `message` comes from
     /// serde_yaml and already names the field path and the line.
     #[error("{file}: {message}")]
-    Parse {
-        file: String,
-        message: String,
-        line: Option<usize>,
-        column: Option<usize>,
-    },
+    Parse { file: String, message: String, line: Option<usize>, column: Option<usize> },
 
     /// The document parsed but breaks a rule the schema cannot express. All
     /// problems are reported at once so that an operator fixes them in one go.
     #[error("{file}: invalid config: {}", join(.errors))]
-    Invalid {
-        file: String,
-        errors: Vec<FieldError>,
-    },
+    Invalid { file: String, errors: Vec<FieldError> },
 }
 
 impl ConfigError {
     /// The file (or name given to `Config::from_str_named`) the error is about.
     pub fn file(&self) -> &str {
         match self {
-            ConfigError::Read { file, .. }
-            | ConfigError::Parse { file, .. }
-            | ConfigError::Invalid { file, .. } => file,
+            ConfigError::Read { file, .. } | ConfigError::Parse { file, .. } | ConfigError::Invalid { file, .. } => {
+                file
+            }
         }
     }
 }
 
 fn join(errors: &[FieldError]) -> String {
-    errors
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
+    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }

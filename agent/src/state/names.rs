@@ -19,24 +19,15 @@ pub fn principal(trust_domain: &str, namespace: &str, service_account: &str) -> 
 /// [`check_principal`] to also check each part's characters.
 pub fn parse_principal(text: &str) -> Option<PrincipalParts<'_>> {
     let mut parts = text.split('/');
-    let (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
+    let (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return None;
     };
     if td.is_empty() || ns.is_empty() || sa.is_empty() {
         return None;
     }
-    Some(PrincipalParts {
-        trust_domain: td,
-        namespace: ns,
-        service_account: sa,
-    })
+    Some(PrincipalParts { trust_domain: td, namespace: ns, service_account: sa })
 }
 
 /// SPIFFE trust domain: lowercase letters, digits, `.`, `-`, `_`, with no
@@ -48,18 +39,15 @@ pub fn check_trust_domain(text: &str) -> Result<(), String> {
     if text.len() > 255 {
         return Err(format!("{text:?} is longer than 255 characters"));
     }
-    if let Some(bad) = text
-        .chars()
-        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')))
+    if let Some(bad) =
+        text.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')))
     {
         return Err(format!(
             "{text:?} contains {bad:?}; a trust domain is a DNS-like name of lowercase letters, digits, '.', '-' and '_'"
         ));
     }
     if text.split('.').any(str::is_empty) {
-        return Err(format!(
-            "{text:?} has an empty label (leading, trailing or doubled '.')"
-        ));
+        return Err(format!("{text:?} has an empty label (leading, trailing or doubled '.')"));
     }
     Ok(())
 }
@@ -100,9 +88,7 @@ fn label_ok(label: &str) -> bool {
     let bytes = label.as_bytes();
     let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
     match (bytes.first(), bytes.last()) {
-        (Some(first), Some(last)) => {
-            alnum(first) && alnum(last) && bytes.iter().all(|b| alnum(b) || *b == b'-')
-        }
+        (Some(first), Some(last)) => alnum(first) && alnum(last) && bytes.iter().all(|b| alnum(b) || *b == b'-'),
         _ => false,
     }
 }
@@ -120,14 +106,9 @@ pub fn check_pattern(text: &str) -> Result<(), String> {
     if text == "*" {
         return Ok(());
     }
-    let inner = text
-        .strip_prefix('*')
-        .or_else(|| text.strip_suffix('*'))
-        .unwrap_or(text);
+    let inner = text.strip_prefix('*').or_else(|| text.strip_suffix('*')).unwrap_or(text);
     if inner.contains('*') {
-        return Err(format!(
-            "{text:?}: '*' is only allowed alone, as a prefix (*x) or as a suffix (x*)"
-        ));
+        return Err(format!("{text:?}: '*' is only allowed alone, as a prefix (*x) or as a suffix (x*)"));
     }
     Ok(())
 }
@@ -144,9 +125,8 @@ pub fn check_principal(text: &str) -> Result<(), String> {
             "{text:?}: write principals without the spiffe:// prefix, as <trust-domain>/ns/<namespace>/sa/<service-account>"
         ));
     }
-    let parts = parse_principal(text).ok_or_else(|| {
-        format!("{text:?} is not of the form <trust-domain>/ns/<namespace>/sa/<service-account>")
-    })?;
+    let parts = parse_principal(text)
+        .ok_or_else(|| format!("{text:?} is not of the form <trust-domain>/ns/<namespace>/sa/<service-account>"))?;
     check_trust_domain(parts.trust_domain).map_err(|e| format!("trust domain: {e}"))?;
     check_dns_label(parts.namespace).map_err(|e| format!("namespace: {e}"))?;
     check_dns_subdomain(parts.service_account).map_err(|e| format!("service account: {e}"))?;
@@ -169,12 +149,7 @@ mod tests {
 
     #[test]
     fn principal_forms() {
-        for ok in [
-            "cluster.local/ns/default/sa/sleep",
-            "*",
-            "cluster.local/ns/default/*",
-            "*/sa/sleep",
-        ] {
+        for ok in ["cluster.local/ns/default/sa/sleep", "*", "cluster.local/ns/default/*", "*/sa/sleep"] {
             assert_eq!(check_principal(ok), Ok(()), "{ok}");
         }
         for bad in [

@@ -51,13 +51,9 @@ impl State {
             by_uid.insert(workload.uid.clone(), workload);
         }
 
-        let mut policies_by_namespace: HashMap<String, Vec<Arc<AuthorizationPolicy>>> =
-            HashMap::new();
+        let mut policies_by_namespace: HashMap<String, Vec<Arc<AuthorizationPolicy>>> = HashMap::new();
         for p in &config.policies {
-            policies_by_namespace
-                .entry(p.namespace.clone())
-                .or_default()
-                .push(Arc::new(p.clone()));
+            policies_by_namespace.entry(p.namespace.clone()).or_default().push(Arc::new(p.clone()));
         }
 
         Ok(State {
@@ -112,19 +108,12 @@ impl State {
 
     /// The workloads on `node`, ordered by uid.
     pub fn local_workloads(&self, node: &str) -> Vec<Arc<Workload>> {
-        self.by_uid
-            .values()
-            .filter(|w| w.is_on_node(node))
-            .cloned()
-            .collect()
+        self.by_uid.values().filter(|w| w.is_on_node(node)).cloned().collect()
     }
 
     /// Policies declared in `namespace`, in file order.
     pub fn policies_in(&self, namespace: &str) -> &[Arc<AuthorizationPolicy>] {
-        self.policies_by_namespace
-            .get(namespace)
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
+        self.policies_by_namespace.get(namespace).map(Vec::as_slice).unwrap_or(&[])
     }
 
     /// What changed for `node`'s workloads between two states.

@@ -44,29 +44,14 @@ fn indexes_by_ip_and_uid() {
 
     let client = s.workload_by_ip(ip("10.0.0.1")).unwrap();
     assert_eq!(client.uid, "default/client");
-    assert!(Arc::ptr_eq(
-        &client,
-        &s.workload_by_ip(ip("fd00::1")).unwrap()
-    ));
-    assert!(Arc::ptr_eq(
-        &client,
-        &s.workload_by_uid("default/client").unwrap()
-    ));
+    assert!(Arc::ptr_eq(&client, &s.workload_by_ip(ip("fd00::1")).unwrap()));
+    assert!(Arc::ptr_eq(&client, &s.workload_by_uid("default/client").unwrap()));
     // Dual-stack sockets report IPv4 peers as IPv4-mapped IPv6.
-    assert_eq!(
-        s.workload_by_ip(ip("::ffff:10.0.0.1")).unwrap().uid,
-        "default/client"
-    );
+    assert_eq!(s.workload_by_ip(ip("::ffff:10.0.0.1")).unwrap().uid, "default/client");
     assert!(s.workload_by_ip(ip("10.0.0.200")).is_none());
     assert!(s.workload_by_uid("nope").is_none());
-    assert_eq!(
-        client.netns.as_deref(),
-        Some(Path::new("/run/netns/client"))
-    );
-    assert_eq!(
-        s.workload_by_uid("legacy/db").unwrap().protocol,
-        Protocol::Tcp
-    );
+    assert_eq!(client.netns.as_deref(), Some(Path::new("/run/netns/client")));
+    assert_eq!(s.workload_by_uid("legacy/db").unwrap().protocol, Protocol::Tcp);
     assert_eq!(s.workloads().count(), 4);
 }
 
@@ -74,31 +59,18 @@ fn indexes_by_ip_and_uid() {
 fn identity() {
     let s = state(BASE, "node1");
     let client = s.workload_by_uid("default/client").unwrap();
-    assert_eq!(
-        client.principal(s.trust_domain()),
-        "cluster.local/ns/default/sa/sleep"
-    );
-    assert_eq!(
-        client.spiffe_id_parts("cluster.local"),
-        ("cluster.local", "default", "sleep")
-    );
+    assert_eq!(client.principal(s.trust_domain()), "cluster.local/ns/default/sa/sleep");
+    assert_eq!(client.spiffe_id_parts("cluster.local"), ("cluster.local", "default", "sleep"));
 }
 
 #[test]
 fn local_workloads_and_policies() {
     let s = state(BASE, "node1");
-    assert_eq!(
-        uids(&s.local_workloads("node1")),
-        ["default/client", "legacy/db"]
-    );
+    assert_eq!(uids(&s.local_workloads("node1")), ["default/client", "legacy/db"]);
     assert_eq!(uids(&s.local_workloads("node2")), ["default/server"]);
     assert!(s.local_workloads("node3").is_empty());
 
-    let names: Vec<&str> = s
-        .policies_in("default")
-        .iter()
-        .map(|p| p.name.as_str())
-        .collect();
+    let names: Vec<&str> = s.policies_in("default").iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["a", "b"]);
     assert_eq!(s.policies_in("legacy").len(), 1);
     assert!(s.policies_in("nowhere").is_empty());
@@ -126,9 +98,7 @@ fn netns_required_only_for_local_hbone() {
 fn from_config_validates_hand_built_configs() {
     let mut config = Config::from_str_named(BASE, "test.yaml").unwrap();
     config.workloads[1].workload_ips.push(ip("10.0.0.1"));
-    let message = State::from_config(&config, "node2")
-        .unwrap_err()
-        .to_string();
+    let message = State::from_config(&config, "node2").unwrap_err().to_string();
     assert!(message.contains("workloads[1].workloadIps[1]"), "{message}");
 }
 
@@ -139,10 +109,7 @@ fn diff_of_local_workloads() {
         // changed: new IP
         .replace("[10.0.0.1, 'fd00::1']", "[10.0.0.1, 'fd00::1', 10.0.0.11]")
         // removed: moved off this node
-        .replace(
-            "workloadIps: [10.0.0.3], node: node1",
-            "workloadIps: [10.0.0.3], node: node2",
-        )
+        .replace("workloadIps: [10.0.0.3], node: node1", "workloadIps: [10.0.0.3], node: node2")
         // added: moved onto this node
         .replace(
             "workloadIps: [10.0.0.2], node: node2",
@@ -153,23 +120,13 @@ fn diff_of_local_workloads() {
     assert_eq!(uids(&diff.added), ["default/server"]);
     assert_eq!(uids(&diff.removed), ["legacy/db"]);
     assert_eq!(uids(&diff.changed), ["default/client"]);
-    assert_eq!(
-        diff.changed[0].ips.len(),
-        3,
-        "changed carries the new version"
-    );
+    assert_eq!(diff.changed[0].ips.len(), 3, "changed carries the new version");
 
     assert!(State::diff(&old, &old, "node1").is_empty());
     // Deleting a workload outright removes it too.
     let gone = state(
-        &BASE.replace(
-            "workloadIps: [10.0.0.3], node: node1, protocol: TCP",
-            "workloadIps: [10.0.0.3], protocol: TCP",
-        ),
+        &BASE.replace("workloadIps: [10.0.0.3], node: node1, protocol: TCP", "workloadIps: [10.0.0.3], protocol: TCP"),
         "node1",
     );
-    assert_eq!(
-        uids(&State::diff(&old, &gone, "node1").removed),
-        ["legacy/db"]
-    );
+    assert_eq!(uids(&State::diff(&old, &gone, "node1").removed), ["legacy/db"]);
 }

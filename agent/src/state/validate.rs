@@ -55,11 +55,7 @@ fn check_workloads(workloads: &[WorkloadConfig], errors: &mut Vec<FieldError>) {
             match uids.entry(&w.uid) {
                 Entry::Occupied(first) => errors.push(FieldError::new(
                     at("uid"),
-                    format!(
-                        "duplicate uid {:?} (also workloads[{}].uid)",
-                        w.uid,
-                        first.get()
-                    ),
+                    format!("duplicate uid {:?} (also workloads[{}].uid)", w.uid, first.get()),
                 )),
                 Entry::Vacant(slot) => {
                     slot.insert(i);
@@ -67,22 +63,11 @@ fn check_workloads(workloads: &[WorkloadConfig], errors: &mut Vec<FieldError>) {
             }
         }
         push_err(errors, at("name"), names::check_dns_subdomain(&w.name));
-        push_err(
-            errors,
-            at("namespace"),
-            names::check_dns_label(&w.namespace),
-        );
-        push_err(
-            errors,
-            at("serviceAccount"),
-            names::check_dns_subdomain(&w.service_account),
-        );
+        push_err(errors, at("namespace"), names::check_dns_label(&w.namespace));
+        push_err(errors, at("serviceAccount"), names::check_dns_subdomain(&w.service_account));
         if let Some(node) = &w.node {
             if node.trim().is_empty() {
-                errors.push(FieldError::new(
-                    at("node"),
-                    "must not be empty; omit it for workloads on no node",
-                ));
+                errors.push(FieldError::new(at("node"), "must not be empty; omit it for workloads on no node"));
             }
         }
         if let Some(netns) = &w.netns {
@@ -93,10 +78,7 @@ fn check_workloads(workloads: &[WorkloadConfig], errors: &mut Vec<FieldError>) {
         }
 
         if w.workload_ips.is_empty() {
-            errors.push(FieldError::new(
-                at("workloadIps"),
-                "must list at least one IP",
-            ));
+            errors.push(FieldError::new(at("workloadIps"), "must list at least one IP"));
         }
         for (j, ip) in w.workload_ips.iter().enumerate() {
             let path = format!("workloads[{i}].workloadIps[{j}]");
@@ -181,22 +163,14 @@ fn check_policies(policies: &[AuthorizationPolicy], errors: &mut Vec<FieldError>
 
         if let Some(selector) = &p.selector {
             for (k, name) in selector.names.iter().enumerate() {
-                push_err(
-                    errors,
-                    format!("policies[{i}].selector.names[{k}]"),
-                    names::check_dns_subdomain(name),
-                );
+                push_err(errors, format!("policies[{i}].selector.names[{k}]"), names::check_dns_subdomain(name));
             }
         }
         for (r, rule) in p.rules.iter().enumerate() {
             let rule_at = format!("policies[{i}].rules[{r}]");
             for (f, source) in rule.from.iter().enumerate() {
                 for (k, principal) in source.principals.iter().enumerate() {
-                    push_err(
-                        errors,
-                        format!("{rule_at}.from[{f}].principals[{k}]"),
-                        names::check_principal(principal),
-                    );
+                    push_err(errors, format!("{rule_at}.from[{f}].principals[{k}]"), names::check_principal(principal));
                 }
                 for (k, namespace) in source.namespaces.iter().enumerate() {
                     push_err(
@@ -235,10 +209,7 @@ fn check_absolute(path: &str, value: &Path, errors: &mut Vec<FieldError>) {
     } else if !value.is_absolute() {
         errors.push(FieldError::new(
             path,
-            format!(
-                "{} must be an absolute path; the agent's working directory is not meaningful",
-                value.display()
-            ),
+            format!("{} must be an absolute path; the agent's working directory is not meaningful", value.display()),
         ));
     }
 }

@@ -65,16 +65,11 @@ impl ConfigWatcher {
         let path = path.into();
         let node = node.into();
         let file = path.display().to_string();
-        let read_error = |source| ConfigError::Read {
-            file: file.clone(),
-            source,
-        };
+        let read_error = |source| ConfigError::Read { file: file.clone(), source };
 
         // Stat before reading: if the file changes in between, the first
         // poll sees a new fingerprint and reads it again.
-        let fingerprint = std::fs::metadata(&path)
-            .map(|m| Fingerprint::of(&m))
-            .map_err(read_error)?;
+        let fingerprint = std::fs::metadata(&path).map(|m| Fingerprint::of(&m)).map_err(read_error)?;
         let bytes = std::fs::read(&path).map_err(read_error)?;
         let config = Config::from_bytes_named(&bytes, &file)?;
         let state = State::from_config(&config, &node)?;
@@ -108,20 +103,13 @@ struct Fingerprint {
 
 impl Fingerprint {
     fn of(meta: &std::fs::Metadata) -> Fingerprint {
-        Fingerprint {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            len: meta.len(),
-            modified: meta.modified().ok(),
-        }
+        Fingerprint { dev: meta.dev(), ino: meta.ino(), len: meta.len(), modified: meta.modified().ok() }
     }
 
     fn is_recent(&self) -> bool {
         match self.modified {
             // An mtime in the future (clock step) counts as recent.
-            Some(modified) => SystemTime::now()
-                .duration_since(modified)
-                .map_or(true, |age| age < RACY_WINDOW),
+            Some(modified) => SystemTime::now().duration_since(modified).map_or(true, |age| age < RACY_WINDOW),
             None => true,
         }
     }
@@ -166,9 +154,7 @@ impl<F: Fn(&ConfigError)> Watcher<F> {
     }
 
     async fn poll(&mut self) {
-        let observed = tokio::fs::metadata(&self.path)
-            .await
-            .map(|m| Fingerprint::of(&m));
+        let observed = tokio::fs::metadata(&self.path).await.map(|m| Fingerprint::of(&m));
         let key = observed.as_ref().map(|f| *f).map_err(io::Error::kind);
         let settled = self.previous == key;
         self.previous = key;
@@ -231,8 +217,7 @@ impl<F: Fn(&ConfigError)> Watcher<F> {
                     workloads = state.workloads().count(),
                     "reloaded config"
                 );
-                self.tx
-                    .send_replace(Arc::new(state.with_generation(self.generation)));
+                self.tx.send_replace(Arc::new(state.with_generation(self.generation)));
             }
             Err(err) => self.report(Failure::Content(hash), &err),
         }
@@ -240,10 +225,7 @@ impl<F: Fn(&ConfigError)> Watcher<F> {
 
     fn read_failed(&mut self, source: io::Error) {
         let failure = Failure::Read(source.kind());
-        let err = ConfigError::Read {
-            file: self.file.clone(),
-            source,
-        };
+        let err = ConfigError::Read { file: self.file.clone(), source };
         self.report(failure, &err);
     }
 

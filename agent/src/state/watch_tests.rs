@@ -36,10 +36,7 @@ struct Errors {
 fn recorder() -> (Errors, impl Fn(&ConfigError) + Send + Sync + 'static) {
     let count = Arc::new(AtomicUsize::new(0));
     let last = Arc::new(Mutex::new(String::new()));
-    let errors = Errors {
-        count: Arc::clone(&count),
-        last: Arc::clone(&last),
-    };
+    let errors = Errors { count: Arc::clone(&count), last: Arc::clone(&last) };
     let on_error = move |err: &ConfigError| {
         count.fetch_add(1, Ordering::SeqCst);
         *last.lock().unwrap() = err.to_string();
@@ -56,10 +53,7 @@ async fn reloads_keeps_last_good_and_recovers() {
 
     let (mut rx, task) = ConfigWatcher::spawn(&path, "node1", on_error).unwrap();
     assert_eq!(rx.borrow().generation(), 0);
-    assert!(rx
-        .borrow()
-        .workload_by_ip("10.10.1.2".parse().unwrap())
-        .is_some());
+    assert!(rx.borrow().workload_by_ip("10.10.1.2".parse().unwrap()).is_some());
 
     // A valid change is published.
     replace_file(&path, &EXAMPLE.replace("[10.10.1.2]", "[10.10.1.9]"));
@@ -71,16 +65,9 @@ async fn reloads_keeps_last_good_and_recovers() {
     // Invalid YAML: nothing published, one error with the reason.
     replace_file(&path, "trustDomain: [unclosed\n");
     tokio::time::sleep(PUBLISH_TIMEOUT).await;
-    assert!(
-        !rx.has_changed().unwrap(),
-        "bad config must not be published"
-    );
+    assert!(!rx.has_changed().unwrap(), "bad config must not be published");
     assert_eq!(rx.borrow().generation(), 1);
-    assert_eq!(
-        errors.count.load(Ordering::SeqCst),
-        1,
-        "reported once, not per poll"
-    );
+    assert_eq!(errors.count.load(Ordering::SeqCst), 1, "reported once, not per poll");
     let message = errors.last.lock().unwrap().clone();
     assert!(message.contains(&path.display().to_string()), "{message}");
     assert!(message.contains("line 1"), "{message}");
@@ -109,10 +96,7 @@ async fn semantic_errors_and_missing_file_keep_state() {
     let (mut rx, _task) = ConfigWatcher::spawn(&path, "node1", on_error).unwrap();
 
     // Valid YAML, but node-specific validation fails: netns missing.
-    replace_file(
-        &path,
-        &EXAMPLE.replace("    netns: /var/run/netns/pod1\n", ""),
-    );
+    replace_file(&path, &EXAMPLE.replace("    netns: /var/run/netns/pod1\n", ""));
     tokio::time::sleep(PUBLISH_TIMEOUT).await;
     assert!(!rx.has_changed().unwrap());
     assert_eq!(errors.count.load(Ordering::SeqCst), 1);
@@ -153,11 +137,7 @@ async fn initial_load_must_succeed() {
     let err = ConfigWatcher::spawn(&path, "node1", |_: &ConfigError| {}).unwrap_err();
     assert!(matches!(err, ConfigError::Read { .. }), "{err}");
 
-    std::fs::write(
-        &path,
-        EXAMPLE.replace("    netns: /var/run/netns/pod1\n", ""),
-    )
-    .unwrap();
+    std::fs::write(&path, EXAMPLE.replace("    netns: /var/run/netns/pod1\n", "")).unwrap();
     let err = ConfigWatcher::spawn(&path, "node1", |_: &ConfigError| {}).unwrap_err();
     assert!(err.to_string().contains("workloads[0].netns"), "{err}");
 }

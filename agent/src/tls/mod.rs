@@ -60,10 +60,7 @@ pub fn server_config(
     let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_client_cert_verifier(Arc::new(verify::TrustDomainVerifier::new(
-            webpki,
-            trust_domain,
-        )))
+        .with_client_cert_verifier(Arc::new(verify::TrustDomainVerifier::new(webpki, trust_domain)))
         .with_cert_resolver(Arc::new(resolve::ServerResolver::new(cache, id, provider)));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     // A resumed session skips certificate verification, so it would carry
@@ -119,11 +116,5 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// Issues the certificate now, so that a CA problem surfaces as an error
 /// here rather than as anonymous handshake failures later.
 fn warm(cache: &CertCache, id: &SpiffeId) -> Result<(), TlsError> {
-    cache
-        .get(id)
-        .map(drop)
-        .map_err(|source| TlsError::Identity {
-            id: id.to_string(),
-            source,
-        })
+    cache.get(id).map(drop).map_err(|source| TlsError::Identity { id: id.to_string(), source })
 }

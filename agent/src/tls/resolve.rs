@@ -28,12 +28,7 @@ struct CurrentKey {
 
 impl CurrentKey {
     fn new(cache: Arc<CertCache>, id: SpiffeId, provider: Arc<CryptoProvider>) -> Self {
-        Self {
-            cache,
-            id,
-            provider,
-            last: Mutex::new(None),
-        }
+        Self { cache, id, provider, last: Mutex::new(None) }
     }
 
     /// `None` fails the handshake; rustls has no way to carry our reason, so
@@ -95,11 +90,7 @@ impl ClientResolver {
 impl ResolvesClientCert for ClientResolver {
     // Root hints and schemes are not consulted: leaves are always ECDSA
     // P-256, which every TLS 1.3 peer accepts, and there is one identity.
-    fn resolve(
-        &self,
-        _root_hint_subjects: &[&[u8]],
-        _sigschemes: &[SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, _root_hint_subjects: &[&[u8]], _sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
         self.0.get()
     }
 

@@ -47,11 +47,7 @@ impl Pki {
 
     fn from_ca(dir: tempfile::TempDir, ca: Arc<Ca>, ttl: Duration) -> Self {
         let roots = Arc::new(ca.roots());
-        Self {
-            _dir: dir,
-            cache: Arc::new(CertCache::new(ca, ttl)),
-            roots,
-        }
+        Self { _dir: dir, cache: Arc::new(CertCache::new(ca, ttl)), roots }
     }
 
     fn server(&self, id: SpiffeId) -> Arc<rustls::ServerConfig> {
@@ -65,10 +61,7 @@ impl Pki {
 
 const HOUR: Duration = Duration::from_secs(3600);
 
-type Outcome<S> = (
-    io::Result<server::TlsStream<S>>,
-    io::Result<client::TlsStream<S>>,
-);
+type Outcome<S> = (io::Result<server::TlsStream<S>>, io::Result<client::TlsStream<S>>);
 
 async fn handshake_over<S>(
     server_io: S,
@@ -84,10 +77,7 @@ where
     tokio::join!(accept, connect)
 }
 
-async fn handshake(
-    server: Arc<rustls::ServerConfig>,
-    client: Arc<rustls::ClientConfig>,
-) -> Outcome<DuplexStream> {
+async fn handshake(server: Arc<rustls::ServerConfig>, client: Arc<rustls::ClientConfig>) -> Outcome<DuplexStream> {
     let (server_io, client_io) = tokio::io::duplex(64 * 1024);
     handshake_over(server_io, client_io, server, client).await
 }
@@ -147,14 +137,8 @@ async fn mtls_over_tcp_sees_both_identities() {
     let client_conn = client.get_ref().1;
     assert_eq!(peer_identity(server_conn), Some(client_id()));
     assert_eq!(peer_identity(client_conn), Some(server_id()));
-    assert_eq!(
-        server_conn.protocol_version(),
-        Some(ProtocolVersion::TLSv1_3)
-    );
-    assert_eq!(
-        client_conn.protocol_version(),
-        Some(ProtocolVersion::TLSv1_3)
-    );
+    assert_eq!(server_conn.protocol_version(), Some(ProtocolVersion::TLSv1_3));
+    assert_eq!(client_conn.protocol_version(), Some(ProtocolVersion::TLSv1_3));
     assert_eq!(server_conn.alpn_protocol(), Some(ALPN_H2));
     assert_eq!(client_conn.alpn_protocol(), Some(ALPN_H2));
     assert_eq!(server_conn.server_name(), None, "HBONE sends no SNI");
@@ -165,13 +149,9 @@ async fn mtls_over_tcp_sees_both_identities() {
 async fn client_refuses_a_server_with_another_identity() {
     let pki = Pki::new(HOUR);
     let expected = id(TD, "backend", "not-api");
-    let (server, client) =
-        handshake(pki.server(server_id()), pki.client(client_id(), expected)).await;
+    let (server, client) = handshake(pki.server(server_id()), pki.client(client_id(), expected)).await;
     let err = client.unwrap_err();
-    assert!(
-        matches!(rejection(&err), Some(PeerRejected::WrongIdentity { .. })),
-        "{err}"
-    );
+    assert!(matches!(rejection(&err), Some(PeerRejected::WrongIdentity { .. })), "{err}");
     assert!(err.to_string().contains("not-api"), "{err}");
     assert!(server.is_err(), "the server sees the client's alert");
 }
@@ -180,13 +160,9 @@ async fn client_refuses_a_server_with_another_identity() {
 async fn server_refuses_a_client_from_another_trust_domain() {
     let pki = Pki::new(HOUR);
     let outsider = id("other.local", "frontend", "web");
-    let (server, client) =
-        handshake(pki.server(server_id()), pki.client(outsider, server_id())).await;
+    let (server, client) = handshake(pki.server(server_id()), pki.client(outsider, server_id())).await;
     let err = server.unwrap_err();
-    assert!(
-        matches!(rejection(&err), Some(PeerRejected::WrongTrustDomain { .. })),
-        "{err}"
-    );
+    assert!(matches!(rejection(&err), Some(PeerRejected::WrongTrustDomain { .. })), "{err}");
     assert!(err.to_string().contains("other.local"), "{err}");
     client_sees_failure(client).await;
 }
@@ -196,13 +172,7 @@ async fn server_refuses_a_client_signed_by_another_root() {
     let ours = Pki::new(HOUR);
     let theirs = Pki::new(HOUR);
     // Same trust domain name, different CA: only the chain can tell them apart.
-    let client = client_config(
-        theirs.cache.clone(),
-        client_id(),
-        ours.roots.clone(),
-        server_id(),
-    )
-    .unwrap();
+    let client = client_config(theirs.cache.clone(), client_id(), ours.roots.clone(), server_id()).unwrap();
     let (server, client) = handshake(ours.server(server_id()), client).await;
     let err = server.unwrap_err();
     assert!(rejection(&err).is_none());
@@ -214,13 +184,7 @@ async fn server_refuses_a_client_signed_by_another_root() {
 async fn client_refuses_a_server_signed_by_another_root() {
     let ours = Pki::new(HOUR);
     let theirs = Pki::new(HOUR);
-    let server = server_config(
-        theirs.cache.clone(),
-        server_id(),
-        ours.roots.clone(),
-        TD.into(),
-    )
-    .unwrap();
+    let server = server_config(theirs.cache.clone(), server_id(), ours.roots.clone(), TD.into()).unwrap();
     let (_, client) = handshake(server, ours.client(client_id(), server_id())).await;
     assert_signed_elsewhere(&client.unwrap_err());
 }
@@ -230,10 +194,7 @@ async fn client_refuses_a_server_signed_by_another_root() {
 /// UnknownIssuer. Either way the chain, not the identity check, refused it.
 fn assert_signed_elsewhere(err: &io::Error) {
     let text = err.to_string();
-    assert!(
-        text.contains("BadSignature") || text.contains("UnknownIssuer"),
-        "{err}"
-    );
+    assert!(text.contains("BadSignature") || text.contains("UnknownIssuer"), "{err}");
 }
 
 #[tokio::test]
@@ -250,10 +211,7 @@ async fn server_requires_a_client_certificate() {
     anonymous.alpn_protocols = vec![ALPN_H2.to_vec()];
     let (server, client) = handshake(pki.server(server_id()), Arc::new(anonymous)).await;
     let err = server.unwrap_err();
-    assert!(
-        err.to_string().to_lowercase().contains("certificate"),
-        "{err}"
-    );
+    assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
     client_sees_failure(client).await;
 }
 
@@ -296,13 +254,8 @@ async fn tls12_is_refused() {
     };
     let (server, reply) = tokio::join!(accept, talk);
     let err = server.unwrap_err();
-    let tls_err = err
-        .get_ref()
-        .and_then(|e| e.downcast_ref::<rustls::Error>());
-    assert!(
-        matches!(tls_err, Some(rustls::Error::PeerIncompatible(_))),
-        "{err}"
-    );
+    let tls_err = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>());
+    assert!(matches!(tls_err, Some(rustls::Error::PeerIncompatible(_))), "{err}");
     // A fatal alert record: type 21, level 2 (fatal), protocol_version (70).
     assert_eq!(reply.first(), Some(&0x15), "{reply:02x?}");
     assert_eq!(&reply[5..7], &[2, 70], "{reply:02x?}");
@@ -315,28 +268,14 @@ async fn intermediate_chain_verifies_in_the_handshake() {
         dir.path(),
         testutil::RSA2048_ROOT,
         testutil::RSA_INTERMEDIATE_KEY,
-        Some(&format!(
-            "{}{}",
-            testutil::RSA_INTERMEDIATE_CERT,
-            testutil::RSA2048_ROOT
-        )),
+        Some(&format!("{}{}", testutil::RSA_INTERMEDIATE_CERT, testutil::RSA2048_ROOT)),
     );
     let ca = Arc::new(Ca::load(dir.path()).unwrap());
     let pki = Pki::from_ca(dir, ca, HOUR);
-    let (server, client) = handshake(
-        pki.server(server_id()),
-        pki.client(client_id(), server_id()),
-    )
-    .await;
+    let (server, client) = handshake(pki.server(server_id()), pki.client(client_id(), server_id())).await;
     let (mut server, mut client) = (server.unwrap(), client.unwrap());
-    assert_eq!(
-        client.get_ref().1.peer_certificates().map(<[_]>::len),
-        Some(2)
-    );
-    assert_eq!(
-        server.get_ref().1.peer_certificates().map(<[_]>::len),
-        Some(2)
-    );
+    assert_eq!(client.get_ref().1.peer_certificates().map(<[_]>::len), Some(2));
+    assert_eq!(server.get_ref().1.peer_certificates().map(<[_]>::len), Some(2));
     assert_eq!(peer_identity(server.get_ref().1), Some(client_id()));
     exchange(&mut client, &mut server).await.unwrap();
 }
@@ -354,19 +293,13 @@ async fn rotation_keeps_old_sessions_and_serves_new_certs() {
 
     // Past the old certificate's expiry, not just its half-life, to show
     // that an established session does not care.
-    let wait = old_cert
-        .not_after
-        .duration_since(SystemTime::now())
-        .unwrap_or_default();
+    let wait = old_cert.not_after.duration_since(SystemTime::now()).unwrap_or_default();
     tokio::time::sleep(wait + Duration::from_millis(200)).await;
 
     let (server, client) = handshake(server_cfg, client_cfg).await;
     let (mut new_server, mut new_client) = (server.unwrap(), client.unwrap());
     let new_leaf = new_client.get_ref().1.peer_certificates().unwrap()[0].clone();
-    assert_ne!(
-        old_leaf, new_leaf,
-        "a new handshake must present the renewed certificate"
-    );
+    assert_ne!(old_leaf, new_leaf, "a new handshake must present the renewed certificate");
     assert_eq!(peer_identity(new_server.get_ref().1), Some(client_id()));
 
     exchange(&mut old_client, &mut old_server).await.unwrap();
@@ -376,23 +309,11 @@ async fn rotation_keeps_old_sessions_and_serves_new_certs() {
 #[test]
 fn configs_fail_fast_with_reasons() {
     let pki = Pki::new(HOUR);
-    let err = server_config(
-        pki.cache.clone(),
-        server_id(),
-        pki.roots.clone(),
-        "Bad Domain".into(),
-    )
-    .unwrap_err();
+    let err = server_config(pki.cache.clone(), server_id(), pki.roots.clone(), "Bad Domain".into()).unwrap_err();
     assert!(matches!(err, TlsError::TrustDomain(_)), "{err}");
 
     let expired = Pki::new(Duration::ZERO);
-    let err = client_config(
-        expired.cache.clone(),
-        client_id(),
-        expired.roots.clone(),
-        server_id(),
-    )
-    .unwrap_err();
+    let err = client_config(expired.cache.clone(), client_id(), expired.roots.clone(), server_id()).unwrap_err();
     assert!(err.to_string().contains(&client_id().to_string()), "{err}");
 }
 

@@ -6,14 +6,11 @@ use std::{fmt, sync::Arc};
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     client::verify_server_cert_signed_by_trust_anchor,
-    crypto::{
-        verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms,
-    },
+    crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms},
     pki_types::{CertificateDer, ServerName, UnixTime},
     server::danger::{ClientCertVerified, ClientCertVerifier},
     server::ParsedCertificate,
-    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
-    SignatureScheme,
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, SignatureScheme,
 };
 
 use crate::identity::{CertIdError, SpiffeId};
@@ -69,16 +66,8 @@ pub(crate) struct SpiffeServerVerifier {
 }
 
 impl SpiffeServerVerifier {
-    pub(crate) fn new(
-        roots: Arc<RootCertStore>,
-        expected: SpiffeId,
-        provider: &CryptoProvider,
-    ) -> Self {
-        Self {
-            roots,
-            expected,
-            algs: provider.signature_verification_algorithms,
-        }
+    pub(crate) fn new(roots: Arc<RootCertStore>, expected: SpiffeId, provider: &CryptoProvider) -> Self {
+        Self { roots, expected, algs: provider.signature_verification_algorithms }
     }
 }
 
@@ -92,20 +81,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algs.all,
-        )?;
+        verify_server_cert_signed_by_trust_anchor(&cert, &self.roots, intermediates, now, self.algs.all)?;
         let found = SpiffeId::from_cert_der(end_entity).map_err(PeerRejected::from)?;
         if found != self.expected {
-            return Err(PeerRejected::WrongIdentity {
-                found: found.to_string(),
-                expected: self.expected.to_string(),
-            }
-            .into());
+            return Err(
+                PeerRejected::WrongIdentity { found: found.to_string(), expected: self.expected.to_string() }.into()
+            );
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -144,10 +125,7 @@ pub(crate) struct TrustDomainVerifier {
 
 impl TrustDomainVerifier {
     pub(crate) fn new(inner: Arc<dyn ClientCertVerifier>, trust_domain: String) -> Self {
-        Self {
-            inner,
-            trust_domain,
-        }
+        Self { inner, trust_domain }
     }
 }
 
@@ -170,8 +148,7 @@ impl ClientCertVerifier for TrustDomainVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+        self.inner.verify_client_cert(end_entity, intermediates, now)?;
         let found = SpiffeId::from_cert_der(end_entity).map_err(PeerRejected::from)?;
         if found.trust_domain != self.trust_domain {
             return Err(PeerRejected::WrongTrustDomain {

@@ -79,18 +79,12 @@ impl Connection {
             }
             flag.store(true, Ordering::Relaxed);
         });
-        Ok(Connection {
-            send,
-            active: Arc::default(),
-            closed,
-            last_used: Mutex::new(Instant::now()),
-        })
+        Ok(Connection { send, active: Arc::default(), closed, last_used: Mutex::new(Instant::now()) })
     }
 
     /// Whether a new stream may go on this connection.
     pub fn has_room(&self) -> bool {
-        !self.closed.load(Ordering::Relaxed)
-            && self.active.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONN as usize
+        !self.closed.load(Ordering::Relaxed) && self.active.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONN as usize
     }
 
     pub fn is_closed(&self) -> bool {
@@ -102,17 +96,12 @@ impl Connection {
     }
 
     pub fn idle_since(&self) -> Option<Instant> {
-        (self.active_streams() == 0)
-            .then(|| *self.last_used.lock().unwrap_or_else(|e| e.into_inner()))
+        (self.active_streams() == 0).then(|| *self.last_used.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Opens a CONNECT stream to `target` and waits for the peer's 200, which
     /// it sends only once the destination app accepted the connection.
-    pub async fn connect(
-        &self,
-        target: SocketAddr,
-        forwarded_for: IpAddr,
-    ) -> Result<Stream, ConnectError> {
+    pub async fn connect(&self, target: SocketAddr, forwarded_for: IpAddr) -> Result<Stream, ConnectError> {
         self.active.fetch_add(1, Ordering::Relaxed);
         let slot = Slot(self.active.clone());
         *self.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
@@ -127,11 +116,7 @@ impl Connection {
         if response.status() != StatusCode::OK {
             return Err(ConnectError::Status(response.status()));
         }
-        Ok(Stream {
-            send,
-            recv: response.into_body(),
-            _slot: slot,
-        })
+        Ok(Stream { send, recv: response.into_body(), _slot: slot })
     }
 }
 

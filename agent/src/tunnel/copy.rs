@@ -56,13 +56,7 @@ pub async fn copy_bidirectional(
             let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
         }
     }
-    (
-        CopyResult {
-            tcp_to_stream: up_bytes,
-            stream_to_tcp: down_bytes,
-        },
-        outcome,
-    )
+    (CopyResult { tcp_to_stream: up_bytes, stream_to_tcp: down_bytes }, outcome)
 }
 
 async fn tcp_to_stream(
@@ -90,12 +84,7 @@ async fn tcp_to_stream(
             let granted = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
                 Some(Ok(granted)) => granted,
                 Some(Err(e)) => return Err(h2_io(e)),
-                None => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "HBONE stream closed by peer",
-                    ))
-                }
+                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed by peer")),
             };
             let part = chunk.split_to(granted.min(chunk.len()));
             *n += part.len() as u64;
@@ -104,11 +93,7 @@ async fn tcp_to_stream(
     }
 }
 
-async fn stream_to_tcp(
-    mut recv: RecvStream,
-    wr: &mut tokio::net::tcp::OwnedWriteHalf,
-    n: &mut u64,
-) -> io::Result<()> {
+async fn stream_to_tcp(mut recv: RecvStream, wr: &mut tokio::net::tcp::OwnedWriteHalf, n: &mut u64) -> io::Result<()> {
     while let Some(data) = recv.data().await {
         let data = data.map_err(h2_io)?;
         let len = data.len();
@@ -123,14 +108,8 @@ async fn stream_to_tcp(
 
 pub fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
-        return e
-            .into_io()
-            .unwrap_or_else(|| io::Error::other("h2 I/O error"));
+        return e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"));
     }
-    let kind = if e.is_reset() {
-        io::ErrorKind::ConnectionReset
-    } else {
-        io::ErrorKind::Other
-    };
+    let kind = if e.is_reset() { io::ErrorKind::ConnectionReset } else { io::ErrorKind::Other };
     io::Error::new(kind, e)
 }

@@ -41,10 +41,7 @@ pub struct PoolStats {
 
 impl Pool {
     pub fn new(idle_timeout: Duration) -> Arc<Pool> {
-        let pool = Arc::new(Pool {
-            entries: Mutex::default(),
-            idle_timeout,
-        });
+        let pool = Arc::new(Pool { entries: Mutex::default(), idle_timeout });
         let weak = Arc::downgrade(&pool);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(idle_timeout.max(Duration::from_millis(100)) / 2);
@@ -65,13 +62,7 @@ impl Pool {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Connection, E>>,
     {
-        let entry = self
-            .entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key.clone())
-            .or_default()
-            .clone();
+        let entry = self.entries.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().clone();
         let mut entry = entry.lock().await;
         entry.conns.retain(|c| !c.is_closed());
         if let Some(conn) = entry.conns.iter().find(|c| c.has_room()) {
@@ -91,9 +82,7 @@ impl Pool {
             let Ok(mut entry) = entry.try_lock() else {
                 return true;
             };
-            entry
-                .conns
-                .retain(|c| !c.is_closed() && c.idle_since().is_none_or(|t| t.elapsed() < timeout));
+            entry.conns.retain(|c| !c.is_closed() && c.idle_since().is_none_or(|t| t.elapsed() < timeout));
             !entry.conns.is_empty()
         });
     }
@@ -104,11 +93,7 @@ impl Pool {
         for entry in entries.values() {
             if let Ok(entry) = entry.try_lock() {
                 stats.connections += entry.conns.len();
-                stats.active_streams += entry
-                    .conns
-                    .iter()
-                    .map(|c| c.active_streams())
-                    .sum::<usize>();
+                stats.active_streams += entry.conns.iter().map(|c| c.active_streams()).sum::<usize>();
             }
         }
         stats
@@ -116,9 +101,6 @@ impl Pool {
 
     /// Closes every pooled connection (agent shutdown).
     pub fn clear(&self) {
-        self.entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }

@@ -51,8 +51,7 @@ impl Refusal {
 /// The agent's side of each stream: authorize and dial, then account.
 pub trait Handler: Send + Sync + 'static {
     /// Decides and, when allowed, connects to the app.
-    fn open(&self, req: &InboundRequest)
-        -> impl Future<Output = Result<TcpStream, Refusal>> + Send;
+    fn open(&self, req: &InboundRequest) -> impl Future<Output = Result<TcpStream, Refusal>> + Send;
     /// Called once per stream that was answered, with what moved.
     fn finished(&self, req: &InboundRequest, status: StatusCode, bytes: CopyResult);
 }
@@ -91,9 +90,7 @@ where
         let handler = handler.clone();
         let peer_identity = peer_identity.clone();
         let span = info_span!("inbound", %peer, identity = peer_identity.as_deref().unwrap_or("-"));
-        tokio::spawn(
-            handle_stream(req, respond, local, peer, peer_identity, handler).instrument(span),
-        );
+        tokio::spawn(handle_stream(req, respond, local, peer, peer_identity, handler).instrument(span));
     }
 }
 
@@ -109,11 +106,7 @@ async fn handle_stream<H: Handler>(
         Ok(target) => target,
         Err(refusal) => return refuse(&mut respond, &refusal),
     };
-    let inbound = InboundRequest {
-        target,
-        peer,
-        peer_identity,
-    };
+    let inbound = InboundRequest { target, peer, peer_identity };
     let upstream = match handler.open(&inbound).await {
         Ok(s) => s,
         Err(refusal) => {
@@ -136,15 +129,9 @@ async fn handle_stream<H: Handler>(
 /// Checks the request is a CONNECT to an address this connection may reach.
 fn validate(req: &Request<h2::RecvStream>, local: SocketAddr) -> Result<SocketAddr, Refusal> {
     if req.method() != Method::CONNECT {
-        return Err(Refusal::BadRequest(format!(
-            "method {} is not CONNECT",
-            req.method()
-        )));
+        return Err(Refusal::BadRequest(format!("method {} is not CONNECT", req.method())));
     }
-    let authority = req
-        .uri()
-        .authority()
-        .ok_or_else(|| Refusal::BadRequest("CONNECT without :authority".into()))?;
+    let authority = req.uri().authority().ok_or_else(|| Refusal::BadRequest("CONNECT without :authority".into()))?;
     let target: SocketAddr = authority
         .as_str()
         .parse()
@@ -174,9 +161,6 @@ fn refuse(respond: &mut SendResponse<Bytes>, refusal: &Refusal) {
         Refusal::BadRequest(why) => warn!(%why, "bad HBONE request"),
         Refusal::Unavailable(e) => warn!(error = %e, "app unreachable"),
     }
-    let resp = Response::builder()
-        .status(refusal.status())
-        .body(())
-        .expect("static response is valid");
+    let resp = Response::builder().status(refusal.status()).body(()).expect("static response is valid");
     let _ = respond.send_response(resp, true);
 }

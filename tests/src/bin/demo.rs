@@ -38,53 +38,31 @@ fn demo() -> Result<()> {
     let node = topo.add_node("node1")?;
     let enrolled = node.add_pod("enrolled")?;
     let plain = node.add_pod("plain")?;
-    println!(
-        "    enrolled pod {} cgroup {}",
-        enrolled.ipv4(),
-        enrolled.cgroup_path().display()
-    );
-    println!(
-        "    plain pod    {} cgroup {}",
-        plain.ipv4(),
-        plain.cgroup_path().display()
-    );
+    println!("    enrolled pod {} cgroup {}", enrolled.ipv4(), enrolled.cgroup_path().display());
+    println!("    plain pod    {} cgroup {}", plain.ipv4(), plain.cgroup_path().display());
 
     say("starting `sluice run` on the node, enrolling the pod's cgroup");
     let cgroup = enrolled.cgroup_path();
-    let agent = Agent::start(
-        &node,
-        Path::new(PIN_ROOT),
-        &["run", "--cgroup", cgroup.to_str().context("cgroup path")?],
-    )?;
+    let agent =
+        Agent::start(&node, Path::new(PIN_ROOT), &["run", "--cgroup", cgroup.to_str().context("cgroup path")?])?;
     println!("    agent pid {}", agent.pid());
     let progs = run(Command::new("bpftool").args(["prog", "show"]))?;
     for line in progs.lines().filter(|l| l.contains("sluice")) {
         println!("    bpftool prog: {}", line.trim());
     }
     for map in ["counters", "sock_pairs"] {
-        let shown = run(Command::new("bpftool")
-            .args(["map", "show", "pinned"])
-            .arg(Path::new(PIN_ROOT).join(map)))?;
-        println!(
-            "    bpftool map:  {}",
-            shown.lines().next().unwrap_or("").trim()
-        );
+        let shown = run(Command::new("bpftool").args(["map", "show", "pinned"]).arg(Path::new(PIN_ROOT).join(map)))?;
+        println!("    bpftool map:  {}", shown.lines().next().unwrap_or("").trim());
     }
 
-    say(&format!(
-        "moving {} MiB each way over 127.0.0.1 in both pods",
-        BYTES >> 20
-    ));
+    say(&format!("moving {} MiB each way over 127.0.0.1 in both pods", BYTES >> 20));
     let mut rows = Vec::new();
     for (name, pod) in [("enrolled", &enrolled), ("plain", &plain)] {
         let (_server, addr) = echo_server(pod, "127.0.0.1:0", &[])?;
         let report = send_verified(pod, &addr, BYTES, Duration::from_secs(60))?;
         rows.push((name, report));
     }
-    println!(
-        "    {:<9} {:>10} {:>12} {:>14} {:>10}",
-        "pod", "verified", "tcp segs_out", "tcp bytes_acked", "ms"
-    );
+    println!("    {:<9} {:>10} {:>12} {:>14} {:>10}", "pod", "verified", "tcp segs_out", "tcp bytes_acked", "ms");
     for (name, r) in &rows {
         println!(
             "    {:<9} {:>10} {:>12} {:>14} {:>10}",
@@ -99,32 +77,19 @@ fn demo() -> Result<()> {
 
     say("stopping the agent (SIGTERM)");
     agent.stop()?;
-    ensure!(
-        !Path::new(PIN_ROOT).exists(),
-        "pins left behind in {PIN_ROOT}"
-    );
+    ensure!(!Path::new(PIN_ROOT).exists(), "pins left behind in {PIN_ROOT}");
     let left = run(Command::new("bpftool").args(["prog", "show"]))?;
-    ensure!(
-        !left.contains("sluice_"),
-        "programs still loaded after stop:\n{left}"
-    );
+    ensure!(!left.contains("sluice_"), "programs still loaded after stop:\n{left}");
     let names = topo.netns_names();
     drop(topo);
     let netns = run(Command::new("ip").args(["netns", "list"]))?;
-    ensure!(
-        !names.iter().any(|n| netns.contains(n.as_str())),
-        "network namespaces left behind"
-    );
+    ensure!(!names.iter().any(|n| netns.contains(n.as_str())), "network namespaces left behind");
     say("done: programs detached, pins removed, namespaces and cgroups deleted");
     Ok(())
 }
 
 fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ensure!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -71,25 +71,10 @@ enum Expect {
 
 fn main() {
     let result = match Cli::parse().cmd {
-        Cmd::Serve {
-            listen,
-            mode,
-            once,
-            print_peer,
-        } => serve(listen, mode, once, print_peer),
-        Cmd::Send {
-            connect,
-            bytes,
-            chunk,
-            timeout_secs,
-            expect,
-        } => send(
-            connect,
-            bytes,
-            chunk.max(1),
-            Duration::from_secs(timeout_secs),
-            expect,
-        ),
+        Cmd::Serve { listen, mode, once, print_peer } => serve(listen, mode, once, print_peer),
+        Cmd::Send { connect, bytes, chunk, timeout_secs, expect } => {
+            send(connect, bytes, chunk.max(1), Duration::from_secs(timeout_secs), expect)
+        }
     };
     if let Err(e) = result {
         eprintln!("sluice-peer: {e:#}");
@@ -106,10 +91,7 @@ fn say(line: &str) {
 
 fn serve(listen: SocketAddr, mode: Mode, once: bool, print_peer: bool) -> Result<()> {
     let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
-    say(&format!(
-        "LISTENING {}",
-        listener.local_addr().context("local_addr")?
-    ));
+    say(&format!("LISTENING {}", listener.local_addr().context("local_addr")?));
     loop {
         let (stream, peer) = listener.accept().context("accept")?;
         if print_peer {
@@ -149,10 +131,7 @@ fn handle(mut s: TcpStream, mode: Mode) -> Result<()> {
         total += n as u64;
     }
     if let Mode::DiscardThenReport = mode {
-        let report = ServeReport {
-            bytes_received: total,
-            first_mismatch_offset: mismatch,
-        };
+        let report = ServeReport { bytes_received: total, first_mismatch_offset: mismatch };
         let line = serde_json::to_string(&report)? + "\n";
         s.write_all(line.as_bytes()).context("write report")?;
     }
@@ -161,16 +140,9 @@ fn handle(mut s: TcpStream, mode: Mode) -> Result<()> {
     Ok(())
 }
 
-fn send(
-    addr: SocketAddr,
-    total: u64,
-    chunk: usize,
-    timeout: Duration,
-    expect: Expect,
-) -> Result<()> {
+fn send(addr: SocketAddr, total: u64, chunk: usize, timeout: Duration, expect: Expect) -> Result<()> {
     let start = Instant::now();
-    let stream =
-        TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
+    let stream = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let mut writer = stream.try_clone().context("clone socket")?;
@@ -180,14 +152,10 @@ fn send(
         while sent < total {
             let n = chunk.min((total - sent) as usize);
             pattern::fill(sent, &mut buf[..n]);
-            writer
-                .write_all(&buf[..n])
-                .with_context(|| format!("write at offset {sent}"))?;
+            writer.write_all(&buf[..n]).with_context(|| format!("write at offset {sent}"))?;
             sent += n as u64;
         }
-        writer
-            .shutdown(Shutdown::Write)
-            .context("shutdown(Write)")?;
+        writer.shutdown(Shutdown::Write).context("shutdown(Write)")?;
         Ok(sent)
     });
 
@@ -197,9 +165,7 @@ fn send(
         // Unblock the sender (EPIPE) instead of waiting for its write timeout.
         let _ = stream.shutdown(Shutdown::Both);
     }
-    let sent = sender
-        .join()
-        .map_err(|_| anyhow::anyhow!("sender thread panicked"))?;
+    let sent = sender.join().map_err(|_| anyhow::anyhow!("sender thread panicked"))?;
     report.bytes_sent = match &sent {
         Ok(n) => *n,
         Err(_) => 0,
@@ -211,14 +177,12 @@ fn send(
     report.elapsed_ms = start.elapsed().as_millis() as u64;
     let failure = match (sent, received) {
         (Err(e), _) | (_, Err(e)) => Some(format!("{e:#}")),
-        _ if report.first_mismatch_offset.is_some() => Some(format!(
-            "data mismatch at offset {}",
-            report.first_mismatch_offset.unwrap_or_default()
-        )),
-        _ if expect != Expect::None && report.bytes_verified != total => Some(format!(
-            "verified {} of {total} bytes",
-            report.bytes_verified
-        )),
+        _ if report.first_mismatch_offset.is_some() => {
+            Some(format!("data mismatch at offset {}", report.first_mismatch_offset.unwrap_or_default()))
+        }
+        _ if expect != Expect::None && report.bytes_verified != total => {
+            Some(format!("verified {} of {total} bytes", report.bytes_verified))
+        }
         _ => None,
     };
     report.ok = failure.is_none();
@@ -232,13 +196,7 @@ fn send(
 }
 
 /// Read until EOF, checking what comes back against `expect`.
-fn receive(
-    mut s: &TcpStream,
-    total: u64,
-    expect: Expect,
-    deadline: Instant,
-    report: &mut SendReport,
-) -> Result<()> {
+fn receive(mut s: &TcpStream, total: u64, expect: Expect, deadline: Instant, report: &mut SendReport) -> Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut got = 0u64;
     let mut text = Vec::new();
@@ -258,8 +216,7 @@ fn receive(
         match expect {
             Expect::Echo => {
                 // Anything past `total` is a duplicate: it mismatches at `total`.
-                let m = pattern::first_mismatch(got, &buf[..n])
-                    .or((got + n as u64 > total).then_some(total.max(got)));
+                let m = pattern::first_mismatch(got, &buf[..n]).or((got + n as u64 > total).then_some(total.max(got)));
                 if let Some(off) = m {
                     report.first_mismatch_offset = Some(off);
                     report.bytes_verified = off;

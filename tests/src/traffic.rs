@@ -31,11 +31,16 @@ pub fn send(place: &(impl Place + ?Sized), addr: &str, bytes: u64, timeout: Dura
         .args(["--timeout-secs", &timeout.as_secs().max(1).to_string()]);
     let out = crate::output_in(place, send, timeout + Duration::from_secs(5))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
+    if stdout.trim().is_empty() && !out.status.success() {
+        // Refused or reset before any report could be written (a policy
+        // denial looks like this): a failed exchange, not a harness error.
+        return Ok(SendReport {
+            ok: false,
+            error: Some(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+            ..Default::default()
+        });
+    }
     serde_json::from_str(stdout.trim()).with_context(|| {
-        format!(
-            "sluice-peer send to {addr} printed no report ({}): {stdout}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )
+        format!("sluice-peer send to {addr} printed no report ({}): {stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr))
     })
 }

@@ -41,6 +41,10 @@ pub fn send(place: &(impl Place + ?Sized), addr: &str, bytes: u64, timeout: Dura
         });
     }
     serde_json::from_str(stdout.trim()).with_context(|| {
-        format!("sluice-peer send to {addr} printed no report ({}): {stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr))
+        format!(
+            "sluice-peer send to {addr} printed no report ({}): {stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
     })
 }

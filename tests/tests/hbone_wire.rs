@@ -1,0 +1,175 @@
+//! The HBONE server contract, checked on the wire against a real agent's
+//! 15008 by a hand-driven client: TLS 1.3 + ALPN h2, the client certificate's
+//! trust domain, and the status codes ztunnel answers (400 not CONNECT,
+//! 400 :authority mismatch, 401 policy deny, 503 app unreachable, 200 + bytes).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+    DigitallySignedStruct, SignatureScheme,
+};
+use sluice::{
+    identity::{Ca, SpiffeId},
+    netns::Netns,
+};
+use sluice_tests::{evidence, mesh::Mesh, require_root, traffic::echo_server, Topology};
+use tokio_rustls::{client::TlsStream, TlsConnector};
+
+/// Accepts any server: these tests check the *server's* decisions.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// mTLS to `to` from inside `netns`, presenting a certificate for `id`
+/// issued by the CA in `ca_dir`.
+async fn handshake(
+    netns: &Netns,
+    to: SocketAddr,
+    ca_dir: &std::path::Path,
+    id: &SpiffeId,
+) -> Result<TlsStream<tokio::net::TcpStream>> {
+    let cert = Ca::load(ca_dir)?.issue(id, Duration::from_secs(3600))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_client_auth_cert(cert.chain.clone(), cert.key.clone_key())?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.enable_sni = false;
+    let tcp = netns.socket(to, None, false)?.connect(to).await.context("TCP connect to 15008")?;
+    let tls = TlsConnector::from(Arc::new(config)).connect(ServerName::IpAddress(to.ip().into()), tcp).await?;
+    Ok(tls)
+}
+
+/// TLS 1.3 checks the client certificate after the client's Finished, so a
+/// refusal shows up here, as the alert that ends the HTTP/2 handshake.
+async fn request(
+    tls: TlsStream<tokio::net::TcpStream>,
+    method: Method,
+    authority: &str,
+) -> Result<(StatusCode, h2::SendStream<Bytes>, h2::RecvStream)> {
+    let step = async {
+        let (client, conn) = h2::client::handshake(tls).await?;
+        tokio::spawn(conn);
+        let mut client = client.ready().await?;
+        let req = if method == Method::CONNECT {
+            Request::builder().method(method).uri(authority).body(())?
+        } else {
+            Request::builder().method(method).uri(format!("http://{authority}/")).body(())?
+        };
+        let (resp, send) = client.send_request(req, false)?;
+        let resp = resp.await?;
+        Ok((resp.status(), send, resp.into_body()))
+    };
+    tokio::time::timeout(Duration::from_secs(10), step).await.context("HBONE request timed out")?
+}
+
+#[test]
+fn hbone_server_contract() -> Result<()> {
+    require_root!(Ok(()));
+    let topo = Topology::new("wire")?;
+    let (n1, n2) = (topo.add_node("node1")?, topo.add_node("node2")?);
+    let (b1, b2, c) = (n2.add_pod("b1")?, n2.add_pod("b2")?, n1.add_pod("c")?);
+    let mut mesh = Mesh::new(&topo, "cluster.local")?;
+    mesh.add(&b1, "default", "httpbin", true);
+    mesh.add(&b2, "default", "httpbin", true);
+    mesh.add(&c, "default", "client", false);
+    mesh.policies_yaml =
+        "  - name: no-9000\n    namespace: default\n    action: DENY\n    rules:\n      - to: [{ ports: [9000] }]\n"
+            .into();
+    mesh.write_config()?;
+    let _agent = mesh.start_agent(&n2, "iptables")?;
+    let (_srv, _) = echo_server(&b1, &format!("{}:8080", b1.ipv4()), &[])?;
+    let (_srv9, _) = echo_server(&b1, &format!("{}:9000", b1.ipv4()), &[])?;
+
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let netns = Netns::open(&c.netns_path())?;
+        let hbone = SocketAddr::new(b1.ipv4().into(), 15008);
+        let me = SpiffeId::new("cluster.local", "default", "client")?;
+        let ca = mesh.ca_dir();
+        let connect = |authority: String, method: Method| {
+            let (netns, ca, me) = (&netns, &ca, &me);
+            async move { request(handshake(netns, hbone, ca, me).await?, method, &authority).await }
+        };
+
+        let (status, _, _) = connect(format!("{}:8080", b1.ipv4()), Method::GET).await?;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "a non-CONNECT request");
+        let (status, _, _) = connect(format!("{}:8080", b2.ipv4()), Method::CONNECT).await?;
+        assert_eq!(status, StatusCode::BAD_REQUEST, ":authority of another pod than the one dialled");
+        let (status, _, _) = connect(format!("{}:9000", b1.ipv4()), Method::CONNECT).await?;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "DENY policy on port 9000");
+        let (status, _, _) = connect(format!("{}:7777", b1.ipv4()), Method::CONNECT).await?;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "nothing listens on 7777");
+        let (status, mut send, mut recv) = connect(format!("{}:8080", b1.ipv4()), Method::CONNECT).await?;
+        assert_eq!(status, StatusCode::OK);
+        send.send_data(Bytes::from_static(b"hello through hbone"), true)?;
+        let mut echoed = Vec::new();
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(10), recv.data()).await? {
+            let chunk = chunk?;
+            recv.flow_control().release_capacity(chunk.len())?;
+            echoed.extend_from_slice(&chunk);
+        }
+        assert_eq!(echoed, b"hello through hbone", "bytes must round-trip through the stream");
+
+        // Client certificates the server must refuse at the TLS layer.
+        let foreign_td = SpiffeId::new("other.local", "default", "client")?;
+        let target = format!("{}:8080", b1.ipv4());
+        let attempt = |ca: std::path::PathBuf, id: SpiffeId| {
+            let (netns, target) = (&netns, &target);
+            async move {
+                let tls = handshake(netns, hbone, &ca, &id).await?;
+                request(tls, Method::CONNECT, target).await
+            }
+        };
+        let refused = attempt(ca.clone(), foreign_td).await;
+        assert!(refused.is_err(), "a client from trust domain other.local was accepted");
+        let other_ca = mesh.dir.path().join("rogue-ca");
+        Ca::init(&other_ca)?;
+        let rogue = attempt(other_ca, me.clone()).await;
+        assert!(rogue.is_err(), "a client certificate from another CA was accepted");
+        evidence(&format!(
+            "15008 answered 400/400/401/503/200 as specified; refused other.local ({}) and a rogue CA ({})",
+            refused.err().map(|e| format!("{e:#}")).unwrap_or_default(),
+            rogue.err().map(|e| format!("{e:#}")).unwrap_or_default()
+        ));
+        Ok(())
+    })
+}

@@ -69,27 +69,22 @@ impl Capture {
             "capture: netns {netns} does not exist ({} missing); refusing to capture elsewhere",
             ns_path.display()
         );
-        ensure!(
-            !iface.is_empty() && !iface.starts_with('-'),
-            "capture: bad interface {iface:?}"
-        );
+        ensure!(!iface.is_empty() && !iface.starts_with('-'), "capture: bad interface {iface:?}");
         let _ = std::fs::remove_file(file);
         let what = format!("tcpdump -i {iface} in netns {netns}");
         let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns", "exec", netns, "tcpdump", "-i", iface, "-U", "-s", "0", "-n",
-        ])
-        // Stay root (Debian's tcpdump would switch to user tcpdump and
-        // then may not write into a root-owned test dir), and give the
-        // kernel a 64 MiB ring so a burst of GSO packets is not dropped.
-        // --immediate-mode: without it TPACKET_V3 hands packets over
-        // in blocks, and the last partial block is lost at SIGINT.
-        .args(["-Z", "root", "-B", "65536", "--immediate-mode", "-w"])
-        .arg(file)
-        .arg("tcp")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        cmd.args(["netns", "exec", netns, "tcpdump", "-i", iface, "-U", "-s", "0", "-n"])
+            // Stay root (Debian's tcpdump would switch to user tcpdump and
+            // then may not write into a root-owned test dir), and give the
+            // kernel a 64 MiB ring so a burst of GSO packets is not dropped.
+            // --immediate-mode: without it TPACKET_V3 hands packets over
+            // in blocks, and the last partial block is lost at SIGINT.
+            .args(["-Z", "root", "-B", "65536", "--immediate-mode", "-w"])
+            .arg(file)
+            .arg("tcp")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().with_context(|| format!("spawn {what}"))?;
         let stderr = child.stderr.take().context("tcpdump stderr")?;
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -120,26 +115,14 @@ impl Capture {
                 // stderr closed: tcpdump exited without listening.
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = cap.child.as_mut().and_then(|c| c.wait().ok());
-                    bail!(
-                        "{} exited before listening ({status:?}): {}",
-                        cap.what,
-                        cap.stderr_text()
-                    );
+                    bail!("{} exited before listening ({status:?}): {}", cap.what, cap.stderr_text());
                 }
             }
             if let Some(status) = cap.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!(
-                    "{} exited before listening ({status}): {}",
-                    cap.what,
-                    cap.stderr_text()
-                );
+                bail!("{} exited before listening ({status}): {}", cap.what, cap.stderr_text());
             }
             if Instant::now() > deadline {
-                bail!(
-                    "{} did not report listening within 10 s: {}",
-                    cap.what,
-                    cap.stderr_text()
-                );
+                bail!("{} did not report listening within 10 s: {}", cap.what, cap.stderr_text());
             }
         }
     }
@@ -187,20 +170,13 @@ impl Capture {
         }
         let deadline = Instant::now() + Duration::from_secs(15);
         let status = loop {
-            if let Some(s) = child
-                .try_wait()
-                .with_context(|| format!("waitpid {}", self.what))?
-            {
+            if let Some(s) = child.try_wait().with_context(|| format!("waitpid {}", self.what))? {
                 break s;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!(
-                    "{} did not exit within 15 s of SIGINT: {}",
-                    self.what,
-                    self.stderr_text()
-                );
+                bail!("{} did not exit within 15 s of SIGINT: {}", self.what, self.stderr_text());
             }
             std::thread::sleep(Duration::from_millis(10));
         };
@@ -209,14 +185,10 @@ impl Capture {
         }
         let text = self.stderr_text();
         // tcpdump exits 0 after SIGINT; a signal death is also acceptable.
-        ensure!(
-            status.success() || status.code().is_none(),
-            "{} exited with {status}: {text}",
-            self.what
-        );
+        ensure!(status.success() || status.code().is_none(), "{} exited with {status}: {text}", self.what);
         let stats = parse_stats(&text);
-        let bytes = std::fs::read(&self.file)
-            .with_context(|| format!("reading capture file {}", self.file.display()))?;
+        let bytes =
+            std::fs::read(&self.file).with_context(|| format!("reading capture file {}", self.file.display()))?;
         Ok((bytes, stats))
     }
 }
@@ -237,9 +209,7 @@ impl CaptureStats {
     /// tcpdump reported its statistics, the kernel dropped nothing, and every
     /// packet that passed the filter reached the file.
     pub fn complete(&self) -> bool {
-        self.dropped_by_kernel == Some(0)
-            && self.captured.is_some()
-            && self.captured == self.received_by_filter
+        self.dropped_by_kernel == Some(0) && self.captured.is_some() && self.captured == self.received_by_filter
     }
 }
 
@@ -343,12 +313,7 @@ impl Reader<'_> {
         }
     }
     fn u32(&self, at: usize) -> u32 {
-        let b = [
-            self.buf[at],
-            self.buf[at + 1],
-            self.buf[at + 2],
-            self.buf[at + 3],
-        ];
+        let b = [self.buf[at], self.buf[at + 1], self.buf[at + 2], self.buf[at + 3]];
         if self.be {
             u32::from_be_bytes(b)
         } else {
@@ -368,11 +333,7 @@ impl Pcap {
     /// Parses a classic libpcap file (either byte order, microsecond or
     /// nanosecond timestamps). pcapng is rejected with a clear error.
     pub fn parse(bytes: &[u8]) -> Result<Pcap> {
-        ensure!(
-            bytes.len() >= 24,
-            "pcap: {} bytes, shorter than the 24-byte file header",
-            bytes.len()
-        );
+        ensure!(bytes.len() >= 24, "pcap: {} bytes, shorter than the 24-byte file header", bytes.len());
         let magic = [bytes[0], bytes[1], bytes[2], bytes[3]];
         let (be, nanosecond) = match magic {
             [0xa1, 0xb2, 0xc3, 0xd4] => (true, false),
@@ -389,12 +350,7 @@ impl Pcap {
         ensure!(major == 2, "pcap: unsupported version {major}.{}", r.u16(6));
         // The upper bits carry FCS information; the link type is the low 16.
         let link_type = r.u32(20) & 0xffff;
-        let mut pcap = Pcap {
-            link_type,
-            nanosecond,
-            big_endian: be,
-            ..Pcap::default()
-        };
+        let mut pcap = Pcap { link_type, nanosecond, big_endian: be, ..Pcap::default() };
         let mut at = 24;
         while at < bytes.len() {
             if bytes.len() - at < 16 {
@@ -406,11 +362,7 @@ impl Pcap {
             let incl = r.u32(at + 8) as usize;
             let orig = r.u32(at + 12) as usize;
             at += 16;
-            ensure!(
-                incl <= 1 << 24,
-                "pcap: record at byte {} claims {incl} bytes",
-                at - 16
-            );
+            ensure!(incl <= 1 << 24, "pcap: record at byte {} claims {incl} bytes", at - 16);
             if bytes.len() - at < incl {
                 pcap.truncated_tail = true;
                 break;
@@ -418,8 +370,7 @@ impl Pcap {
             let frame = &bytes[at..at + incl];
             at += incl;
             pcap.packets += 1;
-            let ts_nanos =
-                ts_sec * 1_000_000_000 + if nanosecond { ts_frac } else { ts_frac * 1000 };
+            let ts_nanos = ts_sec * 1_000_000_000 + if nanosecond { ts_frac } else { ts_frac * 1000 };
             match decode_frame(link_type, frame, orig > incl) {
                 Some(mut seg) => {
                     seg.ts_nanos = ts_nanos;
@@ -482,11 +433,7 @@ fn decode_frame(link_type: u32, frame: &[u8], snapped: bool) -> Option<Segment> 
             }
             let total = usize::from(be16(h, 2));
             // total == 0: a TSO/BIG TCP super-packet; trust the capture.
-            let end = if total == 0 || total > ip.len() {
-                ip.len()
-            } else {
-                total
-            };
+            let end = if total == 0 || total > ip.len() { ip.len() } else { total };
             let short = total > ip.len();
             let src = IpAddr::V4(Ipv4Addr::new(h[12], h[13], h[14], h[15]));
             let dst = IpAddr::V4(Ipv4Addr::new(h[16], h[17], h[18], h[19]));
@@ -498,11 +445,7 @@ fn decode_frame(link_type: u32, frame: &[u8], snapped: bool) -> Option<Segment> 
                 return None;
             }
             let plen = usize::from(be16(h, 4));
-            let end = if plen == 0 || 40 + plen > ip.len() {
-                ip.len()
-            } else {
-                40 + plen
-            };
+            let end = if plen == 0 || 40 + plen > ip.len() { ip.len() } else { 40 + plen };
             let short = plen != 0 && 40 + plen > ip.len();
             let mut addr = [0u8; 16];
             addr.copy_from_slice(&h[8..24]);
@@ -629,10 +572,7 @@ impl Stream {
         for seg in segs.iter() {
             let rel = i64::from(seg.seq.wrapping_sub(base));
             let cands = [rel - (1 << 32), rel, rel + (1 << 32)];
-            let mut off = cands
-                .into_iter()
-                .min_by_key(|c| (c - last).abs())
-                .unwrap_or(rel);
+            let mut off = cands.into_iter().min_by_key(|c| (c - last).abs()).unwrap_or(rel);
             // Payload starts after the SYN's sequence number.
             let mut data: &[u8] = &seg.payload;
             if seg.flags & TCP_SYN != 0 {
@@ -691,8 +631,8 @@ const EXT_SUPPORTED_VERSIONS: u16 = 43;
 
 /// SHA-256("HelloRetryRequest"): the ServerHello.random of an HRR.
 const HRR_RANDOM: [u8; 32] = [
-    0xcf, 0x21, 0xad, 0x74, 0xe5, 0x9a, 0x61, 0x11, 0xbe, 0x1d, 0x8c, 0x02, 0x1e, 0x65, 0xb8, 0x91,
-    0xc2, 0xa2, 0x11, 0x16, 0x7a, 0xbb, 0x8c, 0x5e, 0x07, 0x9e, 0x09, 0xe2, 0xc8, 0xa8, 0x33, 0x9c,
+    0xcf, 0x21, 0xad, 0x74, 0xe5, 0x9a, 0x61, 0x11, 0xbe, 0x1d, 0x8c, 0x02, 0x1e, 0x65, 0xb8, 0x91, 0xc2, 0xa2, 0x11,
+    0x16, 0x7a, 0xbb, 0x8c, 0x5e, 0x07, 0x9e, 0x09, 0xe2, 0xc8, 0xa8, 0x33, 0x9c,
 ];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -748,21 +688,14 @@ impl TlsStream {
     /// Parses records from the start of `data`, which must be the start of
     /// the stream.
     pub fn parse(data: &[u8]) -> TlsStream {
-        let mut t = TlsStream {
-            well_formed: true,
-            post_handshake_ok: true,
-            ..TlsStream::default()
-        };
+        let mut t = TlsStream { well_formed: true, post_handshake_ok: true, ..TlsStream::default() };
         let mut at = 0;
         // Handshake bytes from plaintext records, re-framed into messages.
         let mut hs = Vec::new();
         let mut encrypted = false;
         while at < data.len() {
             let Some(h) = data.get(at..at + 5) else {
-                t.fail(format!(
-                    "{} trailing bytes at {at}, shorter than a record header",
-                    data.len() - at
-                ));
+                t.fail(format!("{} trailing bytes at {at}, shorter than a record header", data.len() - at));
                 break;
             };
             let (ty, ver, len) = (h[0], be16(h, 1), usize::from(be16(h, 3)));
@@ -779,10 +712,7 @@ impl TlsStream {
                 break;
             }
             let Some(body) = data.get(at + 5..at + 5 + len) else {
-                t.fail(format!(
-                    "record at byte {at} of length {len} cut off at {}",
-                    data.len()
-                ));
+                t.fail(format!("record at byte {at} of length {len} cut off at {}", data.len()));
                 break;
             };
             t.records += 1;
@@ -794,9 +724,7 @@ impl TlsStream {
                 TLS_HANDSHAKE if !encrypted => {
                     hs.extend_from_slice(body);
                     while hs.len() >= 4 {
-                        let mlen = (usize::from(hs[1]) << 16)
-                            | (usize::from(hs[2]) << 8)
-                            | usize::from(hs[3]);
+                        let mlen = (usize::from(hs[1]) << 16) | (usize::from(hs[2]) << 8) | usize::from(hs[3]);
                         if hs.len() < 4 + mlen {
                             break;
                         }
@@ -880,10 +808,7 @@ fn extensions(mut f: Fields<'_>) -> Vec<(u16, &[u8])> {
 /// Parses a ClientHello body (after the 4-byte handshake header).
 pub fn parse_client_hello(body: &[u8]) -> Option<ClientHello> {
     let mut f = Fields(body);
-    let mut ch = ClientHello {
-        legacy_version: f.u16()?,
-        ..ClientHello::default()
-    };
+    let mut ch = ClientHello { legacy_version: f.u16()?, ..ClientHello::default() };
     f.take(32)?; // random
     f.vec8()?; // legacy_session_id
     f.vec16()?; // cipher_suites
@@ -927,12 +852,8 @@ pub fn parse_server_hello(body: &[u8]) -> Option<ServerHello> {
     f.vec8()?; // legacy_session_id_echo
     let cipher_suite = f.u16()?;
     f.u8()?; // legacy_compression_method
-    let mut sh = ServerHello {
-        legacy_version,
-        cipher_suite,
-        selected_version: None,
-        hello_retry_request: random == HRR_RANDOM,
-    };
+    let mut sh =
+        ServerHello { legacy_version, cipher_suite, selected_version: None, hello_retry_request: random == HRR_RANDOM };
     for (ty, data) in extensions(f) {
         if ty == EXT_SUPPORTED_VERSIONS && data.len() == 2 {
             sh.selected_version = Some(be16(data, 0));
@@ -1018,11 +939,7 @@ impl WireReport {
     }
 
     pub fn from_segments(segments: Vec<Segment>) -> WireReport {
-        let mut r = WireReport {
-            segments: segments.len(),
-            packets: segments.len(),
-            ..WireReport::default()
-        };
+        let mut r = WireReport { segments: segments.len(), packets: segments.len(), ..WireReport::default() };
         let mut flows: BTreeMap<(SocketAddr, SocketAddr), Vec<usize>> = BTreeMap::new();
         for (i, s) in segments.iter().enumerate() {
             r.ports_seen.extend([s.src.port(), s.dst.port()]);
@@ -1041,36 +958,22 @@ impl WireReport {
                 (*k, (stream, tls))
             })
             .collect();
-        let chosen: BTreeMap<(SocketAddr, SocketAddr), u16> = parsed
-            .iter()
-            .filter_map(|(k, (_, t))| Some((*k, t.server_hellos.last()?.version())))
-            .collect();
+        let chosen: BTreeMap<(SocketAddr, SocketAddr), u16> =
+            parsed.iter().filter_map(|(k, (_, t))| Some((*k, t.server_hellos.last()?.version()))).collect();
         for (key, (stream, tls)) in parsed {
             // This direction's own ServerHello, or the reverse direction's.
-            let negotiated = chosen
-                .get(&key)
-                .or_else(|| chosen.get(&(key.1, key.0)))
-                .copied();
+            let negotiated = chosen.get(&key).or_else(|| chosen.get(&(key.1, key.0))).copied();
             let complete = stream.gaps.is_empty() && stream.truncated_segments == 0;
             let kind = if stream.data.is_empty() {
                 StreamKind::Empty
             } else if !tls.has_hello() {
                 StreamKind::NotTls
-            } else if complete
-                && tls.well_formed
-                && tls.post_handshake_ok
-                && negotiated == Some(TLS13)
-            {
+            } else if complete && tls.well_formed && tls.post_handshake_ok && negotiated == Some(TLS13) {
                 StreamKind::Tls13
             } else {
                 StreamKind::TlsOther
             };
-            r.per_stream.push(StreamReport {
-                stream,
-                tls,
-                negotiated,
-                kind,
-            });
+            r.per_stream.push(StreamReport { stream, tls, negotiated, kind });
         }
         for s in &r.per_stream {
             match s.kind {
@@ -1097,11 +1000,7 @@ impl WireReport {
             r.truncated_segments += s.stream.truncated_segments;
         }
         r.streams = r.per_stream.len();
-        r.raw = segments
-            .into_iter()
-            .map(|s| s.payload)
-            .filter(|p| !p.is_empty())
-            .collect();
+        r.raw = segments.into_iter().map(|s| s.payload).filter(|p| !p.is_empty()).collect();
         r
     }
 
@@ -1113,17 +1012,12 @@ impl WireReport {
     /// `needle` occurs in the captured TCP payload: in some reassembled
     /// stream (so across segment boundaries) or inside a single segment.
     pub fn contains(&self, needle: &[u8]) -> bool {
-        self.per_stream.iter().any(|s| find(&s.stream.data, needle))
-            || self.raw.iter().any(|p| find(p, needle))
+        self.per_stream.iter().any(|s| find(&s.stream.data, needle)) || self.raw.iter().any(|p| find(p, needle))
     }
 
     /// A one-paragraph summary for test evidence.
     pub fn summary(&self) -> String {
-        let versions: Vec<String> = self
-            .tls_versions
-            .iter()
-            .map(|v| format!("{v:#06x}"))
-            .collect();
+        let versions: Vec<String> = self.tls_versions.iter().map(|v| format!("{v:#06x}")).collect();
         format!(
             "{} packets, {} TCP segments ({} without port {HBONE_PORT}), ports {:?}, {} streams \
              ({} TLS 1.3, {} other TLS, {} not TLS, {} empty), {} ClientHello / {} ServerHello, \
@@ -1157,10 +1051,7 @@ fn find(hay: &[u8], needle: &[u8]) -> bool {
     };
     let mut at = 0;
     while hay.len() - at >= needle.len() {
-        match hay[at..=hay.len() - needle.len()]
-            .iter()
-            .position(|&b| b == first)
-        {
+        match hay[at..=hay.len() - needle.len()].iter().position(|&b| b == first) {
             None => return false,
             Some(p) => {
                 let start = at + p;
@@ -1359,36 +1250,20 @@ mod tests {
     fn conn_frames(cport: u16, sport: u16, c: &[u8], s: &[u8], mss: usize) -> Vec<Vec<u8>> {
         let (cisn, sisn) = (1000u32, 0xffff_ff00u32); // the server's wraps
         let mut f = vec![
-            ether(
-                0x0800,
-                &ipv4(C4, S4, &tcp(cport, sport, cisn, TCP_SYN, &[])),
-                false,
-            ),
-            ether(
-                0x0800,
-                &ipv4(S4, C4, &tcp(sport, cport, sisn, TCP_SYN | TCP_ACK, &[])),
-                false,
-            ),
+            ether(0x0800, &ipv4(C4, S4, &tcp(cport, sport, cisn, TCP_SYN, &[])), false),
+            ether(0x0800, &ipv4(S4, C4, &tcp(sport, cport, sisn, TCP_SYN | TCP_ACK, &[])), false),
         ];
         let (cc, sc): (Vec<_>, Vec<_>) = (c.chunks(mss).collect(), s.chunks(mss).collect());
         let (mut co, mut so) = (0usize, 0usize);
         for i in 0..cc.len().max(sc.len()) {
             if let Some(p) = cc.get(i) {
                 let seq = cisn.wrapping_add(1).wrapping_add(co as u32);
-                f.push(ether(
-                    0x0800,
-                    &ipv4(C4, S4, &tcp(cport, sport, seq, TCP_ACK, p)),
-                    false,
-                ));
+                f.push(ether(0x0800, &ipv4(C4, S4, &tcp(cport, sport, seq, TCP_ACK, p)), false));
                 co += p.len();
             }
             if let Some(p) = sc.get(i) {
                 let seq = sisn.wrapping_add(1).wrapping_add(so as u32);
-                f.push(ether(
-                    0x0800,
-                    &ipv4(S4, C4, &tcp(sport, cport, seq, TCP_ACK | TCP_PSH, p)),
-                    false,
-                ));
+                f.push(ether(0x0800, &ipv4(S4, C4, &tcp(sport, cport, seq, TCP_ACK | TCP_PSH, p)), false));
                 so += p.len();
             }
         }
@@ -1401,23 +1276,14 @@ mod tests {
     fn all_four_magics_and_link_types() {
         let seg = tcp(40000, 15008, 5, TCP_ACK, b"hello");
         let ip4 = ipv4(C4, S4, &seg);
-        let (a6, b6): (Ipv6Addr, Ipv6Addr) =
-            ("fd10:1::1".parse().unwrap(), "fd10:2::1".parse().unwrap());
+        let (a6, b6): (Ipv6Addr, Ipv6Addr) = ("fd10:1::1".parse().unwrap(), "fd10:2::1".parse().unwrap());
         let ip6 = ipv6(a6, b6, &seg, false);
         let cases: Vec<(u32, Vec<u8>, IpAddr)> = vec![
-            (
-                LINKTYPE_ETHERNET,
-                ether(0x0800, &ip4, false),
-                IpAddr::V4(C4.into()),
-            ),
+            (LINKTYPE_ETHERNET, ether(0x0800, &ip4, false), IpAddr::V4(C4.into())),
             (LINKTYPE_ETHERNET, ether(0x86dd, &ip6, true), IpAddr::V6(a6)),
             (LINKTYPE_LINUX_SLL, sll(0x0800, &ip4), IpAddr::V4(C4.into())),
             (LINKTYPE_LINUX_SLL, sll(0x86dd, &ip6), IpAddr::V6(a6)),
-            (
-                LINKTYPE_LINUX_SLL2,
-                sll2(0x0800, &ip4),
-                IpAddr::V4(C4.into()),
-            ),
+            (LINKTYPE_LINUX_SLL2, sll2(0x0800, &ip4), IpAddr::V4(C4.into())),
             (LINKTYPE_LINUX_SLL2, sll2(0x86dd, &ip6), IpAddr::V6(a6)),
             (LINKTYPE_RAW, ip6.clone(), IpAddr::V6(a6)),
         ];
@@ -1443,8 +1309,7 @@ mod tests {
 
     #[test]
     fn ipv6_extension_headers_and_non_tcp() {
-        let (a6, b6): (Ipv6Addr, Ipv6Addr) =
-            ("fd10:1::1".parse().unwrap(), "fd10:2::1".parse().unwrap());
+        let (a6, b6): (Ipv6Addr, Ipv6Addr) = ("fd10:1::1".parse().unwrap(), "fd10:2::1".parse().unwrap());
         let seg = tcp(1, 2, 9, TCP_ACK, b"x");
         let mut udp = ipv4(C4, S4, &[0; 8]);
         udp[9] = 17;
@@ -1458,11 +1323,7 @@ mod tests {
             LINKTYPE_ETHERNET,
             false,
             false,
-            &[
-                ether(0x86dd, &ipv6(a6, b6, &seg, true), false),
-                ether(0x0800, &udp, false),
-                arp,
-            ],
+            &[ether(0x86dd, &ipv6(a6, b6, &seg, true), false), ether(0x0800, &udp, false), arp],
         );
         let p = Pcap::parse(&file).unwrap();
         assert_eq!((p.packets, p.skipped, p.segments.len()), (3, 2, 1));
@@ -1507,7 +1368,7 @@ mod tests {
             seg(isn.wrapping_add(1), TCP_ACK, b"abcd"),
             seg(isn.wrapping_add(9), TCP_ACK, b"ijkl"), // out of order
             seg(isn.wrapping_add(5), TCP_ACK, b"efgh"),
-            seg(isn.wrapping_add(5), TCP_ACK, b"efgh"), // retransmission
+            seg(isn.wrapping_add(5), TCP_ACK, b"efgh"),     // retransmission
             seg(isn.wrapping_add(7), TCP_ACK, b"ghijklmn"), // overlap
             seg(isn.wrapping_add(15), TCP_ACK | TCP_FIN, b""),
         ];
@@ -1521,11 +1382,7 @@ mod tests {
 
     #[test]
     fn reassembly_without_syn_and_with_a_hole() {
-        let segs = [
-            seg(100, TCP_ACK, b"0123"),
-            seg(108, TCP_ACK, b"89"),
-            seg(96, TCP_ACK, b"xx"),
-        ];
+        let segs = [seg(100, TCP_ACK, b"0123"), seg(108, TCP_ACK, b"89"), seg(96, TCP_ACK, b"xx")];
         let s = Stream::reassemble(&segs);
         // No SYN: starts at the first seen sequence number; earlier bytes dropped.
         assert_eq!(s.data, b"012389");
@@ -1536,41 +1393,22 @@ mod tests {
     #[test]
     fn tls13_connection_is_recognised() {
         let (c, s) = tls13_streams(None);
-        let file = pcap(
-            LINKTYPE_ETHERNET,
-            false,
-            false,
-            &conn_frames(40000, 15008, &c, &s, 700),
-        );
+        let file = pcap(LINKTYPE_ETHERNET, false, false, &conn_frames(40000, 15008, &c, &s, 700));
         let r = WireReport::from_pcap(&file).unwrap();
         assert_eq!(r.streams, 2);
         assert_eq!(r.tls13_streams, 2, "{r:#?}");
-        assert_eq!(
-            (r.non_tls_streams, r.tls_other_streams, r.non_hbone_segments),
-            (0, 0, 0)
-        );
+        assert_eq!((r.non_tls_streams, r.tls_other_streams, r.non_hbone_segments), (0, 0, 0));
         assert_eq!(r.tls_versions, BTreeSet::from([TLS13]));
         assert!(!r.sni_seen);
         assert_eq!(r.alpn, BTreeSet::from(["h2".to_string()]));
         assert_eq!(r.ports_seen, BTreeSet::from([40000, 15008]));
         assert_eq!(r.total_payload, c.len() + s.len());
         assert_eq!((r.client_hellos, r.server_hellos), (1, 1));
-        let client = r
-            .per_stream
-            .iter()
-            .find(|x| x.stream.dst.unwrap().port() == 15008)
-            .unwrap();
+        let client = r.per_stream.iter().find(|x| x.stream.dst.unwrap().port() == 15008).unwrap();
         assert_eq!(client.stream.data, c);
         assert_eq!(client.tls.application_data_bytes, 3100);
-        let server = r
-            .per_stream
-            .iter()
-            .find(|x| x.stream.src.unwrap().port() == 15008)
-            .unwrap();
-        assert_eq!(
-            server.stream.data, s,
-            "server stream wraps its sequence numbers"
-        );
+        let server = r.per_stream.iter().find(|x| x.stream.src.unwrap().port() == 15008).unwrap();
+        assert_eq!(server.stream.data, s, "server stream wraps its sequence numbers");
         assert!(r.contains(&[0xcd; 64]));
         assert!(r.contains(&s[690..710])); // across a segment boundary (mss 700)
         assert!(!r.contains(b"plaintext"));
@@ -1582,22 +1420,13 @@ mod tests {
         let (c, _) = tls13_streams(Some("b1.default.svc"));
         let mut s = record(TLS_HANDSHAKE, &server_hello(None)); // TLS 1.2
         s.extend(record(TLS_HANDSHAKE, &handshake(11, &[0; 40]))); // Certificate in clear
-        let r = WireReport::from_pcap(&pcap(
-            LINKTYPE_ETHERNET,
-            true,
-            true,
-            &conn_frames(40001, 15008, &c, &s, 1460),
-        ))
-        .unwrap();
+        let r = WireReport::from_pcap(&pcap(LINKTYPE_ETHERNET, true, true, &conn_frames(40001, 15008, &c, &s, 1460)))
+            .unwrap();
         assert!(r.sni_seen);
         assert_eq!(r.sni, BTreeSet::from(["b1.default.svc".to_string()]));
         assert_eq!(r.tls_versions, BTreeSet::from([0x0303]));
         assert_eq!((r.tls13_streams, r.tls_other_streams), (0, 2));
-        let server = r
-            .per_stream
-            .iter()
-            .find(|x| x.stream.src.unwrap().port() == 15008)
-            .unwrap();
+        let server = r.per_stream.iter().find(|x| x.stream.src.unwrap().port() == 15008).unwrap();
         assert_eq!(server.tls.plaintext_handshake, vec![2, 11]);
         assert!(!server.tls.post_handshake_ok);
     }
@@ -1669,14 +1498,7 @@ mod tests {
             "tcpdump: listening on br0, link-type EN10MB (Ethernet)\n12 packets captured\n\
              14 packets received by filter\n0 packets dropped by kernel\n",
         );
-        assert_eq!(
-            s,
-            CaptureStats {
-                captured: Some(12),
-                received_by_filter: Some(14),
-                dropped_by_kernel: Some(0)
-            }
-        );
+        assert_eq!(s, CaptureStats { captured: Some(12), received_by_filter: Some(14), dropped_by_kernel: Some(0) });
     }
 
     #[test]

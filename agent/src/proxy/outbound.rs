@@ -101,7 +101,7 @@ async fn dial(pod: &PodCtx, ctx: &Ctx, to: SocketAddr, dst_id: SpiffeId) -> Resu
         .connect(tls::connect_server_name(to.ip()), tcp)
         .await
         .with_context(|| format!("mTLS handshake with {to} expecting {dst_id}"))?;
-    Ok(Connection::handshake(tls).await.with_context(|| format!("HTTP/2 handshake with {to}"))?)
+    Connection::handshake(tls).await.with_context(|| format!("HTTP/2 handshake with {to}"))
 }
 
 async fn passthrough(mut app: TcpStream, dst: SocketAddr, w: Option<&Workload>, pod: &PodCtx, ctx: &Ctx) -> Result<()> {

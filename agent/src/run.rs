@@ -88,6 +88,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     println!("READY");
 
     let mut resync = tokio::time::interval(Duration::from_secs(5));
+    // Check often enough to renew well before expiry even for short TTLs.
+    let mut rotate =
+        tokio::time::interval((state.ca().cert_ttl / 8).clamp(Duration::from_millis(250), Duration::from_secs(60)));
     let signal = loop {
         tokio::select! {
             changed = states.changed() => {
@@ -100,6 +103,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 pods.sync(&state).await;
             }
             _ = resync.tick() => pods.sync(&states.borrow().clone()).await,
+            _ = rotate.tick() => pods.refresh_certs(),
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
         }

@@ -64,6 +64,11 @@ impl CertCache {
         self.write().remove(id).is_some()
     }
 
+    /// The cached certificate, without issuing or renewing one.
+    pub fn peek(&self, id: &SpiffeId) -> Option<Arc<WorkloadCert>> {
+        self.read().get(id).cloned()
+    }
+
     /// Identities with a cached certificate, sorted for stable output.
     pub fn ids(&self) -> Vec<SpiffeId> {
         let mut ids: Vec<_> = self.read().keys().cloned().collect();

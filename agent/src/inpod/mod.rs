@@ -178,9 +178,22 @@ impl Pods {
                 identity: r.pod.id.to_string(),
                 netns: r.pod.netns.path().display().to_string(),
                 ips: r.pod.workload.ips.clone(),
-                cert_not_after: self.ctx.certs.get(&r.pod.id).ok().map(|c| humantime(c.not_after)),
+                cert_not_after: self.ctx.certs.peek(&r.pod.id).map(|c| humantime(c.not_after)),
             })
             .collect()
+    }
+
+    /// Renews every enrolled pod's certificate that is past its half-life,
+    /// so a pod that sees no new handshakes for a while still never holds an
+    /// expired certificate.
+    pub fn refresh_certs(&self) {
+        let ids: Vec<_> =
+            self.running.lock().unwrap_or_else(|e| e.into_inner()).values().map(|r| r.pod.id.clone()).collect();
+        for id in ids {
+            if let Err(e) = self.ctx.certs.get(&id) {
+                warn!(%id, error = %e, "renewing the workload certificate failed");
+            }
+        }
     }
 
     pub fn is_enrolled(&self, uid: &str) -> bool {

@@ -35,10 +35,12 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodCtx>, ctx: Arc<Ctx>, shutd
                 continue;
             }
         };
-        let (acceptor, handler, shutdown) = (acceptor.clone(), handler.clone(), shutdown.clone());
+        let (acceptor, handler, shutdown, ctx) = (acceptor.clone(), handler.clone(), shutdown.clone(), ctx.clone());
         let span = info_span!("hbone", pod = %pod.workload.uid, %peer);
         tokio::spawn(
             async move {
+                // Counted until its last stream ends, so shutdown drains it.
+                let _active = ctx.track();
                 if let Err(e) = connection(tcp, peer, acceptor, handler, shutdown).await {
                     debug!(error = format!("{e:#}"), "HBONE connection ended");
                 }

@@ -100,10 +100,9 @@ fn demo() -> Result<()> {
         );
     }
     println!(
-        "    policy                     allowed {} mTLS stream(s) from sa sleep; denied {} plaintext connection(s) from legacy ({})",
+        "    policy                     allowed {} mTLS stream(s) from sa sleep; denied {} plaintext connection(s) from legacy (httpbin-from-sleep)",
         metric_sum(&m2, "istio_tcp_connections_opened_total", &["reporter=\"destination\"", "mutual_tls"]),
         metric_sum(&m2, "sluice_auth_denials_total", &[]),
-        "httpbin-from-sleep"
     );
     println!("    wire between the nodes     {}", wire.summary());
     let mut marker = [0u8; 64];

@@ -5,6 +5,7 @@
 //!    what moved, who proved which identity, what policy decided.
 //! 2. The kernel path: sock_ops + sk_msg moving bytes socket to socket in an
 //!    enrolled pod's cgroup, with the counters to show it.
+//!
 //! Everything it creates is removed at the end, also on failure.
 
 use std::{path::Path, process::Command, time::Duration, time::Instant};

@@ -19,10 +19,20 @@ pub fn run(extra: &[String]) -> Result<()> {
     if !extra.is_empty() {
         cmd.arg("--").args(extra);
     }
+    let skip_log = workspace().join("target/skipped-tests.log");
+    let _ = std::fs::remove_file(&skip_log);
+    cmd.env("SLUICE_SKIP_LOG", &skip_log);
     if setup::nix_is_root() {
         cmd.env("SLUICE_REQUIRE_ROOT", "1");
     } else {
         eprintln!("==> not root: tests that need root will report SKIPPED");
     }
-    exec("test", &mut cmd)
+    let result = exec("test", &mut cmd);
+    // libtest has no "skipped" outcome; the harness logs each skip instead.
+    let skipped = std::fs::read_to_string(&skip_log).unwrap_or_default();
+    let count = skipped.lines().count();
+    if count > 0 {
+        eprintln!("{skipped}==> {count} test(s) SKIPPED: they need root; they did not run and did not pass");
+    }
+    result
 }

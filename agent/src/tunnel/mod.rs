@@ -15,4 +15,7 @@ pub mod settings;
 
 pub use copy::{copy_bidirectional, CopyResult};
 
+#[cfg(test)]
+mod tests;
+
 pub use crate::redirect::HBONE_PORT;

@@ -22,12 +22,70 @@ pub mod counter {
     pub const MSG_PASSED: u32 = 3;
     /// sock_ops could not insert a socket (map full, or the socket went away).
     pub const SOCKHASH_INSERT_FAILED: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// connect4/connect6 rewrote an enrolled pod's connect() to its 15001.
+    pub const OUTBOUND_CAPTURED: u32 = 5;
+    /// getsockopt answered SO_ORIGINAL_DST from the original-destination map.
+    pub const ORIG_DST_ANSWERED: u32 = 6;
+    /// getsockopt was asked SO_ORIGINAL_DST for a socket it has no entry for.
+    pub const ORIG_DST_MISSED: u32 = 7;
+    /// tc ingress handed a SYN to the pod's 15006 listener (bpf_sk_assign).
+    pub const INBOUND_ASSIGNED: u32 = 8;
+    /// tc ingress saw a SYN for an enrolled pod but could not assign it.
+    pub const INBOUND_ASSIGN_FAILED: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 /// Human names of the counters, indexed like [`counter`].
-pub const COUNTER_NAMES: [&str; counter::COUNT as usize] =
-    ["sockhash_added", "msg_redirected", "msg_redirected_bytes", "msg_passed", "sockhash_insert_failed"];
+pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
+    "sockhash_added",
+    "msg_redirected",
+    "msg_redirected_bytes",
+    "msg_passed",
+    "sockhash_insert_failed",
+    "outbound_captured",
+    "orig_dst_answered",
+    "orig_dst_missed",
+    "inbound_assigned",
+    "inbound_assign_failed",
+];
+
+/// Ports inside every enrolled pod's netns (see DESIGN.md).
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+pub const HBONE_PORT: u16 = 15008;
+
+/// `PodInfo::flags` bits.
+pub const POD_HAS_V4: u32 = 1;
+pub const POD_HAS_V6: u32 = 2;
+
+/// Value of the ENROLLED map, keyed by the pod's netns cookie: the pod's own
+/// addresses, which outbound capture redirects to (never 127.0.0.1: every
+/// pod has one, so a loopback 4-tuple would not be unique on the node).
+/// `ip4` and `ip6` are in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    pub ip4: u32,
+    pub flags: u32,
+    pub ip6: [u32; 4],
+}
+
+/// An original destination: IPv6 or IPv4-mapped address (network order) and
+/// port (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    pub ip: [u32; 4],
+    pub port: u32,
+}
+
+/// Key of the LISTENERS map: a pod address (IPv6 or IPv4-mapped, network
+/// order), whose 15006 listener tc hands inbound SYNs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpKey {
+    pub ip: [u32; 4],
+}
 
 /// Key of the socket-pair SOCKHASH: one TCP endpoint, seen from its own side.
 ///
@@ -60,6 +118,9 @@ impl SockKey {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: plain old data, `#[repr(C)]`, no padding (8 + 16 + 16 + 4 + 4).
+    // SAFETY: all plain old data, `#[repr(C)]`, no padding.
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::PodInfo {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::IpKey {}
 }

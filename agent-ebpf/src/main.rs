@@ -4,10 +4,13 @@
 #![no_std]
 #![no_main]
 
+mod connect;
+mod getsockopt;
 mod key;
 mod maps;
 mod sk_msg;
 mod sockops;
+mod tc_ingress;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -2,11 +2,34 @@
 //! (`aya_ebpf::btf_maps`), so `bpftool map dump pinned /sys/fs/bpf/sluice/<NAME>`
 //! prints named fields instead of raw bytes.
 
-use agent_common::{counter, SockKey};
+use agent_common::{counter, IpKey, OrigDst, PodInfo, SockKey};
 use aya_ebpf::{
-    btf_maps::{PerCpuArray, SockHash},
+    btf_maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
     macros::btf_map,
 };
+
+/// Enrolled pods by netns cookie, filled by the agent on enroll. The connect
+/// hooks only act for sockets whose netns is here. HASH needs 3.19; the
+/// netns cookie helper 5.7 in cgroup sock_addr programs.
+#[btf_map]
+pub static ENROLLED: HashMap<u64, PodInfo, 4096> = HashMap::new();
+
+/// Original destination of a captured connect(), by socket cookie, from
+/// connect4/6 until sock_ops sees the connection established. LRU so an
+/// entry whose connect() failed cannot leak. LRU_HASH needs 4.10.
+#[btf_map]
+pub static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst, 65536> = LruHashMap::new();
+
+/// Original destination by the app socket's own 4-tuple (netns cookie 0:
+/// the tuple holds the pod's own IP, unique on the node), which is what the
+/// agent's accepted socket can name in getsockopt.
+#[btf_map]
+pub static ORIG_DST_BY_TUPLE: LruHashMap<SockKey, OrigDst, 65536> = LruHashMap::new();
+
+/// Each enrolled pod's 15006 listener by pod address, for tc's
+/// bpf_sk_assign. SOCKHASH lookup from tc needs 5.7.
+#[btf_map]
+pub static LISTENERS: SockHash<IpKey, 8192> = SockHash::new();
 
 /// Both ends of every local TCP connection in an enrolled cgroup, keyed by
 /// the end's own view of the 4-tuple plus netns cookie. sk_msg redirects into

@@ -1,13 +1,19 @@
-//! sock_ops: puts both ends of local connections into SOCK_PAIRS.
+//! sock_ops: the moment a TCP connection becomes ESTABLISHED on either side.
 //!
-//! Why: sk_msg can only redirect between sockets that are in a sockmap, and
-//! sock_ops is the one hook that sees a socket at the moment it becomes
-//! ESTABLISHED on either side. Needs 4.13 for sock_ops, 4.18 for SOCKHASH and
-//! 5.15 for `bpf_get_netns_cookie` in sock_ops.
+//! Two jobs, both needing that moment:
+//! - re-key a captured connection's original destination from the socket
+//!   cookie (all connect4/6 has) to the 4-tuple (all the agent's accepted
+//!   socket can name in getsockopt);
+//! - put both ends of every connection that stays on this host into
+//!   SOCK_PAIRS, so sk_msg can move their bytes socket to socket.
+//!
+//! Needs 4.13 for sock_ops, 4.18 for SOCKHASH and 5.15 for
+//! `bpf_get_netns_cookie` in sock_ops.
 
+use agent_common::{counter, SockKey};
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
-    helpers::bpf_get_netns_cookie,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -15,9 +21,8 @@ use aya_log_ebpf::debug;
 
 use crate::{
     key::{is_loopback, KeySource},
-    maps::{count, SOCK_PAIRS},
+    maps::{count, ORIG_DST_BY_COOKIE, ORIG_DST_BY_TUPLE, SOCK_PAIRS},
 };
-use agent_common::counter;
 
 #[sock_ops]
 pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
@@ -29,9 +34,13 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
     let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
     // SAFETY: as above.
     let mut key = unsafe { KeySource::key(ctx.ops, netns) };
-    if !is_loopback(&key.remote_ip) {
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        rekey_original_destination(&ctx, &key);
+    }
+    if !is_loopback(&key.remote_ip) && key.remote_ip != key.local_ip {
         return 0;
     }
+    // SAFETY: as above.
     match SOCK_PAIRS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64) {
         Ok(()) => {
             count(counter::SOCKHASH_ADDED, 1);
@@ -40,4 +49,16 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
         Err(_) => count(counter::SOCKHASH_INSERT_FAILED, 1),
     }
     0
+}
+
+#[inline(always)]
+fn rekey_original_destination(ctx: &SockOpsContext, key: &SockKey) {
+    // SAFETY: as above.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    let Some(orig) = ORIG_DST_BY_COOKIE.get_ptr(cookie) else { return };
+    // SAFETY: the pointer came from a successful lookup.
+    let orig = unsafe { *orig };
+    let tuple = SockKey { netns_cookie: 0, ..*key };
+    let _ = ORIG_DST_BY_TUPLE.insert(tuple, orig, 0);
+    let _ = ORIG_DST_BY_COOKIE.remove(cookie);
 }

@@ -55,6 +55,37 @@ impl Netns {
         &self.path
     }
 
+    /// A second handle on the same netns (a dup of the fd).
+    pub fn clone_handle(&self) -> Result<Netns> {
+        Ok(Netns { path: self.path.clone(), file: self.file.try_clone().context("duplicating a netns fd")? })
+    }
+
+    /// The kernel's cookie for this netns (SO_NETNS_COOKIE, 5.14+): the key
+    /// the eBPF programs use to tell pods apart.
+    pub fn cookie(&self) -> Result<u64> {
+        self.run(|| {
+            let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), None)?;
+            let mut cookie: u64 = 0;
+            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+            // SAFETY: valid fd, and a u64 buffer with its length.
+            let rc = unsafe {
+                libc::getsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                    libc::SOL_SOCKET,
+                    libc::SO_NETNS_COOKIE,
+                    (&mut cookie as *mut u64).cast(),
+                    &mut len,
+                )
+            };
+            if rc == 0 {
+                Ok(cookie)
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        })
+        .context("reading the netns cookie (SO_NETNS_COOKIE needs Linux 5.14)")
+    }
+
     /// Runs `f` with the current thread inside this netns. `f` must only
     /// create sockets (or run netlink) and must not await or block.
     pub fn run<T>(&self, f: impl FnOnce() -> io::Result<T>) -> Result<T> {
@@ -127,11 +158,33 @@ impl Netns {
         bind_to: Option<SocketAddr>,
         transparent: bool,
     ) -> Result<tokio::net::TcpSocket> {
+        self.socket_marked(peer, bind_to, transparent, AGENT_MARK)
+    }
+
+    /// [`Netns::socket`] with another mark, for connections whose return
+    /// path is steered by mark (see `redirect::Redirect::app_mark`).
+    pub fn socket_marked(
+        &self,
+        peer: SocketAddr,
+        bind_to: Option<SocketAddr>,
+        transparent: bool,
+        mark: u32,
+    ) -> Result<tokio::net::TcpSocket> {
         let s = self.run(|| {
             let s = agent_socket(peer)?;
+            if mark != AGENT_MARK {
+                s.set_mark(mark)?;
+            }
             if let Some(local) = bind_to {
                 if transparent {
                     set_transparent(&s, local)?;
+                }
+                if local.port() == 0 {
+                    // Pick the port at connect(), from the full 4-tuple, not at
+                    // bind() from the address alone: under tens of thousands of
+                    // TIME_WAIT sockets a bind-time search is what collapses
+                    // the connection rate.
+                    set_bind_address_no_port(&s)?;
                 }
                 s.bind(&SockAddr::from(local))?;
             }
@@ -148,6 +201,25 @@ pub fn agent_socket(addr: SocketAddr) -> io::Result<Socket> {
     s.set_mark(AGENT_MARK)?;
     s.set_tcp_nodelay(true)?;
     Ok(s)
+}
+
+fn set_bind_address_no_port(s: &Socket) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd and an int option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn set_transparent(s: &Socket, addr: SocketAddr) -> io::Result<()> {

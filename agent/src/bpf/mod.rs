@@ -15,12 +15,18 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use agent_common::{IpKey, PodInfo};
 use anyhow::{Context, Result};
 use aya::{
-    maps::SockHash,
-    programs::{CgroupAttachMode, SkMsg, SockOps},
+    maps::{HashMap as BpfHashMap, SockHash},
+    programs::{
+        tc::{self, NlOptions, TcAttachOptions},
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, SkMsg, SockOps, TcAttachType,
+    },
     Ebpf, EbpfLoader,
 };
+
+use crate::netns::Netns;
 use tracing::info;
 
 pub use counters::{read_counters, Counters};
@@ -30,10 +36,31 @@ pub use pins::{ensure_bpffs, PinRoot};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SLUICE_EBPF_OBJECT"));
 
 /// Names of the maps in the object, and the file each is pinned as.
-pub const PINNED_MAPS: [(&str, &str); 2] = [("SOCK_PAIRS", "sock_pairs"), ("COUNTERS", "counters")];
+pub const PINNED_MAPS: [(&str, &str); 6] = [
+    ("SOCK_PAIRS", "sock_pairs"),
+    ("COUNTERS", "counters"),
+    ("ENROLLED", "enrolled"),
+    ("ORIG_DST_BY_COOKIE", "orig_dst_by_cookie"),
+    ("ORIG_DST_BY_TUPLE", "orig_dst_by_tuple"),
+    ("LISTENERS", "listeners"),
+];
 
 /// Names of the programs in the object.
-pub const PROGRAMS: [&str; 2] = ["sluice_sockops", "sluice_sk_msg"];
+pub const PROGRAMS: [&str; 6] =
+    ["sluice_sockops", "sluice_sk_msg", "sluice_connect4", "sluice_connect6", "sluice_getsockopt", "sluice_tc_ingress"];
+
+/// Attachments that detach when dropped (aya's owned link types).
+pub struct Links(Vec<Box<dyn std::any::Any + Send>>);
+
+impl Links {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
 
 /// The loaded object. Dropping it detaches every program it attached; call
 /// [`Datapath::shutdown`] to also remove the pins.
@@ -72,10 +99,7 @@ impl Datapath {
         })?;
         let logger = log::LogForwarder::start(&mut ebpf);
 
-        let sockops: &mut SockOps = program(&mut ebpf, "sluice_sockops")?;
-        sockops.load().context("verifier rejected sluice_sockops")?;
-        let skmsg: &mut SkMsg = program(&mut ebpf, "sluice_sk_msg")?;
-        skmsg.load().context("verifier rejected sluice_sk_msg")?;
+        load_all(&mut ebpf)?;
 
         let pairs: SockHash<_, agent_common::SockKey> =
             SockHash::try_from(ebpf.map("SOCK_PAIRS").context("the object has no SOCK_PAIRS map")?)
@@ -105,6 +129,93 @@ impl Datapath {
         Ok(())
     }
 
+    /// Outbound capture and the socket bypass for one pod's cgroup:
+    /// connect4/connect6 and sock_ops.
+    pub fn attach_pod_cgroup(&mut self, cgroup: &Path) -> Result<Links> {
+        let dir = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let mut links: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+        for name in ["sluice_connect4", "sluice_connect6"] {
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            let id = prog
+                .attach(&dir, CgroupAttachMode::AllowMultiple)
+                .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
+            links.push(Box::new(prog.take_link(id)?));
+        }
+        let sockops: &mut SockOps = program(&mut self.ebpf, "sluice_sockops")?;
+        let id = sockops
+            .attach(&dir, CgroupAttachMode::AllowMultiple)
+            .with_context(|| format!("attaching sluice_sockops to cgroup {}", cgroup.display()))?;
+        links.push(Box::new(sockops.take_link(id)?));
+        Ok(Links(links))
+    }
+
+    /// The agent's own cgroup: sock_ops (so the agent's end of each captured
+    /// connection joins SOCK_PAIRS) and getsockopt (SO_ORIGINAL_DST).
+    pub fn attach_agent_cgroup(&mut self, cgroup: &Path) -> Result<Links> {
+        let dir = File::open(cgroup).with_context(|| format!("opening the agent's cgroup {}", cgroup.display()))?;
+        let sockops: &mut SockOps = program(&mut self.ebpf, "sluice_sockops")?;
+        let id =
+            sockops.attach(&dir, CgroupAttachMode::AllowMultiple).context("attaching sluice_sockops to the agent")?;
+        let first: Box<dyn std::any::Any + Send> = Box::new(sockops.take_link(id)?);
+        let getsockopt: &mut CgroupSockopt = program(&mut self.ebpf, "sluice_getsockopt")?;
+        let id = getsockopt
+            .attach(&dir, CgroupAttachMode::AllowMultiple)
+            .context("attaching sluice_getsockopt to the agent")?;
+        Ok(Links(vec![first, Box::new(getsockopt.take_link(id)?)]))
+    }
+
+    /// Inbound capture: the tc ingress classifier on `iface` inside `netns`
+    /// (netlink attach, with a clsact qdisc, works from 5.7 on; aya cannot
+    /// reach another netns, so the attach runs after setns).
+    pub fn attach_tc(&mut self, netns: &Netns, iface: &str) -> Result<Links> {
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, "sluice_tc_ingress")?;
+        let link = netns.run(|| {
+            if let Err(e) = tc::qdisc_add_clsact(iface) {
+                // EEXIST: a clsact qdisc is already there (ours or the CNI's).
+                if !format!("{e:?}").contains("17") && !e.to_string().contains("exists") {
+                    return Err(std::io::Error::other(format!("adding clsact on {iface}: {e}")));
+                }
+            }
+            let id = prog
+                .attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::Netlink(NlOptions::default()))
+                .map_err(|e| std::io::Error::other(format!("attaching tc ingress on {iface}: {e}")))?;
+            prog.take_link(id).map_err(|e| std::io::Error::other(e.to_string()))
+        })?;
+        Ok(Links(vec![Box::new(NetnsBound { netns: netns.clone_handle()?, link: Some(link) })]))
+    }
+
+    /// Marks a pod's netns as enrolled, with the addresses capture redirects to.
+    pub fn enroll_netns(&mut self, cookie: u64, pod: PodInfo) -> Result<()> {
+        let mut map: BpfHashMap<_, u64, PodInfo> =
+            BpfHashMap::try_from(self.ebpf.map_mut("ENROLLED").context("no ENROLLED map")?)?;
+        map.insert(cookie, pod, 0).context("writing ENROLLED")
+    }
+
+    pub fn unenroll_netns(&mut self, cookie: u64) -> Result<()> {
+        let mut map: BpfHashMap<_, u64, PodInfo> =
+            BpfHashMap::try_from(self.ebpf.map_mut("ENROLLED").context("no ENROLLED map")?)?;
+        match map.remove(&cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing from ENROLLED"),
+        }
+    }
+
+    /// Points tc's `bpf_sk_assign` for `ip` at a 15006 listener.
+    pub fn set_listener(&mut self, ip: IpKey, listener: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+        let mut map: SockHash<_, IpKey> =
+            SockHash::try_from(self.ebpf.map_mut("LISTENERS").context("no LISTENERS map")?)?;
+        map.insert(ip, listener.as_raw_fd_compat(), 0).context("writing LISTENERS")
+    }
+
+    pub fn remove_listener(&mut self, ip: IpKey) -> Result<()> {
+        let mut map: SockHash<_, IpKey> =
+            SockHash::try_from(self.ebpf.map_mut("LISTENERS").context("no LISTENERS map")?)?;
+        match map.remove(&ip) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing from LISTENERS"),
+        }
+    }
+
     pub fn counters(&self) -> Result<Counters> {
         read_counters(&self.pins)
     }
@@ -130,6 +241,47 @@ impl Datapath {
             pins.remove()?;
         }
         Ok(())
+    }
+}
+
+/// Loads every program of the object, so the verifier has judged all of
+/// them before anything is attached.
+fn load_all(ebpf: &mut Ebpf) -> Result<()> {
+    program::<SockOps>(ebpf, "sluice_sockops")?.load().context("verifier rejected sluice_sockops")?;
+    program::<SkMsg>(ebpf, "sluice_sk_msg")?.load().context("verifier rejected sluice_sk_msg")?;
+    for name in ["sluice_connect4", "sluice_connect6"] {
+        program::<CgroupSockAddr>(ebpf, name)?.load().with_context(|| format!("verifier rejected {name}"))?;
+    }
+    program::<CgroupSockopt>(ebpf, "sluice_getsockopt")?.load().context("verifier rejected sluice_getsockopt")?;
+    program::<SchedClassifier>(ebpf, "sluice_tc_ingress")?.load().context("verifier rejected sluice_tc_ingress")?;
+    Ok(())
+}
+
+/// A tc link whose detach (netlink) must run inside its netns.
+struct NetnsBound {
+    netns: Netns,
+    link: Option<aya::programs::tc::SchedClassifierLink>,
+}
+
+impl Drop for NetnsBound {
+    fn drop(&mut self) {
+        if let Some(link) = self.link.take() {
+            // If the netns is gone, so is the qdisc and the filter with it.
+            let _ = self.netns.run(move || {
+                drop(link);
+                Ok(())
+            });
+        }
+    }
+}
+
+trait AsRawFdCompat {
+    fn as_raw_fd_compat(&self) -> std::os::fd::RawFd;
+}
+
+impl AsRawFdCompat for std::os::fd::BorrowedFd<'_> {
+    fn as_raw_fd_compat(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(self)
     }
 }
 

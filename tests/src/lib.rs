@@ -31,6 +31,7 @@
 //! All of it needs root; start every test with [`require_root!`].
 
 pub mod agent;
+pub mod bench;
 pub mod capture;
 pub mod cgroup;
 pub mod mesh;

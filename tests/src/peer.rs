@@ -51,3 +51,46 @@ pub fn target_bin(name: &str, env_override: &str) -> PathBuf {
         )
     })
 }
+
+/// The JSON line `sluice-peer rr` prints: 1-byte request/response round
+/// trips on one connection, in microseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RrReport {
+    /// Round trips measured (after the warmup).
+    pub samples: u64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub mean_us: f64,
+    pub max_us: f64,
+    pub elapsed_ms: u64,
+    /// True if the time bound cut the run short.
+    pub truncated: bool,
+}
+
+/// One slice of a `sluice-peer connrate` run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConnSlice {
+    /// Connections completed in this slice.
+    pub conns: u64,
+    pub secs: f64,
+    pub per_sec: f64,
+}
+
+/// The JSON line `sluice-peer connrate` prints: connect, 1 byte each way,
+/// close, repeated; the rate overall and per consecutive slice.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConnRateReport {
+    pub conns: u64,
+    pub errors: u64,
+    pub secs: f64,
+    pub per_sec: f64,
+    pub concurrency: usize,
+    pub slices: Vec<ConnSlice>,
+    /// The first few distinct errors, for diagnosis.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub error_samples: Vec<String>,
+    /// True if the time or error bound stopped the run before `conns` hit
+    /// the requested count.
+    pub truncated: bool,
+}

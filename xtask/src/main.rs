@@ -2,6 +2,7 @@
 //! wherever cargo does. Every task says what it is doing and fails with a
 //! message that names the step.
 
+mod bench;
 mod setup;
 mod test;
 
@@ -37,6 +38,15 @@ enum Task {
     },
     /// Set up, build, and run the demo on a simulated node.
     Demo,
+    /// Build in release mode and run a benchmark (as root), e.g. `tunnel`:
+    /// direct vs through Sluice, printed as a table with targets.
+    Bench {
+        /// Which benchmark: tunnel.
+        what: String,
+        /// Extra arguments for sluice-bench (after `--`), e.g. `--quick`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() {
@@ -46,6 +56,7 @@ fn main() {
         Task::BuildEbpf => build_ebpf().map(|p| println!("eBPF object: {}", p.display())),
         Task::Test { args } => test::run(&args),
         Task::Demo => demo(),
+        Task::Bench { what, args } => bench::run(&what, &args),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

@@ -5,9 +5,12 @@
 //! a test can wait for readiness and check which client address the app saw.
 //! `send` streams a deterministic pattern, verifies what comes back byte for
 //! byte, and prints one JSON [`SendReport`] line.
+//! `rr` and `connrate` are the benchmark clients (against an echo server):
+//! 1-byte round-trip latency, and new connections per second.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use sluice_tests::bench::clients as bench;
 use sluice_tests::{pattern, tcp_info, SendReport, ServeReport, TcpInfo};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -34,6 +37,9 @@ enum Cmd {
         /// Print `PEER <ip>:<port>` for every accepted connection.
         #[arg(long)]
         print_peer: bool,
+        /// Set TCP_NODELAY on every accepted connection.
+        #[arg(long)]
+        nodelay: bool,
     },
     /// Send a pattern and verify the reply.
     Send {
@@ -49,6 +55,40 @@ enum Cmd {
         /// (report, for discard-then-report) or nothing (none, for sink).
         #[arg(long, value_enum, default_value_t = Expect::Echo)]
         expect: Expect,
+    },
+    /// 1-byte request/response latency on one connection (TCP_NODELAY)
+    /// against an echo server; prints one JSON RrReport line.
+    Rr {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 20_000)]
+        count: u64,
+        #[arg(long, default_value_t = 1_000)]
+        warmup: u64,
+        /// Stop measuring after this long, whatever the count.
+        #[arg(long, default_value_t = 30)]
+        max_secs: u64,
+    },
+    /// New connections per second against an echo server: connect, write
+    /// 1 byte, read it back, close; prints one JSON ConnRateReport line.
+    Connrate {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Stop after this many connections...
+        #[arg(long, default_value_t = 25_000)]
+        count: u64,
+        /// ...or after this long, whichever comes first.
+        #[arg(long, default_value_t = 30)]
+        max_secs: u64,
+        /// Connections in flight at once (one thread each).
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Report the rate per slice of this many connections.
+        #[arg(long, default_value_t = 2_500)]
+        slice: u64,
+        /// Give up after this many failed connections.
+        #[arg(long, default_value_t = 200)]
+        max_errors: u64,
     },
 }
 
@@ -71,10 +111,24 @@ enum Expect {
 
 fn main() {
     let result = match Cli::parse().cmd {
-        Cmd::Serve { listen, mode, once, print_peer } => serve(listen, mode, once, print_peer),
+        Cmd::Serve { listen, mode, once, print_peer, nodelay } => serve(listen, mode, once, print_peer, nodelay),
         Cmd::Send { connect, bytes, chunk, timeout_secs, expect } => {
             send(connect, bytes, chunk.max(1), Duration::from_secs(timeout_secs), expect)
         }
+        Cmd::Rr { connect, count, warmup, max_secs } => {
+            bench::rr(connect, count, warmup, Duration::from_secs(max_secs)).and_then(|r| say_json(&r))
+        }
+        Cmd::Connrate { connect, count, max_secs, concurrency, slice, max_errors } => bench::connrate(
+            connect,
+            bench::ConnRateArgs {
+                count,
+                max: Duration::from_secs(max_secs),
+                concurrency: concurrency.clamp(1, 64),
+                slice: slice.max(1),
+                max_errors,
+            },
+        )
+        .and_then(|r| say_json(&r)),
     };
     if let Err(e) = result {
         eprintln!("sluice-peer: {e:#}");
@@ -89,11 +143,19 @@ fn say(line: &str) {
     let _ = out.flush();
 }
 
-fn serve(listen: SocketAddr, mode: Mode, once: bool, print_peer: bool) -> Result<()> {
+fn say_json(v: &impl serde::Serialize) -> Result<()> {
+    say(&serde_json::to_string(v)?);
+    Ok(())
+}
+
+fn serve(listen: SocketAddr, mode: Mode, once: bool, print_peer: bool, nodelay: bool) -> Result<()> {
     let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
     say(&format!("LISTENING {}", listener.local_addr().context("local_addr")?));
     loop {
         let (stream, peer) = listener.accept().context("accept")?;
+        if nodelay {
+            stream.set_nodelay(true).context("TCP_NODELAY")?;
+        }
         if print_peer {
             say(&format!("PEER {peer}"));
         }

@@ -1,0 +1,8 @@
+//! `cargo xtask bench`: the pieces of the `sluice-bench` binary, and the
+//! benchmark clients of `sluice-peer` ([`clients`]).
+
+pub mod clients;
+pub mod measure;
+pub mod procstat;
+pub mod report;
+pub mod tunnel;

@@ -35,6 +35,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Preflight: can this node run eBPF capture? Prints each program type,
+    /// map type, helper and attach point with yes/no, then the mode `auto`
+    /// would pick. Exit status 0 when eBPF mode is possible, 2 when not.
+    Probe {
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the version.
     Version,
 }
@@ -118,6 +125,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 readiness: args.readiness,
                 cleanup: args.cleanup,
                 drain: Duration::from_secs(args.drain_secs),
+                pin_root: args.pin_root,
             };
             rt.block_on(sluice::run::run(opts))
         }
@@ -132,6 +140,19 @@ fn dispatch(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&counters)?);
             } else {
                 print!("{counters}");
+            }
+            Ok(())
+        }
+        Cmd::Probe { json } => {
+            let scratch = PinRoot::new(format!("/sys/fs/bpf/sluice-probe-{}", std::process::id()));
+            let probe = sluice::redirect::probe::run(&scratch);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&probe)?);
+            } else {
+                print!("{probe}");
+            }
+            if !probe.ebpf_possible() {
+                std::process::exit(2);
             }
             Ok(())
         }

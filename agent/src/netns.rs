@@ -235,10 +235,19 @@ fn set_transparent(s: &Socket, addr: SocketAddr) -> io::Result<()> {
 pub fn original_dst(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
     let sock = socket2::SockRef::from(stream);
     let local = stream.local_addr()?;
-    let raw = match local {
-        SocketAddr::V4(_) => sock.original_dst_v4()?,
-        SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_some() => sock.original_dst_v4()?,
-        SocketAddr::V6(_) => sock.original_dst_v6()?,
+    let answer = match local {
+        SocketAddr::V4(_) => sock.original_dst_v4(),
+        SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_some() => sock.original_dst_v4(),
+        SocketAddr::V6(_) => sock.original_dst_v6(),
+    };
+    let raw = match answer {
+        Ok(raw) => raw,
+        // tc's bpf_sk_assign hands the connection over untouched: the
+        // accepted socket's own address is where the client was going.
+        Err(_) if ![agent_common::OUTBOUND_PORT, agent_common::INBOUND_PLAINTEXT_PORT].contains(&local.port()) => {
+            return Ok(local);
+        }
+        Err(e) => return Err(e),
     };
     raw.as_socket()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "SO_ORIGINAL_DST returned a non-IP address"))

@@ -21,7 +21,7 @@ use crate::{
     inpod::Pods,
     metrics::{Metrics, ModeLabel, ResultLabel},
     proxy::Ctx,
-    redirect::{iptables::IptablesRedirect, Redirect},
+    redirect::{ebpf::EbpfRedirect, iptables::IptablesRedirect, probe, Redirect},
     state::ConfigWatcher,
     tunnel::pool::Pool,
 };
@@ -45,6 +45,8 @@ pub struct RunOptions {
     pub cleanup: bool,
     /// How long in-flight connections may take to finish after SIGTERM.
     pub drain: Duration,
+    /// bpffs directory for eBPF mode's pinned maps.
+    pub pin_root: PathBuf,
 }
 
 /// Idle HBONE connections close after this long.
@@ -65,7 +67,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let roots = Arc::new(ca.roots());
     let certs = Arc::new(CertCache::new(Arc::new(ca), state.ca().cert_ttl));
 
-    let redirect = choose_redirect(opts.redirect)?;
+    let redirect = choose_redirect(opts.redirect, &opts.pin_root)?;
     let mode = redirect.mode().to_string();
     metrics.redirect_mode.get_or_create(&ModeLabel { mode: mode.clone() }).set(1);
 
@@ -120,19 +122,39 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         warn!(connections = left, "drain period over; closing the rest");
     }
     ctx.pool.clear();
+    if opts.cleanup {
+        PinRoot::new(&opts.pin_root).remove()?;
+    }
     Ok(())
 }
 
-fn choose_redirect(choice: RedirectChoice) -> Result<Arc<dyn Redirect>> {
-    match choice {
-        RedirectChoice::Ebpf => bail!(
-            "--redirect ebpf: eBPF capture (connect hooks, tc sk_assign) is not built yet; use --redirect iptables or auto"
-        ),
-        RedirectChoice::Auto => {
-            info!("redirect mode auto: using iptables (eBPF capture is not built yet)");
-            Ok(Arc::new(IptablesRedirect::detect().context("detecting the iptables backend")?))
+/// Picks the capture backend. `auto` takes eBPF when the probe finds every
+/// piece, else iptables with one line naming what is missing; `ebpf` fails
+/// with that same line instead of falling back.
+fn choose_redirect(choice: RedirectChoice, pin_root: &std::path::Path) -> Result<Arc<dyn Redirect>> {
+    let iptables = || -> Result<Arc<dyn Redirect>> {
+        Ok(Arc::new(IptablesRedirect::detect().context("detecting the iptables backend")?))
+    };
+    if choice == RedirectChoice::Iptables {
+        return iptables();
+    }
+    let scratch = PinRoot::new(pin_root.with_file_name(format!("sluice-probe-{}", std::process::id())));
+    let probe = probe::run(&scratch);
+    if !probe.ebpf_possible() {
+        let why = probe.missing_summary();
+        if choice == RedirectChoice::Ebpf {
+            bail!("--redirect ebpf: eBPF capture is not possible here: {why}");
         }
-        RedirectChoice::Iptables => Ok(Arc::new(IptablesRedirect::detect().context("detecting the iptables backend")?)),
+        warn!(reason = %why, "eBPF capture unavailable; falling back to iptables");
+        return iptables();
+    }
+    match EbpfRedirect::new(PinRoot::new(pin_root)) {
+        Ok(r) => Ok(Arc::new(r)),
+        Err(e) if choice == RedirectChoice::Auto => {
+            warn!(reason = format!("{e:#}"), "eBPF capture failed to start; falling back to iptables");
+            iptables()
+        }
+        Err(e) => Err(e.context("--redirect ebpf")),
     }
 }
 

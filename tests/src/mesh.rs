@@ -35,6 +35,9 @@ pub struct Mesh {
     pub pods: Vec<MeshPod>,
     pub policies_yaml: String,
     pub cert_ttl: String,
+    prefix: String,
+    /// bpffs pin dirs of the agents started, removed with the mesh.
+    pins: std::sync::Mutex<Vec<crate::PinDir>>,
 }
 
 pub mod tempdir {
@@ -76,6 +79,8 @@ impl Mesh {
             pods: Vec::new(),
             policies_yaml: String::new(),
             cert_ttl: "24h".into(),
+            prefix: topo.prefix().to_owned(),
+            pins: Default::default(),
         })
     }
 
@@ -143,7 +148,9 @@ impl Mesh {
     }
 
     pub fn start_agent_with(&self, node: &Node, redirect: &str, config: &Path) -> Result<Agent> {
-        let pins = self.dir.path().join(format!("pins-{}", node.name()));
+        // On bpffs, so eBPF mode can pin; one dir per node, removed with the mesh.
+        let pins = crate::PinDir::new(&format!("{}-{}", self.prefix, node.name())).0.clone();
+        self.pins.lock().unwrap().push(crate::PinDir(pins.clone()));
         Agent::start(
             node,
             &pins,

@@ -20,7 +20,7 @@ use sluice_tests::{
     Agent, Node, Pod, Topology,
 };
 
-const MODES: &[&str] = &["iptables"];
+const MODES: &[&str] = &["iptables", "ebpf"];
 const T: Duration = Duration::from_secs(60);
 
 struct Fixture {

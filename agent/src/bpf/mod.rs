@@ -50,7 +50,7 @@ pub const PROGRAMS: [&str; 6] =
     ["sluice_sockops", "sluice_sk_msg", "sluice_connect4", "sluice_connect6", "sluice_getsockopt", "sluice_tc_ingress"];
 
 /// Attachments that detach when dropped (aya's owned link types).
-pub struct Links(Vec<Box<dyn std::any::Any + Send>>);
+pub struct Links(Vec<Box<dyn std::any::Any + Send + Sync>>);
 
 impl Links {
     pub fn len(&self) -> usize {
@@ -97,9 +97,11 @@ impl Datapath {
         let mut ebpf = loader.load(OBJECT).with_context(|| {
             format!("loading Sluice's eBPF object with maps pinned under {}", pins.path().display())
         })?;
-        let logger = log::LogForwarder::start(&mut ebpf);
 
         load_all(&mut ebpf)?;
+        // After loading: the programs now hold the log map, so the logger may
+        // be dropped (no runtime, as in `sluice probe`) without breaking them.
+        let logger = log::LogForwarder::start(&mut ebpf);
 
         let pairs: SockHash<_, agent_common::SockKey> =
             SockHash::try_from(ebpf.map("SOCK_PAIRS").context("the object has no SOCK_PAIRS map")?)
@@ -130,20 +132,22 @@ impl Datapath {
     }
 
     /// Outbound capture and the socket bypass for one pod's cgroup:
-    /// connect4/connect6 and sock_ops.
+    /// connect4/connect6 and sock_ops. `Single` means flags 0: with bpf_link
+    /// (5.7+, which aya uses when it can) links to one cgroup always stack,
+    /// and `BPF_F_ALLOW_MULTI` is rejected with EINVAL.
     pub fn attach_pod_cgroup(&mut self, cgroup: &Path) -> Result<Links> {
         let dir = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-        let mut links: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+        let mut links: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
         for name in ["sluice_connect4", "sluice_connect6"] {
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             let id = prog
-                .attach(&dir, CgroupAttachMode::AllowMultiple)
+                .attach(&dir, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
             links.push(Box::new(prog.take_link(id)?));
         }
         let sockops: &mut SockOps = program(&mut self.ebpf, "sluice_sockops")?;
         let id = sockops
-            .attach(&dir, CgroupAttachMode::AllowMultiple)
+            .attach(&dir, CgroupAttachMode::Single)
             .with_context(|| format!("attaching sluice_sockops to cgroup {}", cgroup.display()))?;
         links.push(Box::new(sockops.take_link(id)?));
         Ok(Links(links))
@@ -155,11 +159,11 @@ impl Datapath {
         let dir = File::open(cgroup).with_context(|| format!("opening the agent's cgroup {}", cgroup.display()))?;
         let sockops: &mut SockOps = program(&mut self.ebpf, "sluice_sockops")?;
         let id =
-            sockops.attach(&dir, CgroupAttachMode::AllowMultiple).context("attaching sluice_sockops to the agent")?;
-        let first: Box<dyn std::any::Any + Send> = Box::new(sockops.take_link(id)?);
+            sockops.attach(&dir, CgroupAttachMode::Single).context("attaching sluice_sockops to the agent")?;
+        let first: Box<dyn std::any::Any + Send + Sync> = Box::new(sockops.take_link(id)?);
         let getsockopt: &mut CgroupSockopt = program(&mut self.ebpf, "sluice_getsockopt")?;
         let id = getsockopt
-            .attach(&dir, CgroupAttachMode::AllowMultiple)
+            .attach(&dir, CgroupAttachMode::Single)
             .context("attaching sluice_getsockopt to the agent")?;
         Ok(Links(vec![first, Box::new(getsockopt.take_link(id)?)]))
     }

@@ -7,6 +7,7 @@
 
 use std::{
     collections::BTreeMap,
+    os::fd::{AsRawFd, RawFd},
     sync::{Arc, Mutex},
 };
 
@@ -94,7 +95,13 @@ impl Pods {
             self.ctx.state().trust_domain().to_owned(),
         )
         .with_context(|| format!("TLS config for pod {}", w.uid))?;
-        let pod = Arc::new(PodCtx { workload: w.clone(), netns: netns.clone(), id, server_tls });
+        let pod = Arc::new(PodCtx {
+            workload: w.clone(),
+            netns: netns.clone(),
+            id,
+            server_tls,
+            app_mark: self.redirect.app_mark(),
+        });
 
         let out =
             listen_both(&netns, OUTBOUND_PORT, &w.ips).with_context(|| format!("pod {}: outbound listener", w.uid))?;
@@ -102,6 +109,7 @@ impl Pods {
             .with_context(|| format!("pod {}: inbound listener", w.uid))?;
         let hbone =
             listen_both(&netns, HBONE_PORT, &w.ips).with_context(|| format!("pod {}: HBONE listener", w.uid))?;
+        let plain_fds: Vec<RawFd> = plain.iter().map(|l| l.as_raw_fd()).collect();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         for l in out {
@@ -118,7 +126,14 @@ impl Pods {
         let (uid, ips, cgroup) = (w.uid.clone(), w.ips.clone(), w.cgroup.clone());
         let capture_ns = netns.clone();
         let enrolled = tokio::task::spawn_blocking(move || {
-            redirect.enroll(&PodCapture { uid: &uid, netns: &capture_ns, ips: &ips, cgroup: cgroup.as_deref() })
+            let pod = PodCapture {
+                uid: &uid,
+                netns: &capture_ns,
+                ips: &ips,
+                cgroup: cgroup.as_deref(),
+                inbound_listeners: &plain_fds,
+            };
+            redirect.enroll(&pod)
         })
         .await?;
         if let Err(e) = enrolled {
@@ -140,7 +155,9 @@ impl Pods {
         let redirect = self.redirect.clone();
         let unenrolled = tokio::task::spawn_blocking(move || {
             let w = &pod.workload;
-            redirect.unenroll(&PodCapture { uid: &w.uid, netns: &pod.netns, ips: &w.ips, cgroup: w.cgroup.as_deref() })
+            let capture =
+                PodCapture { uid: &w.uid, netns: &pod.netns, ips: &w.ips, cgroup: w.cgroup.as_deref(), inbound_listeners: &[] };
+            redirect.unenroll(&capture)
         })
         .await;
         if let Ok(Err(e)) | Err(e) = unenrolled.map_err(anyhow::Error::from) {

@@ -90,7 +90,7 @@ impl Handler for InboundHandler {
                 .inc();
             return Err(Refusal::Denied(policy));
         }
-        connect_app(&self.pod.netns, req.peer.ip(), req.target).await.map_err(Refusal::Unavailable)
+        connect_app(&self.pod.netns, req.peer.ip(), req.target, self.pod.app_mark).await.map_err(Refusal::Unavailable)
     }
 
     fn finished(&self, req: &InboundRequest, status: StatusCode, bytes: CopyResult) {

@@ -48,7 +48,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodCtx, ctx: &Ctx
         debug!(%target, %policy, "denied");
         return Ok(());
     }
-    let mut app = connect_app(&pod.netns, peer.ip(), target)
+    let mut app = connect_app(&pod.netns, peer.ip(), target, pod.app_mark)
         .await
         .with_context(|| format!("connecting to the app at {target}"))?;
     let src = state.workload_by_ip(peer.ip());

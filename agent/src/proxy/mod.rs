@@ -72,6 +72,8 @@ pub struct PodCtx {
     pub netns: Arc<Netns>,
     pub id: SpiffeId,
     pub server_tls: Arc<rustls::ServerConfig>,
+    /// Mark for client-IP-preserving connections to the app (per capture mode).
+    pub app_mark: u32,
 }
 
 /// Istio's labels for one connection. `src`/`dst` are the workloads when

@@ -25,9 +25,9 @@ pub fn listen_both(netns: &Netns, port: u16, ips: &[IpAddr]) -> Result<Vec<TcpLi
 /// Connects to the app at `target` from inside the pod, with the client's
 /// IP as source (IP_TRANSPARENT), so the app sees its real peer. The reply
 /// finds its way back through the connmark + ip rule the capture installs.
-pub async fn connect_app(netns: &Netns, client: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
+pub async fn connect_app(netns: &Netns, client: IpAddr, target: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
     let socket = netns
-        .socket(target, Some(SocketAddr::new(client, 0)), true)
+        .socket_marked(target, Some(SocketAddr::new(client, 0)), true, mark)
         .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
     socket.connect(target).await
 }

@@ -10,7 +10,9 @@ use serde::Serialize;
 use crate::netns::Netns;
 
 mod exec;
+pub mod ebpf;
 pub mod iptables;
+pub mod probe;
 mod route;
 
 /// Agent listener for captured outbound connections (in the pod netns).
@@ -100,7 +102,7 @@ impl Family {
     /// The families to capture for `ips`. A pod with no v6 address can only
     /// use v6 on loopback, which is never captured, so it needs no v6 rules.
     /// With no IPs known, both (v6 only where the kernel has IPv6 at all).
-    fn for_pod(ips: &[IpAddr]) -> Vec<Family> {
+    pub(crate) fn for_pod(ips: &[IpAddr]) -> Vec<Family> {
         if ips.is_empty() {
             return Family::present();
         }
@@ -115,7 +117,7 @@ impl Family {
     }
 
     /// Every family the kernel supports: what unenroll must clean.
-    fn present() -> Vec<Family> {
+    pub(crate) fn present() -> Vec<Family> {
         // IPv6 support is kernel-wide (built in, or a module loaded or not),
         // so the agent's own view answers for every netns.
         if std::path::Path::new("/proc/net/if_inet6").exists() {
@@ -137,6 +139,9 @@ pub struct PodCapture<'a> {
     pub ips: &'a [IpAddr],
     /// The pod's cgroup v2 directory, for backends that attach there.
     pub cgroup: Option<&'a Path>,
+    /// The agent's 15006 listeners in the pod (one per address family), for
+    /// backends that hand inbound connections to them directly.
+    pub inbound_listeners: &'a [std::os::fd::RawFd],
 }
 
 /// A capture backend. Calls block (they may run processes or load
@@ -149,6 +154,12 @@ pub trait Redirect: Send + Sync {
     fn enroll(&self, pod: &PodCapture<'_>) -> anyhow::Result<()>;
     /// Removes every trace of capture from the pod netns; idempotent; fine if the netns is already gone.
     fn unenroll(&self, pod: &PodCapture<'_>) -> anyhow::Result<()>;
+    /// Mark for the agent's client-IP-preserving connections to the app:
+    /// the mark the pod's return-path rule matches (connmark restores it in
+    /// iptables mode; in eBPF mode the app's accepted socket inherits it).
+    fn app_mark(&self) -> u32 {
+        AGENT_MARK
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! Needs 4.13 for sock_ops, 4.18 for SOCKHASH and 5.15 for
 //! `bpf_get_netns_cookie` in sock_ops.
 
-use agent_common::{counter, SockKey};
+use agent_common::{counter, SockKey, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -40,6 +40,14 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
     if !is_loopback(&key.remote_ip) && key.remote_ip != key.local_ip {
         return 0;
     }
+    // Not (yet) for the app <-> agent legs of captured connections: once the
+    // app half-closes, its end leaves the SOCKHASH while the agent's stays,
+    // and the agent's next write then lands in the app's TCP queue behind
+    // redirected data, where tcp_bpf_recvmsg answers EAGAIN to a blocking
+    // read. Until that is solved these legs use plain loopback TCP.
+    if is_agent_port(key.local_port) || is_agent_port(key.remote_port) {
+        return 0;
+    }
     // SAFETY: as above.
     match SOCK_PAIRS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64) {
         Ok(()) => {
@@ -49,6 +57,11 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
         Err(_) => count(counter::SOCKHASH_INSERT_FAILED, 1),
     }
     0
+}
+
+#[inline(always)]
+fn is_agent_port(port: u32) -> bool {
+    port == OUTBOUND_PORT as u32 || port == INBOUND_PLAINTEXT_PORT as u32 || port == HBONE_PORT as u32
 }
 
 #[inline(always)]

@@ -17,9 +17,28 @@ pub fn agent_bin() -> PathBuf {
 
 /// A running agent. Dropping it SIGKILLs the process; [`Agent::stop`] sends
 /// SIGTERM and waits, which is how the agent is meant to be stopped.
+///
+/// The agent gets a cgroup of its own beside the pods' (as a DaemonSet pod
+/// has), never an ancestor of them: programs attached to the agent's cgroup
+/// must not also fire for the pods' sockets.
 pub struct Agent {
-    child: ChildGuard,
+    child: Option<ChildGuard>,
+    cgroup: PathBuf,
     pub pin_root: PathBuf,
+}
+
+struct AgentPlace {
+    netns: String,
+    cgroup: PathBuf,
+}
+
+impl Place for AgentPlace {
+    fn netns_name(&self) -> &str {
+        &self.netns
+    }
+    fn cgroup_path(&self) -> PathBuf {
+        self.cgroup.clone()
+    }
 }
 
 /// A unique pin directory on bpffs for one test's agent; removed on drop so
@@ -39,37 +58,63 @@ impl Drop for PinDir {
 }
 
 impl Agent {
-    /// Starts `sluice <args>` in `place` (usually a node) and waits until it
-    /// prints READY.
+    /// Starts `sluice <args>` in `place`'s netns (usually a node), in a new
+    /// cgroup under `place`'s, and waits until it prints READY.
     pub fn start(place: &(impl Place + ?Sized), pin_root: &Path, args: &[&str]) -> Result<Agent> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cgroup = place.cgroup_path().join(format!("agent-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&cgroup).with_context(|| format!("creating the agent cgroup {}", cgroup.display()))?;
+        let here = AgentPlace { netns: place.netns_name().to_owned(), cgroup: cgroup.clone() };
         let mut cmd = Command::new(agent_bin());
         cmd.args(args).arg("--pin-root").arg(pin_root);
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
-        let mut child = crate::spawn_in(place, cmd)?;
+        let mut agent = Agent { child: Some(crate::spawn_in(&here, cmd)?), cgroup, pin_root: pin_root.to_owned() };
+        let child = agent.child.as_mut().expect("just set");
         if let Err(e) = child.wait_for_line("READY", Duration::from_secs(20)) {
             bail!("agent did not become ready: {e:#}\nstderr:\n{}", child.stderr_text());
         }
-        Ok(Agent { child, pin_root: pin_root.to_owned() })
+        Ok(agent)
+    }
+
+    fn child(&self) -> &ChildGuard {
+        self.child.as_ref().expect("the agent process is present until stop or drop")
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.pid()
+        self.child().pid()
     }
 
     pub fn stderr(&self) -> String {
-        self.child.stderr_text()
+        self.child().stderr_text()
     }
 
     /// SIGTERM, then wait for a clean exit.
-    pub fn stop(self) -> Result<String> {
-        let pid = nix::unistd::Pid::from_raw(self.child.pid() as i32);
+    pub fn stop(mut self) -> Result<String> {
+        let child = self.child.take().expect("the agent process is present until stop or drop");
+        let pid = nix::unistd::Pid::from_raw(child.pid() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).context("sending SIGTERM to the agent")?;
-        let out = self.child.finish(Duration::from_secs(15))?;
+        let out = child.finish(Duration::from_secs(15))?;
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if !out.status.success() {
             bail!("agent exited with {} after SIGTERM:\n{stderr}", out.status);
         }
         Ok(stderr)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill();
+        }
+        // The cgroup can only go once its last process is reaped.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

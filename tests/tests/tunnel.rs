@@ -73,6 +73,27 @@ fn metrics(node: &Node) -> Result<String> {
     http_get(node, 15020, "/metrics")
 }
 
+/// The kernel programs' counters of an agent (eBPF mode), from its pins.
+fn bpf_counters(agent: &Agent) -> Result<serde_json::Value> {
+    let out = std::process::Command::new(sluice_tests::agent_bin())
+        .args(["inspect", "--json", "--pin-root"])
+        .arg(&agent.pin_root)
+        .output()?;
+    ensure!(out.status.success(), "sluice inspect: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Whether capture is installed in `pod`'s netns, the way `mode` installs it.
+fn captured(pod: &Pod, mode: &str) -> Result<bool> {
+    let iptables = pod.exec_ok(&["iptables-save"])?.contains("SLUICE");
+    if mode == "ebpf" {
+        // eBPF mode must leave no iptables rules at all in the pod.
+        ensure!(!iptables, "eBPF mode installed iptables rules in {}", pod.name());
+        return Ok(pod.exec_ok(&["tc", "filter", "show", "dev", "eth0", "ingress"])?.contains("sluice_tc_ingress"));
+    }
+    Ok(iptables)
+}
+
 #[test]
 fn cross_node_100mb_byte_exact_with_real_client_ip() -> Result<()> {
     require_root!(Ok(()));
@@ -111,6 +132,13 @@ fn cross_node_100mb_byte_exact_with_real_client_ip() -> Result<()> {
         assert_eq!(dst_conns, 1, "destination agent did not record exactly one mTLS connection:\n{m2}");
         let dump = http_get(&f.n1, 15000, "/config_dump")?;
         assert!(dump.contains(&format!("\"mode\": \"{mode}\"")), "config_dump must show the mode:\n{dump}");
+        assert!(captured(&f.a1, mode)? && captured(&f.b1, mode)?, "capture must be installed the {mode} way");
+        if *mode == "ebpf" {
+            // The path taken: connect4 rewrote, getsockopt answered.
+            let c = bpf_counters(&ag1)?;
+            evidence(&format!("[ebpf] node1 kernel counters: {c}"));
+            assert!(c["outbound_captured"].as_u64() >= Some(1) && c["orig_dst_answered"].as_u64() >= Some(1), "{c}");
+        }
         ag1.stop()?;
         ag2.stop()?;
     }
@@ -181,7 +209,7 @@ fn unenrolled_pods_reach_enrolled_and_plain_pods() -> Result<()> {
     require_root!(Ok(()));
     for mode in MODES {
         let mut f = fixture("plain")?;
-        let (_ag1, _ag2) = agents(&f, mode)?;
+        let (ag1, _ag2) = agents(&f, mode)?;
         // Unenrolled u2 -> enrolled a1: captured at a1's 15006, policy applied.
         let (mut srv, addr) = echo_server(&f.a1, &format!("{}:8080", f.a1.ipv4()), &["--print-peer"])?;
         send_verified(&f.u2, &addr, 4 << 20, T)?;
@@ -196,6 +224,11 @@ fn unenrolled_pods_reach_enrolled_and_plain_pods() -> Result<()> {
             ) >= 1,
             "15006 path not taken:\n{m1}"
         );
+        if *mode == "ebpf" {
+            let c = bpf_counters(&ag1)?;
+            evidence(&format!("[ebpf] node1 kernel counters after plaintext inbound: {c}"));
+            assert!(c["inbound_assigned"].as_u64() >= Some(1), "tc did not hand the SYN to 15006: {c}");
+        }
         // Unenrolled -> unenrolled, across nodes: untouched.
         let (_srv2, addr2) = echo_server(&f.u1, &format!("{}:9090", f.u1.ipv4()), &[])?;
         send_verified(&f.u2, &addr2, 4 << 20, T)?;
@@ -288,10 +321,7 @@ fn pod_leaving_takes_its_rules_listeners_and_certificate() -> Result<()> {
         send_verified(&f.a2, &addr, 64 << 10, T)?;
         let listening =
             |pod: &Pod| -> Result<bool> { Ok(pod.exec_ok(&["ss", "-Hltn", "sport = :15001"])?.contains("15001")) };
-        let rules = |pod: &Pod| -> Result<bool> {
-            let v4 = pod.exec_ok(&["iptables-save"])?;
-            Ok(v4.contains("SLUICE"))
-        };
+        let rules = |pod: &Pod| captured(pod, mode);
         assert!(listening(&f.a2)? && rules(&f.a2)?, "a2 must be enrolled first");
         assert!(http_get(&f.n1, 15000, "/config_dump")?.contains("sa/sleep2"));
 

@@ -158,13 +158,11 @@ impl Datapath {
     pub fn attach_agent_cgroup(&mut self, cgroup: &Path) -> Result<Links> {
         let dir = File::open(cgroup).with_context(|| format!("opening the agent's cgroup {}", cgroup.display()))?;
         let sockops: &mut SockOps = program(&mut self.ebpf, "sluice_sockops")?;
-        let id =
-            sockops.attach(&dir, CgroupAttachMode::Single).context("attaching sluice_sockops to the agent")?;
+        let id = sockops.attach(&dir, CgroupAttachMode::Single).context("attaching sluice_sockops to the agent")?;
         let first: Box<dyn std::any::Any + Send + Sync> = Box::new(sockops.take_link(id)?);
         let getsockopt: &mut CgroupSockopt = program(&mut self.ebpf, "sluice_getsockopt")?;
-        let id = getsockopt
-            .attach(&dir, CgroupAttachMode::Single)
-            .context("attaching sluice_getsockopt to the agent")?;
+        let id =
+            getsockopt.attach(&dir, CgroupAttachMode::Single).context("attaching sluice_getsockopt to the agent")?;
         Ok(Links(vec![first, Box::new(getsockopt.take_link(id)?)]))
     }
 

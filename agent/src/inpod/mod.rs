@@ -155,8 +155,13 @@ impl Pods {
         let redirect = self.redirect.clone();
         let unenrolled = tokio::task::spawn_blocking(move || {
             let w = &pod.workload;
-            let capture =
-                PodCapture { uid: &w.uid, netns: &pod.netns, ips: &w.ips, cgroup: w.cgroup.as_deref(), inbound_listeners: &[] };
+            let capture = PodCapture {
+                uid: &w.uid,
+                netns: &pod.netns,
+                ips: &w.ips,
+                cgroup: w.cgroup.as_deref(),
+                inbound_listeners: &[],
+            };
             redirect.unenroll(&capture)
         })
         .await;

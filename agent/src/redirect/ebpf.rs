@@ -95,7 +95,10 @@ impl Redirect for EbpfRedirect {
         dp.enroll_netns(cookie, pod_info(pod.ips)).with_context(|| format!("pod {}", pod.uid))?;
         drop(dp);
         info!(uid = pod.uid, cookie, "eBPF capture enrolled");
-        self.pods.lock().unwrap_or_else(|e| e.into_inner()).insert(pod.uid.to_owned(), Enrolled { cookie, listeners, _links: links });
+        self.pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pod.uid.to_owned(), Enrolled { cookie, listeners, _links: links });
         Ok(())
     }
 
@@ -150,10 +153,8 @@ fn pod_info(ips: &[IpAddr]) -> PodInfo {
 /// cgroup2 mount point (detected: hybrid hosts mount it at .../unified).
 pub fn own_cgroup() -> Result<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
-    let rel = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .context("/proc/self/cgroup has no cgroup v2 entry (0::)")?;
+    let rel =
+        text.lines().find_map(|l| l.strip_prefix("0::")).context("/proc/self/cgroup has no cgroup v2 entry (0::)")?;
     Ok(cgroup2_mount()?.join(rel.trim_start_matches('/')))
 }
 

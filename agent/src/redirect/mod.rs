@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use crate::netns::Netns;
 
-mod exec;
 pub mod ebpf;
+mod exec;
 pub mod iptables;
 pub mod probe;
 mod route;

@@ -52,7 +52,15 @@ impl fmt::Display for Probe {
         writeln!(f, "kernel {}", self.kernel)?;
         writeln!(f, "{:<10} {:<42} {:<4} {:<28} detail", "kind", "name", "ok", "needed for")?;
         for c in &self.checks {
-            writeln!(f, "{:<10} {:<42} {:<4} {:<28} {}", c.kind, c.name, if c.ok { "yes" } else { "NO" }, c.needed_for, c.detail)?;
+            writeln!(
+                f,
+                "{:<10} {:<42} {:<4} {:<28} {}",
+                c.kind,
+                c.name,
+                if c.ok { "yes" } else { "NO" },
+                c.needed_for,
+                c.detail
+            )?;
         }
         let mode = if self.ebpf_possible() { "ebpf" } else { "iptables" };
         writeln!(f, "--redirect auto would choose: {mode}")
@@ -62,8 +70,12 @@ impl fmt::Display for Probe {
 /// Runs every check. `pins` is a scratch pin directory for the load test;
 /// it is removed again (an agent already running keeps its own).
 pub fn run(pins: &PinRoot) -> Probe {
-    let forced: Vec<String> =
-        std::env::var(FORCE_MISSING_ENV).unwrap_or_default().split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect();
+    let forced: Vec<String> = std::env::var(FORCE_MISSING_ENV)
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
     let mut checks = Vec::new();
     let mut add = |kind, name: &'static str, needed_for, result: Result<bool, String>| {
         let (mut ok, mut detail) = match result {
@@ -88,18 +100,63 @@ pub fn run(pins: &PinRoot) -> Probe {
     add("map", "lru_hash", "original destinations", map(MapType::LruHash));
     add("map", "percpu_array", "counters", map(MapType::PerCpuArray));
     let helper = |t, h| is_helper_supported(t, h).map_err(|e| e.to_string());
-    add("helper", "get_netns_cookie@cgroup_sock_addr", "outbound capture", helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_netns_cookie));
-    add("helper", "get_netns_cookie@sock_ops", "socket bypass", helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_get_netns_cookie));
-    add("helper", "get_netns_cookie@sk_msg", "socket bypass", helper(ProgramType::SkMsg, BpfHelper::BPF_FUNC_get_netns_cookie));
-    add("helper", "get_socket_cookie@sock_ops", "orig. dst", helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_get_socket_cookie));
-    add("helper", "msg_redirect_hash@sk_msg", "socket bypass", helper(ProgramType::SkMsg, BpfHelper::BPF_FUNC_msg_redirect_hash));
-    add("helper", "sk_assign@sched_cls", "inbound capture", helper(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_sk_assign));
-    add("attach", "bpffs at /sys/fs/bpf", "pins survive restarts", ensure_bpffs(std::path::Path::new("/sys/fs/bpf")).map(|_| true).map_err(|e| format!("{e:#}")));
-    add("attach", "cgroup v2", "connect hooks, sock_ops", super::ebpf::cgroup2_mount().map(|_| true).map_err(|e| format!("{e:#}")));
+    add(
+        "helper",
+        "get_netns_cookie@cgroup_sock_addr",
+        "outbound capture",
+        helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_netns_cookie),
+    );
+    add(
+        "helper",
+        "get_netns_cookie@sock_ops",
+        "socket bypass",
+        helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_get_netns_cookie),
+    );
+    add(
+        "helper",
+        "get_netns_cookie@sk_msg",
+        "socket bypass",
+        helper(ProgramType::SkMsg, BpfHelper::BPF_FUNC_get_netns_cookie),
+    );
+    add(
+        "helper",
+        "get_socket_cookie@sock_ops",
+        "orig. dst",
+        helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_get_socket_cookie),
+    );
+    add(
+        "helper",
+        "msg_redirect_hash@sk_msg",
+        "socket bypass",
+        helper(ProgramType::SkMsg, BpfHelper::BPF_FUNC_msg_redirect_hash),
+    );
+    add(
+        "helper",
+        "sk_assign@sched_cls",
+        "inbound capture",
+        helper(ProgramType::SchedClassifier, BpfHelper::BPF_FUNC_sk_assign),
+    );
+    add(
+        "attach",
+        "bpffs at /sys/fs/bpf",
+        "pins survive restarts",
+        ensure_bpffs(std::path::Path::new("/sys/fs/bpf")).map(|_| true).map_err(|e| format!("{e:#}")),
+    );
+    add(
+        "attach",
+        "cgroup v2",
+        "connect hooks, sock_ops",
+        super::ebpf::cgroup2_mount().map(|_| true).map_err(|e| format!("{e:#}")),
+    );
     add("attach", "SO_NETNS_COOKIE", "telling pods apart", netns_cookie_supported());
     // The verifier has the last word: load the real programs.
     let loaded = Datapath::load(pins.clone()).and_then(|d| d.shutdown(true));
-    add("load", "sluice programs (verifier)", "everything", loaded.map(|_| true).map_err(|e| format!("{e:#}").lines().next().unwrap_or_default().to_owned()));
+    add(
+        "load",
+        "sluice programs (verifier)",
+        "everything",
+        loaded.map(|_| true).map_err(|e| format!("{e:#}").lines().next().unwrap_or_default().to_owned()),
+    );
     Probe { kernel: kernel_release(), checks }
 }
 

@@ -61,6 +61,16 @@ impl Agent {
     /// Starts `sluice <args>` in `place`'s netns (usually a node), in a new
     /// cgroup under `place`'s, and waits until it prints READY.
     pub fn start(place: &(impl Place + ?Sized), pin_root: &Path, args: &[&str]) -> Result<Agent> {
+        Self::start_env(place, pin_root, args, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables.
+    pub fn start_env(
+        place: &(impl Place + ?Sized),
+        pin_root: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Agent> {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cgroup = place.cgroup_path().join(format!("agent-{}-{n}", std::process::id()));
@@ -69,6 +79,7 @@ impl Agent {
         let mut cmd = Command::new(agent_bin());
         cmd.args(args).arg("--pin-root").arg(pin_root);
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+        cmd.envs(env.iter().copied());
         let mut agent = Agent { child: Some(crate::spawn_in(&here, cmd)?), cgroup, pin_root: pin_root.to_owned() };
         let child = agent.child.as_mut().expect("just set");
         if let Err(e) = child.wait_for_line("READY", Duration::from_secs(20)) {

@@ -148,10 +148,15 @@ impl Mesh {
     }
 
     pub fn start_agent_with(&self, node: &Node, redirect: &str, config: &Path) -> Result<Agent> {
+        self.start_agent_env(node, redirect, config, &[])
+    }
+
+    /// Starts an agent with extra environment (test-only switches).
+    pub fn start_agent_env(&self, node: &Node, redirect: &str, config: &Path, env: &[(&str, &str)]) -> Result<Agent> {
         // On bpffs, so eBPF mode can pin; one dir per node, removed with the mesh.
         let pins = crate::PinDir::new(&format!("{}-{}", self.prefix, node.name())).0.clone();
         self.pins.lock().unwrap().push(crate::PinDir(pins.clone()));
-        Agent::start(
+        Agent::start_env(
             node,
             &pins,
             &[
@@ -163,6 +168,7 @@ impl Mesh {
                 "--redirect",
                 redirect,
             ],
+            env,
         )
     }
 }

@@ -395,3 +395,32 @@ fn sigterm_drains_in_flight_streams() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn missing_kernel_feature_falls_back_to_iptables_with_the_reason() -> Result<()> {
+    require_root!(Ok(()));
+    let f = fixture("fallback")?;
+    // The test-only switch makes the probe report bpf_sk_assign as missing.
+    let env = [("SLUICE_TEST_PROBE_MISSING", "sk_assign@sched_cls")];
+    let config = f.mesh.config_path();
+    let refused = f.mesh.start_agent_env(&f.n1, "ebpf", &config, &env);
+    let err = format!("{:#}", refused.err().expect("--redirect ebpf must refuse to start without sk_assign"));
+    assert!(
+        err.contains("sk_assign@sched_cls") && err.contains("kernel"),
+        "the refusal must name the piece and the kernel: {err}"
+    );
+
+    let ag1 = f.mesh.start_agent_env(&f.n1, "auto", &config, &env)?;
+    let _ag2 = f.mesh.start_agent(&f.n2, "auto")?;
+    let (_srv, addr) = echo_server(&f.b1, &format!("{}:8080", f.b1.ipv4()), &[])?;
+    send_verified(&f.a1, &addr, 1 << 20, T)?;
+    assert!(captured(&f.a1, "iptables")?, "the fallback must capture with iptables");
+    assert!(http_get(&f.n1, 15021, "/healthz/ready")?.contains("mode: iptables"));
+    assert!(http_get(&f.n2, 15021, "/healthz/ready")?.contains("mode: ebpf"), "node2 has everything: eBPF");
+    let log = ag1.stderr();
+    let line = log.lines().find(|l| l.contains("falling back to iptables")).unwrap_or_default().to_owned();
+    assert!(line.contains("sk_assign@sched_cls"), "the fallback must be logged with its reason:\n{log}");
+    assert!(metric_sum(&metrics(&f.n1)?, "sluice_redirect_mode", &["mode=\"iptables\""]) == 1);
+    evidence(&format!("fallback: node1 meshed through iptables; logged: {}", line.trim()));
+    Ok(())
+}

@@ -115,7 +115,8 @@ fn hbone_server_contract() -> Result<()> {
         "  - name: no-9000\n    namespace: default\n    action: DENY\n    rules:\n      - to: [{ ports: [9000] }]\n"
             .into();
     mesh.write_config()?;
-    let _agent = mesh.start_agent(&n2, "iptables")?;
+    // eBPF mode: 15008 must be reachable untouched by the tc capture.
+    let _agent = mesh.start_agent(&n2, "ebpf")?;
     let (_srv, _) = echo_server(&b1, &format!("{}:8080", b1.ipv4()), &[])?;
     let (_srv9, _) = echo_server(&b1, &format!("{}:9000", b1.ipv4()), &[])?;
 

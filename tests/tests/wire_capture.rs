@@ -1,5 +1,5 @@
 //! What actually crosses the wire between two nodes running `sluice run`
-//! (iptables redirect), seen by tcpdump on the lan bridge that joins them.
+//! (iptables and eBPF capture), seen by tcpdump on the lan bridge that joins them.
 //!
 //! Topology: node1 has enrolled pod a and unenrolled pod u1; node2 has
 //! enrolled pod b and unenrolled pod u2. Between enrolled pods the only TCP
@@ -151,8 +151,16 @@ fn assert_plaintext(label: &str, r: &WireReport, bytes: u64, visible: &[(u64, [u
 #[test]
 fn only_hbone_tls13_crosses_the_wire() -> Result<()> {
     require_root!(Ok(()));
-    let f = fixture("wirecap")?;
-    let (ag1, ag2) = agents(&f, "iptables")?;
+    // Same wire, whichever way the pods' traffic was captured.
+    for mode in ["iptables", "ebpf"] {
+        wire_in_mode(mode)?;
+    }
+    Ok(())
+}
+
+fn wire_in_mode(mode: &str) -> Result<()> {
+    let f = fixture(&format!("wire{}", &mode[..2]))?;
+    let (ag1, ag2) = agents(&f, mode)?;
     let (_b4, b4) = echo_server(&f.b, &format!("{}:8080", f.b.ipv4()), &[])?;
     let (_b6, b6) = echo_server(&f.b, &format!("[{}]:8080", f.b.ipv6()), &[])?;
     let (_u4, u4) = echo_server(&f.u2, &format!("{}:8080", f.u2.ipv4()), &[])?;
@@ -161,15 +169,17 @@ fn only_hbone_tls13_crosses_the_wire() -> Result<()> {
 
     // Enrolled a -> b over IPv4: 20 MiB each way.
     let big = 20 * MIB;
-    let r = captured(&f, "hbone-v4", || send_verified(&f.a, &b4, big, t))?;
+    let label = format!("{mode}-hbone-v4");
+    let r = captured(&f, &label, || send_verified(&f.a, &b4, big, t))?;
     let secret = markers(&[0, MIB, 10 * MIB, big - 64]);
-    assert_hbone("hbone-v4", &r, big, f.a.ipv4().into(), f.b.ipv4().into(), &secret);
+    assert_hbone(&label, &r, big, f.a.ipv4().into(), f.b.ipv4().into(), &secret);
 
     // Enrolled a -> b over IPv6.
     let small = 2 * MIB;
-    let r = captured(&f, "hbone-v6", || send_verified(&f.a, &b6, small, t))?;
+    let label = format!("{mode}-hbone-v6");
+    let r = captured(&f, &label, || send_verified(&f.a, &b6, small, t))?;
     let secret_small = markers(&[0, MIB, small - 64]);
-    assert_hbone("hbone-v6", &r, small, f.a.ipv6().into(), f.b.ipv6().into(), &secret_small);
+    assert_hbone(&label, &r, small, f.a.ipv6().into(), f.b.ipv6().into(), &secret_small);
 
     // Negative controls: unenrolled u1 -> u2, plain TCP, no agent involved.
     // The same capture and analysis must see the bytes in clear.

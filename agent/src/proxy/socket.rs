@@ -22,6 +22,8 @@ pub fn listen_both(netns: &Netns, port: u16, ips: &[IpAddr]) -> Result<Vec<TcpLi
     Ok(out)
 }
 
+const APP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Connects to the app at `target` from inside the pod, with the client's
 /// IP as source (IP_TRANSPARENT), so the app sees its real peer. The reply
 /// finds its way back through the connmark + ip rule the capture installs.
@@ -29,5 +31,10 @@ pub async fn connect_app(netns: &Netns, client: IpAddr, target: SocketAddr, mark
     let socket = netns
         .socket_marked(target, Some(SocketAddr::new(client, 0)), true, mark)
         .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
-    socket.connect(target).await
+    // A SYN nobody answers must become a 503 in seconds, not a two-minute
+    // wait the client cannot tell from a hang.
+    match tokio::time::timeout(APP_CONNECT_TIMEOUT, socket.connect(target)).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting to the app at {target}"))),
+    }
 }

@@ -73,9 +73,21 @@ impl Redirect for EbpfRedirect {
         // The app's accepted socket takes the mark of the agent's SYN, so its
         // replies to the client's (foreign) address follow the ip rule back
         // to the agent instead of leaving the pod.
-        pod.netns
-            .run(|| std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1"))
-            .with_context(|| format!("pod {}: setting net.ipv4.tcp_fwmark_accept", pod.uid))?;
+        // Kernel-made replies (a RST from a closed port) must carry the mark
+        // too, or "connection refused" leaves the pod instead of reaching the
+        // agent, and the client waits for a timeout instead of getting 503.
+        for (sysctl, path) in [
+            ("net.ipv4.tcp_fwmark_accept", "/proc/sys/net/ipv4/tcp_fwmark_accept"),
+            ("net.ipv4.fwmark_reflect", "/proc/sys/net/ipv4/fwmark_reflect"),
+            ("net.ipv6.fwmark_reflect", "/proc/sys/net/ipv6/fwmark_reflect"),
+        ] {
+            if path.contains("ipv6") && !pod.ips.iter().any(IpAddr::is_ipv6) {
+                continue;
+            }
+            pod.netns
+                .run(|| std::fs::write(path, "1"))
+                .with_context(|| format!("pod {}: setting {sysctl}", pod.uid))?;
+        }
         let mut dp = self.datapath();
         let links = vec![
             dp.attach_pod_cgroup(cgroup).with_context(|| format!("pod {}", pod.uid))?,

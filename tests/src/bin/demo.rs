@@ -56,10 +56,11 @@ fn demo() -> Result<()> {
     println!("    node2: httpbin {} (meshed; ALLOW only sa sleep on 8080)", httpbin.ipv4());
     println!("    config {}  CA {}", config.display(), mesh.ca_dir().display());
 
-    say("starting one `sluice run --redirect iptables` per node");
-    let ag1 = mesh.start_agent(&n1, "iptables")?;
-    let ag2 = mesh.start_agent(&n2, "iptables")?;
-    println!("    agents pid {} (node1) and {} (node2), ready", ag1.pid(), ag2.pid());
+    say("starting one `sluice run --redirect auto` per node (eBPF capture when the kernel has every piece)");
+    let ag1 = mesh.start_agent(&n1, "auto")?;
+    let ag2 = mesh.start_agent(&n2, "auto")?;
+    let mode = http_get(&n1, 15021, "/healthz/ready")?.lines().find_map(|l| l.strip_prefix("mode: ").map(str::to_owned)).unwrap_or_default();
+    println!("    agents pid {} (node1) and {} (node2), ready; capture mode: {mode}", ag1.pid(), ag2.pid());
 
     say("capturing the wire between the nodes while the pods talk");
     let pcap = mesh.dir.path().join("wire.pcap");
@@ -116,6 +117,17 @@ fn demo() -> Result<()> {
         wire.non_hbone_segments == 0 && wire.tls_versions.iter().all(|v| *v == 0x0304),
         "the wire carried more than HBONE"
     );
+    if mode == "ebpf" {
+        let counters = |agent: &Agent| -> Result<serde_json::Value> {
+            let out = run(Command::new(agent_bin()).args(["inspect", "--json", "--pin-root"]).arg(&agent.pin_root))?;
+            Ok(serde_json::from_str(&out)?)
+        };
+        let (c1, c2) = (counters(&ag1)?, counters(&ag2)?);
+        println!(
+            "    kernel counters            node1: connect() captured {}, SO_ORIGINAL_DST answered {}; node2: tc sk_assign {}",
+            c1["outbound_captured"], c1["orig_dst_answered"], c2["inbound_assigned"]
+        );
+    }
     ag1.stop()?;
     ag2.stop()?;
 

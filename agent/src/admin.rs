@@ -13,13 +13,25 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
+/// SO_REUSEPORT, so an upgraded agent can start beside the old one (two
+/// DaemonSet pods on one node during a surge) instead of failing to bind.
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(128)?;
+    TcpListener::from_std(s.into())
+}
+
 /// Answers one request: (status, content type, body).
 pub type Route = Arc<dyn Fn(&str) -> (StatusCode, &'static str, String) + Send + Sync>;
 
 /// Binds now (so a port clash fails the start, loudly) and serves in the
 /// background until the runtime ends.
 pub async fn serve(name: &'static str, addr: SocketAddr, route: Route) -> Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the {name} endpoint on {addr}"))?;
+    let listener = bind_reuseport(addr).with_context(|| format!("binding the {name} endpoint on {addr}"))?;
     let bound = listener.local_addr()?;
     info!(endpoint = name, addr = %bound, "listening");
     tokio::spawn(async move {

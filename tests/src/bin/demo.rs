@@ -59,7 +59,10 @@ fn demo() -> Result<()> {
     say("starting one `sluice run --redirect auto` per node (eBPF capture when the kernel has every piece)");
     let ag1 = mesh.start_agent(&n1, "auto")?;
     let ag2 = mesh.start_agent(&n2, "auto")?;
-    let mode = http_get(&n1, 15021, "/healthz/ready")?.lines().find_map(|l| l.strip_prefix("mode: ").map(str::to_owned)).unwrap_or_default();
+    let mode = http_get(&n1, 15021, "/healthz/ready")?
+        .lines()
+        .find_map(|l| l.strip_prefix("mode: ").map(str::to_owned))
+        .unwrap_or_default();
     println!("    agents pid {} (node1) and {} (node2), ready; capture mode: {mode}", ag1.pid(), ag2.pid());
 
     say("capturing the wire between the nodes while the pods talk");

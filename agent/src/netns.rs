@@ -132,7 +132,10 @@ impl Netns {
     pub fn listen(&self, addr: SocketAddr, transparent: bool) -> Result<std::net::TcpListener> {
         self.run(|| {
             let s = agent_socket(addr)?;
-            s.set_reuse_port(true)?;
+            // Port 0 is a listener reached only through bpf_sk_assign, which
+            // before Linux 6.5 refuses SO_REUSEPORT sockets (ESOCKTNOSUPPORT);
+            // it needs no port of its own to share during an upgrade either.
+            s.set_reuse_port(addr.port() != 0)?;
             s.set_reuse_address(true)?;
             if addr.is_ipv6() {
                 // The v4 listener is a separate socket on the same port.

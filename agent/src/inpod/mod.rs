@@ -109,13 +109,19 @@ impl Pods {
             .with_context(|| format!("pod {}: inbound listener", w.uid))?;
         let hbone =
             listen_both(&netns, HBONE_PORT, &w.ips).with_context(|| format!("pod {}: HBONE listener", w.uid))?;
-        let plain_fds: Vec<RawFd> = plain.iter().map(|l| l.as_raw_fd()).collect();
+        let assigned = if self.redirect.assigns_inbound() {
+            listen_both(&netns, 0, &w.ips).with_context(|| format!("pod {}: inbound assign listener", w.uid))?
+        } else {
+            Vec::new()
+        };
+        let plain_fds: Vec<RawFd> =
+            if assigned.is_empty() { &plain } else { &assigned }.iter().map(|l| l.as_raw_fd()).collect();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         for l in out {
             tasks.push(tokio::spawn(outbound::serve(l, pod.clone(), self.ctx.clone())));
         }
-        for l in plain {
+        for l in plain.into_iter().chain(assigned) {
             tasks.push(tokio::spawn(inbound_plaintext::serve(l, pod.clone(), self.ctx.clone())));
         }
         for l in hbone {

@@ -59,6 +59,10 @@ impl Redirect for EbpfRedirect {
         CONNMARK
     }
 
+    fn assigns_inbound(&self) -> bool {
+        true
+    }
+
     fn enroll(&self, pod: &PodCapture<'_>) -> Result<()> {
         if self.pods.lock().unwrap_or_else(|e| e.into_inner()).contains_key(pod.uid) {
             return Ok(());

@@ -160,6 +160,13 @@ pub trait Redirect: Send + Sync {
     fn app_mark(&self) -> u32 {
         AGENT_MARK
     }
+    /// Whether inbound plaintext reaches the agent by socket assignment
+    /// (eBPF) rather than by port redirect: then each pod also gets a
+    /// listener on an ephemeral port, without SO_REUSEPORT, for the kernel
+    /// to hand connections to.
+    fn assigns_inbound(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -41,7 +41,10 @@ pub fn plan(checks: &[Check]) -> Result<Plan> {
     for pkg in meta["packages"].as_array().into_iter().flatten() {
         for t in pkg["targets"].as_array().into_iter().flatten() {
             if t["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "test")) {
-                existing.insert((pkg["name"].as_str().unwrap_or("").to_owned(), t["name"].as_str().unwrap_or("").to_owned()));
+                existing.insert((
+                    pkg["name"].as_str().unwrap_or("").to_owned(),
+                    t["name"].as_str().unwrap_or("").to_owned(),
+                ));
             }
         }
     }
@@ -84,7 +87,8 @@ fn cargo_executables(args: &[&str]) -> Result<Vec<(String, String, PathBuf)>> {
 
 pub fn build(plan: &Plan) -> Result<Built> {
     step("vm-test: building sluice, sluice-peer and the checks' test executables");
-    let bins = cargo_executables(&["build", "-p", "sluice", "--bin", "sluice", "-p", "sluice-tests", "--bin", "sluice-peer"])?;
+    let bins =
+        cargo_executables(&["build", "-p", "sluice", "--bin", "sluice", "-p", "sluice-tests", "--bin", "sluice-peer"])?;
     let find_bin = |name: &str| {
         bins.iter()
             .find(|(k, n, _)| k == "bin" && n == name)

@@ -25,7 +25,10 @@ pub enum Run {
 pub enum Expect {
     Pass,
     /// The check must fail and its output must contain `signature`.
-    Fail { signature: &'static str, why: &'static str },
+    Fail {
+        signature: &'static str,
+        why: &'static str,
+    },
 }
 
 pub struct Check {

@@ -122,10 +122,12 @@ impl Fetcher {
             let _ = std::fs::remove_dir_all(&partial);
             run_captured("dpkg -x", Command::new("dpkg").arg("-x").arg(&deb).arg(&partial))?;
             let _ = std::fs::remove_dir_all(&dir);
-            std::fs::rename(&partial, &dir).with_context(|| format!("rename {} to {}", partial.display(), dir.display()))?;
+            std::fs::rename(&partial, &dir)
+                .with_context(|| format!("rename {} to {}", partial.display(), dir.display()))?;
             std::fs::write(&stamp, format!("{}={}\n", k.package, k.version))?;
         }
-        locate(&dir).with_context(|| format!("kernel package {}={} unpacked in {}", k.package, k.version, dir.display()))
+        locate(&dir)
+            .with_context(|| format!("kernel package {}={} unpacked in {}", k.package, k.version, dir.display()))
     }
 
     /// The .deb of `k` in the cache, downloading it if it is not there.
@@ -144,14 +146,17 @@ impl Fetcher {
         apt.update().context("cannot read the Debian suites, so the kernels cannot be downloaded")?;
         step(&format!("vm-test: downloading {}={} ({})", k.package, k.version, k.suite));
         let spec = format!("{}={}", k.package, k.version);
-        run_captured(&format!("apt-get download {spec}"), apt.command("apt-get").current_dir(&debs).args(["download", "-q", &spec]))
-            .with_context(|| {
-                format!(
-                    "kernel {} is pinned to {spec} from {}, and it could not be downloaded; if the suite dropped \
+        run_captured(
+            &format!("apt-get download {spec}"),
+            apt.command("apt-get").current_dir(&debs).args(["download", "-q", &spec]),
+        )
+        .with_context(|| {
+            format!(
+                "kernel {} is pinned to {spec} from {}, and it could not be downloaded; if the suite dropped \
                      that version, move the pin in xtask/src/vm/kernels.rs (README: Supported kernels)",
-                    k.label, k.suite
-                )
-            })?;
+                k.label, k.suite
+            )
+        })?;
         if !file.exists() {
             bail!("apt-get download {spec} succeeded but {} is not there", file.display());
         }

@@ -174,7 +174,7 @@ fn copy_elf(src: &Path, dest: &Path, strip: bool, libs: &mut BTreeSet<PathBuf>) 
     for line in text.lines() {
         let line = line.trim();
         let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.trim().split_whitespace().next().unwrap_or(""),
+            Some((_, rest)) => rest.split_whitespace().next().unwrap_or(""),
             None => line.split_whitespace().next().unwrap_or(""),
         };
         if path.starts_with('/') {

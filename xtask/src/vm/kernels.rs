@@ -43,24 +43,9 @@ pub struct Kernel {
 /// of its distribution (not only in -security, which drops superseded
 /// versions sooner), so a pin stays downloadable as long as possible.
 pub const KERNELS: &[Kernel] = &[
-    Kernel {
-        label: "5.10",
-        package: "linux-image-5.10.0-32-amd64",
-        version: "5.10.223-1",
-        suite: "bullseye",
-    },
-    Kernel {
-        label: "6.1",
-        package: "linux-image-6.1.0-50-amd64",
-        version: "6.1.176-1",
-        suite: "bookworm",
-    },
-    Kernel {
-        label: "6.12",
-        package: "linux-image-6.12.117+deb13-amd64",
-        version: "6.12.117-1",
-        suite: "trixie",
-    },
+    Kernel { label: "5.10", package: "linux-image-5.10.0-32-amd64", version: "5.10.223-1", suite: "bullseye" },
+    Kernel { label: "6.1", package: "linux-image-6.1.0-50-amd64", version: "6.1.176-1", suite: "bookworm" },
+    Kernel { label: "6.12", package: "linux-image-6.12.117+deb13-amd64", version: "6.12.117-1", suite: "trixie" },
 ];
 
 /// `--kernel` values: the labels, or `all`.

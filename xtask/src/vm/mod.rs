@@ -64,7 +64,9 @@ pub fn run(opts: &Options) -> Result<()> {
     let mut not_applicable = Vec::new();
     for check in CHECKS {
         match resolve(check, &sluice_help, &built) {
-            Ok(argv) => guest_checks.push(GuestCheck { name: check.name.into(), timeout_secs: check.timeout_secs, argv }),
+            Ok(argv) => {
+                guest_checks.push(GuestCheck { name: check.name.into(), timeout_secs: check.timeout_secs, argv })
+            }
             Err(reason) => not_applicable.push((check.name, reason)),
         }
     }
@@ -82,6 +84,8 @@ pub fn run(opts: &Options) -> Result<()> {
     let mut ready = Vec::new();
     let mut results: Vec<(usize, KernelResult)> = Vec::new();
     for (i, k) in kernels.iter().enumerate() {
+        // Nothing of an earlier run may pass for this one's.
+        let _ = std::fs::remove_dir_all(out_dir.join(k.label));
         match prepare(&mut fetcher, k, &work, &common) {
             Ok(p) => ready.push((i, *k, p)),
             Err(e) => results.push((i, KernelResult::NotBooted(format!("{e:#}")))),
@@ -104,10 +108,8 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     results.sort_by_key(|(i, _)| *i);
 
-    let rows: Vec<Row> = results
-        .into_iter()
-        .map(|(i, result)| report::evaluate(kernels[i], result, CHECKS, &not_applicable))
-        .collect();
+    let rows: Vec<Row> =
+        results.into_iter().map(|(i, result)| report::evaluate(kernels[i], result, CHECKS, &not_applicable)).collect();
     let matrix = report::markdown(&rows, CHECKS, &not_applicable, &commit());
     std::fs::write(out_dir.join("matrix.md"), &matrix)?;
     for row in &rows {
@@ -132,9 +134,8 @@ fn resolve(check: &Check, sluice_help: &str, built: &build::Built) -> Result<Vec
     match &check.run {
         Run::NotYet(why) => Err(why.to_string()),
         Run::Sluice { subcommand, args } => {
-            let listed = sluice_help
-                .lines()
-                .any(|l| l.starts_with("  ") && l.split_whitespace().next() == Some(subcommand));
+            let listed =
+                sluice_help.lines().any(|l| l.starts_with("  ") && l.split_whitespace().next() == Some(subcommand));
             if !listed {
                 return Err(format!("`sluice {subcommand}` does not exist yet (not in `sluice --help`)"));
             }
@@ -162,8 +163,8 @@ struct Prepared {
 
 fn prepare(fetcher: &mut fetch::Fetcher, k: &Kernel, work: &Path, common: &Path) -> Result<Prepared> {
     let unpacked = fetcher.ensure(k)?;
-    let modules = modules::closure(&unpacked.modules)
-        .with_context(|| format!("kernel {}: collecting modules", k.label))?;
+    let modules =
+        modules::closure(&unpacked.modules).with_context(|| format!("kernel {}: collecting modules", k.label))?;
     let names = modules.iter().map(|m| m.name.clone()).collect();
     let part = initramfs::build_modules(work, k.label, &unpacked.release, &modules)?;
     let initrd = work.join(format!("initrd-{}.gz", k.label));
@@ -176,7 +177,12 @@ fn boot_one(k: &Kernel, p: &Prepared, dir: &Path, timeout: Duration) -> KernelRe
     step(&format!("vm-test: booting {} {} (modules: {})", k.label, k.version, p.modules.join(" ")));
     match qemu::boot(&p.vmlinuz, &p.initrd, &dir.join("console.log"), timeout) {
         Ok(boot) => {
-            eprintln!("==> vm-test: {} finished in {:.0} s (qemu status {:?})", k.label, boot.elapsed.as_secs_f64(), boot.status);
+            eprintln!(
+                "==> vm-test: {} finished in {:.0} s (qemu status {:?})",
+                k.label,
+                boot.elapsed.as_secs_f64(),
+                boot.status
+            );
             KernelResult::Booted(boot, timeout)
         }
         Err(e) => KernelResult::NotBooted(format!("{e:#}")),

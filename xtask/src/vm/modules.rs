@@ -27,9 +27,9 @@ pub struct Module {
 
 /// `name` of a module file (`a-b.ko.xz` -> `a_b`); the kernel treats - and _ alike.
 fn module_name(file: &str) -> Option<String> {
-    let stem = file.strip_suffix(".ko").or_else(|| {
-        [".ko.xz", ".ko.zst", ".ko.gz"].iter().find_map(|s| file.strip_suffix(s))
-    })?;
+    let stem = file
+        .strip_suffix(".ko")
+        .or_else(|| [".ko.xz", ".ko.zst", ".ko.gz"].iter().find_map(|s| file.strip_suffix(s)))?;
     Some(stem.replace('-', "_"))
 }
 

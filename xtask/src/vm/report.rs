@@ -106,7 +106,11 @@ fn libtest_passed(log: &str) -> Option<(bool, u64)> {
 fn key_line(log: &str, signature: Option<&str>) -> Option<String> {
     let pick = |l: &str| {
         let l = l.trim();
-        Some(if l.chars().count() > 220 { format!("{}…", l.chars().take(220).collect::<String>()) } else { l.to_owned() })
+        Some(if l.chars().count() > 220 {
+            format!("{}…", l.chars().take(220).collect::<String>())
+        } else {
+            l.to_owned()
+        })
     };
     if let Some(sig) = signature {
         if let Some(l) = log.lines().find(|l| l.contains(sig)) {
@@ -114,7 +118,10 @@ fn key_line(log: &str, signature: Option<&str>) -> Option<String> {
         }
     }
     let markers = ["Error:", "error:", "panicked at", "Caused by", "failed", "FAILED"];
-    log.lines().find(|l| markers.iter().any(|m| l.contains(m))).and_then(pick).or_else(|| log.lines().last().and_then(pick))
+    log.lines()
+        .find(|l| markers.iter().any(|m| l.contains(m)))
+        .and_then(pick)
+        .or_else(|| log.lines().last().and_then(pick))
 }
 
 /// The mode `sluice probe` chose: from a JSON `"mode"` field, a `mode: X`
@@ -130,7 +137,8 @@ pub fn parse_mode(log: &str) -> Option<String> {
     for line in log.lines() {
         let lower = line.to_ascii_lowercase();
         if let Some(pos) = lower.find("mode") {
-            let rest = lower[pos + 4..].trim_start_matches(|c: char| c == ':' || c == '=' || c == '"' || c.is_whitespace());
+            let rest =
+                lower[pos + 4..].trim_start_matches(|c: char| c == ':' || c == '=' || c == '"' || c.is_whitespace());
             let word: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
             if word == "ebpf" || word == "iptables" {
                 return Some(word);
@@ -177,7 +185,7 @@ pub fn evaluate(
         }
         let log = check_log(&console, check.name);
         let Some((mut passed, rc, secs)) = check_line(&console, check.name) else {
-            cells.push(Cell { state: State::NoResult, secs: None, detail: problem.clone(), log });
+            cells.push(Cell { state: State::NoResult, secs: None, detail: None, log });
             continue;
         };
         let mut detail = None;
@@ -187,7 +195,8 @@ pub fn evaluate(
                 Some((true, n)) if n > 0 && !log.lines().any(|l| l.starts_with("SKIPPED: ")) => {}
                 other => {
                     passed = false;
-                    detail = Some(format!("exit 0 but libtest summary {other:?} or a SKIPPED line: nothing was proved"));
+                    detail =
+                        Some(format!("exit 0 but libtest summary {other:?} or a SKIPPED line: nothing was proved"));
                 }
             }
         }
@@ -244,33 +253,39 @@ fn cell_text(cell: &Cell, note: Option<usize>) -> String {
 /// that is not a plain pass, then why the n/a columns are n/a.
 pub fn markdown(rows: &[Row], checks: &[Check], not_applicable: &[(&str, String)], commit: &str) -> String {
     let mut s = String::new();
-    writeln!(s, "| kernel | Debian package | mode |{} time |", checks.iter().map(|c| format!(" {} |", c.column)).collect::<String>()).unwrap();
+    writeln!(
+        s,
+        "| kernel | Debian package | mode |{} time |",
+        checks.iter().map(|c| format!(" {} |", c.column)).collect::<String>()
+    )
+    .unwrap();
     writeln!(s, "|---|---|---|{}---|", "---|".repeat(checks.len())).unwrap();
     let mut notes: Vec<String> = Vec::new();
+    let mut note = |text: String| match notes.iter().position(|n| *n == text) {
+        Some(i) => i + 1,
+        None => {
+            notes.push(text);
+            notes.len()
+        }
+    };
     for row in rows {
         let k = row.kernel;
         let release = row.release.as_deref().map(|r| format!(" (`{r}`)")).unwrap_or_default();
         let time = row.elapsed.map(|e| format!("{:.0} s", e.as_secs_f64())).unwrap_or_else(|| "-".into());
-        let mut line = format!("| {}{release} | `{}` {} ({}) | {} |", k.label, k.package, k.version, k.suite, row.mode);
+        // A kernel that failed as a whole: its note is on the kernel and on every cell without a result.
+        let problem = row.problem.as_ref().map(|p| note(format!("{}: **{}**", k.label, p.trim().replace('\n', " — "))));
+        let flag = problem.map(|n| format!(" **FAILED** [{n}]")).unwrap_or_default();
+        let mut line =
+            format!("| {}{release}{flag} | `{}` {} ({}) | {} |", k.label, k.package, k.version, k.suite, row.mode);
         for cell in &row.cells {
-            let note = cell.detail.as_ref().filter(|_| cell.state != State::Pass).map(|d| {
-                let text = format!("{}: {d}", k.label);
-                match notes.iter().position(|n| *n == text) {
-                    Some(i) => i + 1,
-                    None => {
-                        notes.push(text);
-                        notes.len()
-                    }
-                }
-            });
-            write!(line, " {} |", cell_text(cell, note)).unwrap();
+            let n = match (&cell.state, &cell.detail) {
+                (State::NoResult, _) => problem,
+                (State::Pass, _) | (_, None) => None,
+                (_, Some(d)) => Some(note(format!("{}: {d}", k.label))),
+            };
+            write!(line, " {} |", cell_text(cell, n)).unwrap();
         }
-        write!(line, " {time} |").unwrap();
-        if let Some(p) = &row.problem {
-            notes.push(format!("{}: **{p}**", k.label));
-            write!(line, " [{}]", notes.len()).unwrap();
-        }
-        writeln!(s, "{line}").unwrap();
+        writeln!(s, "{line} {time} |").unwrap();
     }
     writeln!(s).unwrap();
     for (i, n) in notes.iter().enumerate() {
@@ -304,13 +319,64 @@ pub fn print_problems(row: &Row, checks: &[Check], dir: &Path) {
     }
     let label = row.kernel.label;
     if let Some(p) = &row.problem {
-        eprintln!("\n==> vm-test {label}: {p}\n--- last console lines ({}) ---", dir.join("console.log").display());
-        eprintln!("{}\n---", tail(&row.console, 60));
+        eprintln!("\n==> vm-test {label}: {p}");
+        if !row.console.is_empty() {
+            eprintln!(
+                "--- last console lines ({}) ---\n{}\n---",
+                dir.join("console.log").display(),
+                tail(&row.console, 60)
+            );
+        }
     }
     for (check, cell) in checks.iter().zip(&row.cells) {
         if !cell.ok() && cell.state != State::NoResult {
             eprintln!("\n==> vm-test {label} {}: {}", check.name, cell.detail.as_deref().unwrap_or("failed"));
-            eprintln!("--- end of its output ({}) ---\n{}\n---", dir.join(format!("{}.log", check.name)).display(), tail(&cell.log, 40));
+            eprintln!(
+                "--- end of its output ({}) ---\n{}\n---",
+                dir.join(format!("{}.log", check.name)).display(),
+                tail(&cell.log, 40)
+            );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONSOLE: &str = "[ 1.0] boot\nSLUICE-VM kernel 6.1.0-50-amd64\nSLUICE-LOG-BEGIN t\n\nrunning 1 test\n\
+        test x ... ok\n\ntest result: ok. 1 passed; 0 failed; 0 ignored\n\nSLUICE-LOG-END t\n\
+        SLUICE-CHECK t pass rc=0 secs=7\nSLUICE-CHECK u fail rc=101 secs=3\n";
+
+    #[test]
+    fn reads_the_guest_lines() {
+        assert_eq!(check_line(CONSOLE, "t"), Some((true, Some(0), Some(7))));
+        assert_eq!(check_line(CONSOLE, "u"), Some((false, Some(101), Some(3))));
+        assert_eq!(check_line(CONSOLE, "v"), None);
+        let log = check_log(CONSOLE, "t");
+        assert!(log.contains("test x ... ok") && !log.contains("SLUICE"));
+        assert_eq!(libtest_passed(&log), Some((true, 1)));
+        assert_eq!(libtest_passed("test result: FAILED. 0 passed; 2 failed;"), Some((false, 0)));
+        assert_eq!(libtest_passed("nothing"), None);
+    }
+
+    #[test]
+    fn finds_the_mode_in_any_shape() {
+        assert_eq!(parse_mode("{\"mode\":\"ebpf\",\"kernel\":\"6.1\"}").as_deref(), Some("ebpf"));
+        assert_eq!(
+            parse_mode("kernel 5.10\nmode: iptables (sock_ops lacks bpf_get_netns_cookie)").as_deref(),
+            Some("iptables")
+        );
+        assert_eq!(parse_mode("Redirect mode = eBPF").as_deref(), Some("ebpf"));
+        assert_eq!(parse_mode("cgroup/connect4: ok\nsk_assign: ok\nusing ebpf").as_deref(), Some("ebpf"));
+        assert_eq!(parse_mode("nothing useful"), None);
+    }
+
+    #[test]
+    fn key_line_prefers_the_signature() {
+        let log =
+            "Error: verifier rejected x\n6: call bpf_get_netns_cookie#122\nunknown func bpf_get_netns_cookie#122\n";
+        assert_eq!(key_line(log, Some("unknown func")).as_deref(), Some("unknown func bpf_get_netns_cookie#122"));
+        assert_eq!(key_line(log, None).as_deref(), Some("Error: verifier rejected x"));
     }
 }

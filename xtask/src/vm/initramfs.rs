@@ -22,9 +22,44 @@ pub const GUEST_PEER: &str = "/sluice/bin/sluice-peer";
 pub const GUEST_TESTS: &str = "/sluice/tests";
 const MODULE_LIST: &str = "etc/sluice-vm/modules";
 
-/// Host tools copied in with their libraries; busybox provides the rest
-/// (sh, mount, insmod, sysctl, timeout, dd, poweroff, ...).
-pub const HOST_TOOLS: &[&str] = &["ip", "tc", "bpftool"];
+/// Host tools copied into /usr/sbin with their libraries, each with the
+/// other names it answers to (multi-call binaries); busybox provides the
+/// rest (sh, mount, insmod, sysctl, timeout, dd, poweroff, ...).
+pub const HOST_TOOLS: &[(&str, &[&str])] = &[
+    ("ip", &[]),
+    ("tc", &[]),
+    ("bpftool", &[]),
+    (
+        "xtables-nft-multi",
+        &[
+            "iptables-nft",
+            "iptables-nft-save",
+            "iptables-nft-restore",
+            "ip6tables-nft",
+            "ip6tables-nft-save",
+            "ip6tables-nft-restore",
+        ],
+    ),
+    (
+        "xtables-legacy-multi",
+        &[
+            "iptables-legacy",
+            "iptables-legacy-save",
+            "iptables-legacy-restore",
+            "ip6tables-legacy",
+            "ip6tables-legacy-save",
+            "ip6tables-legacy-restore",
+        ],
+    ),
+];
+
+/// Plugins the host tools dlopen (so `ldd` does not list them), copied whole
+/// with their own libraries: iptables' matches and targets.
+const HOST_PLUGIN_DIRS: &[&str] = &["/usr/lib/x86_64-linux-gnu/xtables"];
+
+/// Host files the tools read: iptables-save names protocols through
+/// /etc/protocols (without it `-p tcp` comes out as `-p 6`).
+const HOST_FILES: &[&str] = &["/etc/protocols", "/etc/services", "/etc/ethertypes"];
 
 /// One check as the guest runs it.
 pub struct GuestCheck {
@@ -65,11 +100,26 @@ pub fn build_common(work: &Path, c: &Contents<'_>) -> Result<PathBuf> {
     let mut libs = BTreeSet::new();
     let busybox = which("busybox").context("busybox is not installed (apt-get install busybox-static)")?;
     copy_elf(&busybox, &root.join("bin/busybox"), false, &mut libs)?;
-    let mut taken: BTreeSet<String> = HOST_TOOLS.iter().map(|s| s.to_string()).collect();
-    taken.insert("busybox".into());
-    for tool in HOST_TOOLS {
+    let mut taken: BTreeSet<String> = BTreeSet::from(["busybox".to_owned()]);
+    for (tool, aliases) in HOST_TOOLS {
         let host = which(tool).with_context(|| format!("{tool} is not installed (cargo xtask setup installs it)"))?;
         copy_elf(&host, &root.join("usr/sbin").join(tool), false, &mut libs)?;
+        taken.insert(tool.to_string());
+        for alias in *aliases {
+            symlink(tool, root.join("usr/sbin").join(alias))?;
+            taken.insert(alias.to_string());
+        }
+    }
+    for dir in HOST_PLUGIN_DIRS.iter().map(Path::new).filter(|d| d.is_dir()) {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "so") {
+                copy_elf(&path, &guest(&root, &path.to_string_lossy()), false, &mut libs)?;
+            }
+        }
+    }
+    for file in HOST_FILES.iter().map(Path::new).filter(|f| f.is_file()) {
+        std::fs::copy(file, guest(&root, &file.to_string_lossy()))?;
     }
     let applets = Command::new(&busybox).arg("--list").output().context("busybox --list")?;
     for applet in String::from_utf8_lossy(&applets.stdout).lines().map(str::trim).filter(|a| !a.is_empty()) {

@@ -53,15 +53,17 @@ impl Check {
 /// The name of the check whose output names the redirect mode.
 pub const PROBE: &str = "probe";
 
-/// `bpf_get_netns_cookie` became callable from sock_ops programs in 5.15
-/// (commit 6cf1770d63ba, "bpf: Allow bpf_get_netns_cookie in
-/// BPF_PROG_TYPE_SOCK_OPS"); the 5.10 verifier rejects `sluice_sockops`,
-/// which calls it to key SOCK_PAIRS by netns. The agent needs a variant for
-/// kernels < 5.15 (see agent-ebpf/src/sockops.rs); until then eBPF bypass
-/// does not load on 5.10.
-const SOCKOPS_NEEDS_5_15: Expect = Expect::Fail {
+/// `bpf_get_netns_cookie` became callable from sock_ops and sk_msg programs
+/// in 5.15 (commits 6cf1770d63dd "bpf: Allow bpf_get_netns_cookie in
+/// BPF_PROG_TYPE_SOCK_OPS" and fab60e29fcc6, the same for SK_MSG). Both
+/// `sluice_sockops` and `sluice_sk_msg` call it to key SOCK_PAIRS by netns,
+/// so the 5.10 verifier rejects both (the agent stops at the first, sock_ops:
+/// `6: (85) call bpf_get_netns_cookie#122` / `unknown func
+/// bpf_get_netns_cookie#122`). Kernels < 5.15 need a variant of both
+/// programs (agent-ebpf); until then the socket bypass does not load there.
+const NETNS_COOKIE_NEEDS_5_15: Expect = Expect::Fail {
     signature: "unknown func bpf_get_netns_cookie#122",
-    why: "sock_ops calls bpf_get_netns_cookie, which sock_ops may call only from 5.15",
+    why: "sock_ops and sk_msg call bpf_get_netns_cookie, which those program types may call only from 5.15",
 };
 
 pub const CHECKS: &[Check] = &[
@@ -76,14 +78,14 @@ pub const CHECKS: &[Check] = &[
         name: "programs-load",
         column: "programs load",
         run: Run::Test { package: "sluice", target: "programs_load", args: &["--test-threads=1"] },
-        expect: &[("5.10", SOCKOPS_NEEDS_5_15)],
+        expect: &[("5.10", NETNS_COOKIE_NEEDS_5_15)],
         timeout_secs: 120,
     },
     Check {
         name: "sockmap-bypass",
         column: "sockmap bypass",
         run: Run::Test { package: "sluice-tests", target: "sockmap_bypass", args: &["--test-threads=1"] },
-        expect: &[("5.10", SOCKOPS_NEEDS_5_15)],
+        expect: &[("5.10", NETNS_COOKIE_NEEDS_5_15)],
         timeout_secs: 150,
     },
     // Today's capture (`--redirect auto|iptables`), both backends. One test

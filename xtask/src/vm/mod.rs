@@ -134,9 +134,7 @@ fn resolve(check: &Check, sluice_help: &str, built: &build::Built) -> Result<Vec
     match &check.run {
         Run::NotYet(why) => Err(why.to_string()),
         Run::Sluice { subcommand, args } => {
-            let listed =
-                sluice_help.lines().any(|l| l.starts_with("  ") && l.split_whitespace().next() == Some(subcommand));
-            if !listed {
+            if !lists_subcommand(sluice_help, subcommand) {
                 return Err(format!("`sluice {subcommand}` does not exist yet (not in `sluice --help`)"));
             }
             let mut argv = vec![initramfs::GUEST_SLUICE.to_owned(), subcommand.to_string()];
@@ -152,6 +150,19 @@ fn resolve(check: &Check, sluice_help: &str, built: &build::Built) -> Result<Vec
             Ok(argv)
         }
     }
+}
+
+/// Whether clap's `--help` lists `name` among the subcommands (`  name  About...`).
+fn lists_subcommand(help: &str, name: &str) -> bool {
+    let mut in_commands = false;
+    for line in help.lines() {
+        if !line.starts_with(' ') {
+            in_commands = line.trim_end() == "Commands:";
+        } else if in_commands && line.split_whitespace().next() == Some(name) {
+            return true;
+        }
+    }
+    false
 }
 
 /// A kernel ready to boot.
@@ -203,4 +214,17 @@ fn commit() -> String {
         id = id.map(|i| format!("{i}+changes"));
     }
     id.unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn finds_subcommands_in_clap_help() {
+        let help = "Sluice node agent\n\nUsage: sluice <COMMAND>\n\nCommands:\n  run      Run the node agent\n  \
+                    inspect  Print counters\n  help     Print this message\n\nOptions:\n  -h, --help  Print help\n";
+        assert!(super::lists_subcommand(help, "run"));
+        assert!(super::lists_subcommand(help, "inspect"));
+        assert!(!super::lists_subcommand(help, "probe"));
+        assert!(!super::lists_subcommand(help, "-h,"));
+    }
 }

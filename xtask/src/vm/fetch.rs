@@ -24,15 +24,17 @@ pub struct Unpacked {
     pub modules: PathBuf,
 }
 
-pub fn cache_dir() -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("SLUICE_KERNEL_CACHE") {
-        return Ok(PathBuf::from(dir));
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SLUICE_KERNEL_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
     }
-    let base = match std::env::var_os("XDG_CACHE_HOME") {
-        Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => PathBuf::from(std::env::var_os("HOME").context("neither HOME nor XDG_CACHE_HOME is set")?).join(".cache"),
+    let base = match (std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME")) {
+        (Some(d), _) if !d.is_empty() => PathBuf::from(d),
+        (_, Some(h)) if !h.is_empty() => PathBuf::from(h).join(".cache"),
+        // No home (some CI shells): keep the cache beside the build.
+        _ => return crate::target_dir().join("kernel-cache"),
     };
-    Ok(base.join("sluice/kernels"))
+    base.join("sluice/kernels")
 }
 
 /// The private apt configuration: each invocation gets these options.
@@ -106,7 +108,7 @@ pub struct Fetcher {
 
 impl Fetcher {
     pub fn new() -> Result<Fetcher> {
-        let cache = cache_dir()?;
+        let cache = cache_dir();
         std::fs::create_dir_all(&cache).with_context(|| format!("create the kernel cache {}", cache.display()))?;
         Ok(Fetcher { cache, apt: None })
     }

@@ -66,12 +66,28 @@ const NETNS_COOKIE_NEEDS_5_15: Expect = Expect::Fail {
     why: "sock_ops and sk_msg call bpf_get_netns_cookie, which those program types may call only from 5.15",
 };
 
+/// `sluice probe` exits 2 when eBPF mode is impossible; on 5.10 that is by
+/// design (the helpers above), and `auto` picks iptables.
+const PROBE_SAYS_IPTABLES: Expect = Expect::Fail {
+    signature: "--redirect auto would choose: iptables",
+    why: "the probe finds get_netns_cookie missing for sock_ops/sk_msg and the verifier rejecting the programs; \
+          exit 2, auto picks iptables",
+};
+
+/// `--redirect ebpf` refuses to start where the probe fails (5.10, above), so
+/// each tunnel test fails at its eBPF half, after its iptables half passed.
+const EBPF_MODE_REFUSED: Expect = Expect::Fail {
+    signature: "get_netns_cookie@sock_ops",
+    why:
+        "--redirect ebpf refuses to start: the probe lacks get_netns_cookie@sock_ops/@sk_msg (the iptables half passed)",
+};
+
 pub const CHECKS: &[Check] = &[
     Check {
         name: PROBE,
         column: "probe",
         run: Run::Sluice { subcommand: "probe", args: &[] },
-        expect: &[],
+        expect: &[("5.10", PROBE_SAYS_IPTABLES)],
         timeout_secs: 60,
     },
     Check {
@@ -88,11 +104,11 @@ pub const CHECKS: &[Check] = &[
         expect: &[("5.10", NETNS_COOKIE_NEEDS_5_15)],
         timeout_secs: 150,
     },
-    // Today's capture (`--redirect auto|iptables`), both backends. One test
-    // is skipped: legacy_backend_and_detection compares `ip6tables-legacy-save`
-    // output with the expected rules after removing only ` [0:0]` counters,
-    // and in a slow guest the pod's IPv6 MLD reports (sent up to a second
-    // after link-up) cross the mangle chains after the rules are in, so the
+    // Today's iptables capture, both backends. One test is skipped:
+    // legacy_backend_and_detection compares `ip6tables-legacy-save` output
+    // with the expected rules after removing only ` [0:0]` counters, and in a
+    // slow guest the pod's IPv6 MLD reports (sent up to a second after
+    // link-up) cross the mangle chains after the rules are in, so the
     // built-in chains print e.g. `[2:152]` and the comparison fails on any
     // kernel (seen on 5.10 and 6.12, passed on 6.1). The test needs to strip
     // every `[packets:bytes]`; then drop the --skip.
@@ -107,19 +123,28 @@ pub const CHECKS: &[Check] = &[
         expect: &[],
         timeout_secs: 150,
     },
+    // Two nodes, pod to pod over HBONE, iptables then eBPF mode; in eBPF
+    // mode the client's connect6 is rewritten to 15001 (IPv6: the harder
+    // family for connect hooks and SO_ORIGINAL_DST).
     Check {
         name: "outbound-capture",
         column: "outbound capture",
-        run: Run::NotYet("eBPF capture (cgroup/connect4 to 15001) has not landed: --redirect ebpf fails"),
-        expect: &[],
-        timeout_secs: 150,
+        run: Run::Test { package: "sluice-tests", target: "tunnel", args: &["--exact", "ipv6_pod_to_pod"] },
+        expect: &[("5.10", EBPF_MODE_REFUSED)],
+        timeout_secs: 170,
     },
+    // Unenrolled pods connect to an enrolled one: in eBPF mode tc ingress
+    // hands the SYN to 15006 with bpf_sk_assign (counter inbound_assigned).
     Check {
         name: "tc-inbound",
         column: "tc inbound",
-        run: Run::NotYet("tc ingress with bpf_sk_assign to 15006 has not landed"),
-        expect: &[],
-        timeout_secs: 150,
+        run: Run::Test {
+            package: "sluice-tests",
+            target: "tunnel",
+            args: &["--exact", "unenrolled_pods_reach_enrolled_and_plain_pods"],
+        },
+        expect: &[("5.10", EBPF_MODE_REFUSED)],
+        timeout_secs: 170,
     },
     Check {
         name: "same-node-splice",
@@ -128,11 +153,24 @@ pub const CHECKS: &[Check] = &[
         expect: &[],
         timeout_secs: 150,
     },
+    // A probe forced to miss sk_assign makes `--redirect ebpf` refuse and
+    // `auto` fall back to iptables with the reason logged; the other node
+    // must pick eBPF, which 5.10 cannot.
     Check {
         name: "iptables-fallback",
         column: "iptables fallback",
-        run: Run::NotYet("automatic fallback to iptables when the probe fails has not landed"),
-        expect: &[],
-        timeout_secs: 150,
+        run: Run::Test {
+            package: "sluice-tests",
+            target: "tunnel",
+            args: &["--exact", "missing_kernel_feature_falls_back_to_iptables_with_the_reason"],
+        },
+        expect: &[(
+            "5.10",
+            Expect::Fail {
+                signature: "node2 has everything: eBPF",
+                why: "the fallback itself works; the test's other node expects eBPF, which 5.10 cannot run",
+            },
+        )],
+        timeout_secs: 170,
     },
 ];

@@ -136,9 +136,10 @@ pub fn parse_mode(log: &str) -> Option<String> {
     }
     for line in log.lines() {
         let lower = line.to_ascii_lowercase();
-        if let Some(pos) = lower.find("mode") {
+        // `sluice probe` ends with "--redirect auto would choose: ebpf".
+        if let Some((pos, key)) = ["choose", "mode"].iter().find_map(|k| lower.find(k).map(|p| (p, k.len()))) {
             let rest =
-                lower[pos + 4..].trim_start_matches(|c: char| c == ':' || c == '=' || c == '"' || c.is_whitespace());
+                lower[pos + key..].trim_start_matches(|c: char| c == ':' || c == '=' || c == '"' || c.is_whitespace());
             let word: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
             if word == "ebpf" || word == "iptables" {
                 return Some(word);
@@ -368,6 +369,10 @@ mod tests {
             Some("iptables")
         );
         assert_eq!(parse_mode("Redirect mode = eBPF").as_deref(), Some("ebpf"));
+        let probe = "INFO sluice::bpf: eBPF datapath loaded\nkernel 5.10.0-32-amd64\n\
+                     load sluice programs (verifier) NO everything verifier rejected sluice_sockops\n\
+                     --redirect auto would choose: iptables\n";
+        assert_eq!(parse_mode(probe).as_deref(), Some("iptables"));
         assert_eq!(parse_mode("cgroup/connect4: ok\nsk_assign: ok\nusing ebpf").as_deref(), Some("ebpf"));
         assert_eq!(parse_mode("nothing useful"), None);
     }

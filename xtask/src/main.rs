@@ -53,8 +53,10 @@ enum Task {
         /// Which kernels: 5.10, 6.1, 6.12 (comma-separated) or all.
         #[arg(long, default_value = "all")]
         kernel: String,
-        /// Seconds each kernel gets from boot to power-off before it counts as hung.
-        #[arg(long, default_value_t = 180)]
+        /// Seconds each kernel gets from boot to power-off before it counts as
+        /// hung. A kernel takes 3–5 minutes under TCG, most of it the tunnel
+        /// checks (two nodes, both capture modes, debug builds).
+        #[arg(long, default_value_t = 600)]
         timeout: u64,
         /// Kernels booted at the same time (each is one single-threaded TCG vCPU).
         #[arg(long, default_value_t = 1)]

@@ -39,6 +39,13 @@ pub const HOST_TOOLS: &[(&str, &[&str])] = &[
             "ip6tables-nft",
             "ip6tables-nft-save",
             "ip6tables-nft-restore",
+            // Debian's default alternative for the plain names is nft.
+            "iptables",
+            "iptables-save",
+            "iptables-restore",
+            "ip6tables",
+            "ip6tables-save",
+            "ip6tables-restore",
         ],
     ),
     (

@@ -82,6 +82,19 @@ const EBPF_MODE_REFUSED: Expect = Expect::Fail {
         "--redirect ebpf refuses to start: the probe lacks get_netns_cookie@sock_ops/@sk_msg (the iptables half passed)",
 };
 
+/// Found by this matrix, cause not yet known: on 6.1.176 the eBPF half of
+/// the unenrolled->enrolled test fails (2 runs of 2) while 6.12 passes it
+/// and the iptables half passes everywhere. The plaintext connection u2 ->
+/// a1:8080 reaches the app directly with u2's address, but no connection is
+/// recorded through 15006, i.e. tc ingress did not `bpf_sk_assign` the SYN
+/// (or the assignment did not stick). The agent attaches tc through netlink
+/// on every kernel, so the difference is in the kernel: next step is to read
+/// the inbound_assigned / inbound_assign_failed counters on 6.1.
+const TC_INBOUND_MISSED_ON_6_1: Expect = Expect::Fail {
+    signature: "15006 path not taken",
+    why: "eBPF mode: tc ingress did not steer the plaintext SYN to 15006 on 6.1 (passes on 6.12; cause under investigation)",
+};
+
 pub const CHECKS: &[Check] = &[
     Check {
         name: PROBE,
@@ -143,7 +156,7 @@ pub const CHECKS: &[Check] = &[
             target: "tunnel",
             args: &["--exact", "unenrolled_pods_reach_enrolled_and_plain_pods"],
         },
-        expect: &[("5.10", EBPF_MODE_REFUSED)],
+        expect: &[("5.10", EBPF_MODE_REFUSED), ("6.1", TC_INBOUND_MISSED_ON_6_1)],
         timeout_secs: 170,
     },
     Check {

@@ -83,7 +83,7 @@ const EBPF_MODE_REFUSED: Expect = Expect::Fail {
 };
 
 /// Found by this matrix, cause not yet known: on 6.1.176 the eBPF half of
-/// the unenrolled->enrolled test fails (2 runs of 2) while 6.12 passes it
+/// the unenrolled->enrolled test fails (3 runs of 3) while 6.12 passes it
 /// and the iptables half passes everywhere. The plaintext connection u2 ->
 /// a1:8080 reaches the app directly with u2's address, but no connection is
 /// recorded through 15006, i.e. tc ingress did not `bpf_sk_assign` the SYN

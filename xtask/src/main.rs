@@ -5,6 +5,7 @@
 mod bench;
 mod setup;
 mod test;
+mod vm;
 
 #[path = "../../agent/build/ebpf.rs"]
 mod ebpf;
@@ -47,6 +48,23 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Boot pinned Debian kernels under qemu and run the checks on each (the kernel matrix).
+    VmTest {
+        /// Which kernels: 5.10, 6.1, 6.12 (comma-separated) or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Seconds each kernel gets from boot to power-off before it counts as
+        /// hung. A kernel takes 3–5 minutes under TCG, most of it the tunnel
+        /// checks (two nodes, both capture modes, debug builds).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Kernels booted at the same time (each is one single-threaded TCG vCPU).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Do not run: print the last run's table (target/vm-test/matrix.md), e.g. for the README.
+        #[arg(long)]
+        print: bool,
+    },
 }
 
 fn main() {
@@ -57,6 +75,7 @@ fn main() {
         Task::Test { args } => test::run(&args),
         Task::Demo => demo(),
         Task::Bench { what, args } => bench::run(&what, &args),
+        Task::VmTest { kernel, timeout, jobs, print } => vm::run(&vm::Options { kernel, timeout, jobs, print }),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
@@ -68,7 +87,7 @@ pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ has a parent").to_owned()
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"))
 }
 

@@ -22,6 +22,11 @@ const PACKAGES: &[&str] = &[
     "tcpdump",
     "iperf3",
     "curl",
+    // cargo xtask vm-test: the kernel matrix under qemu, with a busybox initramfs
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "xz-utils",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -82,19 +82,6 @@ const EBPF_MODE_REFUSED: Expect = Expect::Fail {
         "--redirect ebpf refuses to start: the probe lacks get_netns_cookie@sock_ops/@sk_msg (the iptables half passed)",
 };
 
-/// Found by this matrix, cause not yet known: on 6.1.176 the eBPF half of
-/// the unenrolled->enrolled test fails (3 runs of 3) while 6.12 passes it
-/// and the iptables half passes everywhere. The plaintext connection u2 ->
-/// a1:8080 reaches the app directly with u2's address, but no connection is
-/// recorded through 15006, i.e. tc ingress did not `bpf_sk_assign` the SYN
-/// (or the assignment did not stick). The agent attaches tc through netlink
-/// on every kernel, so the difference is in the kernel: next step is to read
-/// the inbound_assigned / inbound_assign_failed counters on 6.1.
-const TC_INBOUND_MISSED_ON_6_1: Expect = Expect::Fail {
-    signature: "15006 path not taken",
-    why: "eBPF mode: tc ingress did not steer the plaintext SYN to 15006 on 6.1 (passes on 6.12; cause under investigation)",
-};
-
 pub const CHECKS: &[Check] = &[
     Check {
         name: PROBE,
@@ -117,21 +104,14 @@ pub const CHECKS: &[Check] = &[
         expect: &[("5.10", NETNS_COOKIE_NEEDS_5_15)],
         timeout_secs: 150,
     },
-    // Today's iptables capture, both backends. One test is skipped:
-    // legacy_backend_and_detection compares `ip6tables-legacy-save` output
-    // with the expected rules after removing only ` [0:0]` counters, and in a
-    // slow guest the pod's IPv6 MLD reports (sent up to a second after
-    // link-up) cross the mangle chains after the rules are in, so the
-    // built-in chains print e.g. `[2:152]` and the comparison fails on any
-    // kernel (seen on 5.10 and 6.12, passed on 6.1). The test needs to strip
-    // every `[packets:bytes]`; then drop the --skip.
+    // Today's iptables capture, both backends.
     Check {
         name: "iptables-capture",
         column: "iptables capture",
         run: Run::Test {
             package: "sluice",
             target: "iptables_redirect",
-            args: &["--test-threads=1", "--skip", "legacy_backend_and_detection"],
+            args: &["--test-threads=1"],
         },
         expect: &[],
         timeout_secs: 150,
@@ -147,7 +127,10 @@ pub const CHECKS: &[Check] = &[
         timeout_secs: 170,
     },
     // Unenrolled pods connect to an enrolled one: in eBPF mode tc ingress
-    // hands the SYN to 15006 with bpf_sk_assign (counter inbound_assigned).
+    // hands the SYN to the pod's assign listener with bpf_sk_assign (counter
+    // inbound_assigned). This matrix found it failing on 6.1: before 6.5,
+    // bpf_sk_assign refuses SO_REUSEPORT listeners; the assign listener is
+    // now a non-reuseport socket on an ephemeral port.
     Check {
         name: "tc-inbound",
         column: "tc inbound",
@@ -156,7 +139,7 @@ pub const CHECKS: &[Check] = &[
             target: "tunnel",
             args: &["--exact", "unenrolled_pods_reach_enrolled_and_plain_pods"],
         },
-        expect: &[("5.10", EBPF_MODE_REFUSED), ("6.1", TC_INBOUND_MISSED_ON_6_1)],
+        expect: &[("5.10", EBPF_MODE_REFUSED)],
         timeout_secs: 170,
     },
     Check {

@@ -2,6 +2,19 @@
 //! once, honouring half-close: TCP EOF becomes END_STREAM, END_STREAM becomes
 //! `shutdown(SHUT_WR)`. A reset on either side becomes a reset on the other
 //! (RST_STREAM CANCEL towards HTTP/2; SO_LINGER 0 + close towards TCP).
+//!
+//! Every socket handed here already has TCP_NODELAY: the agent creates its
+//! sockets with it (`netns::agent_socket`) and accepted sockets inherit it
+//! from their listener (checked by a test below), so a 1-byte write leaves
+//! at once. h2 flushes after each batch of frames it writes, so one read
+//! from TCP becomes one TLS write without waiting for more.
+//!
+//! Buffers: reads go into one `BytesMut` and leave as frozen slices of it,
+//! which h2 holds until they are written into TLS. A new allocation is made
+//! only when less than [`MIN_READ`] is left; once h2 has dropped every slice
+//! of the old one, `reserve` takes that same allocation back, so a steady
+//! stream (or a chatty request/response) reuses its buffer instead of
+//! allocating per read.
 
 use std::io;
 
@@ -14,6 +27,9 @@ use tokio::{
 
 /// Read size from TCP. One read fills at most one DATA frame.
 const READ_CHUNK: usize = 256 * 1024;
+/// Below this much room left in the buffer, a fresh (or reclaimed) one of
+/// [`READ_CHUNK`] is taken, so reads stay large.
+const MIN_READ: usize = 64 * 1024;
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CopyResult {
@@ -66,7 +82,11 @@ async fn tcp_to_stream(
 ) -> io::Result<()> {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
-        buf.reserve(READ_CHUNK);
+        if buf.capacity() < MIN_READ {
+            // Reclaims the whole allocation in place when no slice of it is
+            // still held by h2; allocates READ_CHUNK otherwise.
+            buf.reserve(READ_CHUNK);
+        }
         let read = match rd.read_buf(&mut buf).await {
             Ok(read) => read,
             Err(e) => {
@@ -112,4 +132,51 @@ pub fn h2_io(e: h2::Error) -> io::Error {
     }
     let kind = if e.is_reset() { io::ErrorKind::ConnectionReset } else { io::ErrorKind::Other };
     io::Error::new(kind, e)
+}
+
+/// The process allocator. It lives here because the byte path is why it was
+/// chosen: with glibc's malloc every large buffer freed on this path (ours,
+/// and the frame and record buffers h2 and rustls allocate) went back to the
+/// kernel and was faulted in again on the next use, ~100k page faults/s at
+/// a few Gbit/s. mimalloc keeps freed pages in per-thread free lists.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(test)]
+mod tests {
+    use socket2::{Domain, Protocol, Socket, Type};
+
+    /// The agent sets TCP_NODELAY on its listeners only; Linux copies it to
+    /// each accepted socket, which is what the 1-byte latency relies on.
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        listener.set_tcp_nodelay(true).unwrap();
+        listener.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+        listener.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        client.connect(&addr).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.tcp_nodelay().unwrap(), "accepted socket lost TCP_NODELAY");
+        assert!(!client.tcp_nodelay().unwrap(), "control: a plain socket has Nagle on");
+    }
+
+    /// `reserve` after every slice was dropped reuses the allocation.
+    #[test]
+    fn read_buffer_is_reclaimed_once_its_slices_are_gone() {
+        let mut buf = bytes::BytesMut::with_capacity(super::READ_CHUNK);
+        let first = buf.as_ptr();
+        buf.extend_from_slice(&[7u8; 1000]);
+        let chunk = buf.split().freeze();
+        buf.reserve(super::READ_CHUNK);
+        assert_ne!(buf.as_ptr(), first, "the slice is still held: a new buffer is needed");
+        drop(chunk);
+        let second = buf.as_ptr();
+        buf.extend_from_slice(&[1u8; 10]);
+        drop(buf.split());
+        buf.reserve(super::READ_CHUNK);
+        assert_eq!(buf.as_ptr(), second, "no slice left: the allocation is taken back");
+    }
 }

@@ -46,6 +46,7 @@ pub async fn copy_bidirectional(
     send: SendStream<Bytes>,
     recv: RecvStream,
 ) -> (CopyResult, io::Result<()>) {
+    keep_freed_buffers();
     let (mut rd, mut wr) = tcp.into_split();
     let (mut up_bytes, mut down_bytes) = (0u64, 0u64);
     let outcome = {
@@ -134,14 +135,35 @@ pub fn h2_io(e: h2::Error) -> io::Error {
     io::Error::new(kind, e)
 }
 
-/// The process allocator. It lives here because the byte path is why it was
-/// chosen: with glibc's malloc every large buffer freed on this path (ours,
-/// and the frame and record buffers h2 and rustls allocate) went back to the
-/// kernel and was faulted in again on the next use, ~100k page faults/s at
-/// a few Gbit/s. mimalloc keeps freed pages in per-thread free lists.
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+/// What glibc's malloc may keep of freed memory: below this size a buffer
+/// comes from (and goes back to) the heap instead of its own mmap, and up to
+/// this much free memory stays at the top of each heap instead of being
+/// trimmed. With the defaults (128 KiB each, the mmap one creeping up as
+/// large buffers are freed) every buffer on this path, ours and the frame
+/// and record buffers h2 and rustls allocate, went back to the kernel when
+/// freed and was faulted in again on the next use: ~100k page faults/s at a
+/// few Gbit/s, ~10% of the agent's CPU.
+const MALLOC_KEEP: usize = 4 * 1024 * 1024;
+
+/// Tunes glibc's malloc for the byte path, once per process, before the
+/// first byte is copied. Process-wide, so it belongs at startup; it is here
+/// so that every entry to the byte path gets it.
+fn keep_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let keep = MALLOC_KEEP as libc::c_int;
+            // SAFETY: mallopt only sets allocator parameters; both are
+            // valid options with valid values. It returns 0 on failure,
+            // which leaves glibc's defaults: slower, not wrong.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, keep);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, keep);
+            }
+        });
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -161,6 +183,39 @@ mod tests {
         let (accepted, _) = listener.accept().unwrap();
         assert!(accepted.tcp_nodelay().unwrap(), "accepted socket lost TCP_NODELAY");
         assert!(!client.tcp_nodelay().unwrap(), "control: a plain socket has Nagle on");
+    }
+
+    /// Buffers freed on the byte path stay with the process: taking the same
+    /// amount again does not fault pages in again. (With glibc's defaults
+    /// the 2 MiB freed here is trimmed back to the kernel every time.)
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn freed_buffers_are_not_faulted_in_again() {
+        super::keep_freed_buffers();
+        let minor_faults = || {
+            // SAFETY: getrusage fills the struct it is given.
+            let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+            assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) }, 0);
+            u.ru_minflt
+        };
+        let cycle = || {
+            let bufs: Vec<bytes::BytesMut> = (0..8)
+                .map(|_| {
+                    let mut b = bytes::BytesMut::with_capacity(super::READ_CHUNK);
+                    b.resize(super::READ_CHUNK, 1);
+                    b
+                })
+                .collect();
+            std::hint::black_box(&bufs);
+        };
+        cycle();
+        let before = minor_faults();
+        for _ in 0..20 {
+            cycle();
+        }
+        let faults = minor_faults() - before;
+        // 20 cycles of 2 MiB would be 10240 faults if it all went back.
+        assert!(faults < 100, "{faults} page faults re-taking freed buffers");
     }
 
     /// `reserve` after every slice was dropped reuses the allocation.

@@ -10,6 +10,11 @@
 //! yet and is reported as such, never estimated. Every way gets a fresh
 //! topology, so no capture state (iptables rules left for a successor agent,
 //! conntrack entries, TIME_WAIT sockets) carries from one into the next.
+//!
+//! On a small machine one figure swings by ±20% from run to run, so the
+//! ways are measured in rounds (direct, iptables, eBPF, then again) and the
+//! table shows the median of each figure over the rounds: drift hits every
+//! way alike, and eBPF vs iptables is not decided by one lucky run.
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +38,8 @@ const RR_PORT: u16 = 7101;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
+    /// Every way is measured this many times, alternating.
+    pub rounds: usize,
     pub iperf_secs: u32,
     pub rr_count: u64,
     pub rr_warmup: u64,
@@ -40,11 +47,11 @@ pub struct Config {
 
 impl Config {
     pub fn full() -> Config {
-        Config { iperf_secs: 6, rr_count: 10_000, rr_warmup: 500 }
+        Config { rounds: 3, iperf_secs: 5, rr_count: 10_000, rr_warmup: 500 }
     }
 
     pub fn quick() -> Config {
-        Config { iperf_secs: 2, rr_count: 2_000, rr_warmup: 200 }
+        Config { rounds: 1, iperf_secs: 2, rr_count: 2_000, rr_warmup: 200 }
     }
 }
 
@@ -64,13 +71,61 @@ impl PathResult {
     }
 }
 
-/// Both paths measured one way.
+/// Both paths measured one way, once.
 #[derive(Debug, Clone, Serialize)]
 pub struct Way {
     /// "direct", "iptables" or "ebpf".
     pub name: String,
     pub same_node: PathResult,
     pub cross_node: PathResult,
+}
+
+/// The medians over the rounds of one path measured one way.
+#[derive(Debug, Clone, Serialize)]
+pub struct PathMedians {
+    pub gbits: f64,
+    pub rr_p50_us: f64,
+    pub rr_p99_us: f64,
+    pub agent_cpu_s_per_gb: Option<f64>,
+}
+
+impl PathMedians {
+    fn of(runs: &[&PathResult]) -> PathMedians {
+        let m = |f: &dyn Fn(&PathResult) -> f64| median(runs.iter().map(|r| f(r)).collect());
+        PathMedians {
+            gbits: m(&|r| r.tput.gbits()),
+            rr_p50_us: m(&|r| r.rr.p50_us),
+            rr_p99_us: m(&|r| r.rr.p99_us),
+            agent_cpu_s_per_gb: runs.iter().map(|r| r.cpu_per_gb()).collect::<Option<Vec<f64>>>().map(median),
+        }
+    }
+}
+
+/// One way: every round, and the medians the table shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct WayRuns {
+    pub name: String,
+    pub same_node: PathMedians,
+    pub cross_node: PathMedians,
+    pub rounds: Vec<Way>,
+}
+
+impl WayRuns {
+    fn new(name: &str, rounds: Vec<Way>) -> WayRuns {
+        let same: Vec<&PathResult> = rounds.iter().map(|w| &w.same_node).collect();
+        let cross: Vec<&PathResult> = rounds.iter().map(|w| &w.cross_node).collect();
+        WayRuns { name: name.into(), same_node: PathMedians::of(&same), cross_node: PathMedians::of(&cross), rounds }
+    }
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// One line of the table, as printed.
@@ -93,21 +148,27 @@ pub struct RedirectReport {
     #[serde(flatten)]
     pub host: Host,
     pub elapsed_s: f64,
-    pub direct: Way,
-    pub iptables: Way,
-    pub ebpf: Way,
+    pub direct: WayRuns,
+    pub iptables: WayRuns,
+    pub ebpf: WayRuns,
     /// The same-node splice: not built, so nothing measured.
-    pub ebpf_splice: Option<Way>,
+    pub ebpf_splice: Option<WayRuns>,
     pub rows: Vec<RedirectRow>,
 }
 
 pub fn run(cfg: &Config) -> Result<RedirectReport> {
     common::preflight()?;
     let start = Instant::now();
-    let direct = way(cfg, None, start).context("direct")?;
-    let iptables = way(cfg, Some("iptables"), start).context("iptables mode")?;
-    let ebpf = way(cfg, Some("ebpf"), start).context("eBPF mode")?;
+    let (mut direct, mut iptables, mut ebpf) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=cfg.rounds {
+        progress(start, &format!("round {round} of {}", cfg.rounds));
+        direct.push(way(cfg, None, start).context("direct")?);
+        iptables.push(way(cfg, Some("iptables"), start).context("iptables mode")?);
+        ebpf.push(way(cfg, Some("ebpf"), start).context("eBPF mode")?);
+    }
     progress(start, &format!("eBPF same-node splice: {SPLICE_NOT_BUILT}"));
+    let (direct, iptables, ebpf) =
+        (WayRuns::new("direct", direct), WayRuns::new("iptables", iptables), WayRuns::new("ebpf", ebpf));
     let rows = rows(&direct, &iptables, &ebpf);
     Ok(RedirectReport {
         config: cfg.clone(),
@@ -185,20 +246,16 @@ enum Better {
     Lower,
 }
 
-fn rows(d: &Way, i: &Way, e: &Way) -> Vec<RedirectRow> {
+/// One path's medians out of a way's.
+type Pick = fn(&WayRuns) -> &PathMedians;
+
+fn rows(d: &WayRuns, i: &WayRuns, e: &WayRuns) -> Vec<RedirectRow> {
     let mut rows = Vec::new();
-    for (label, pick) in
-        [("same-node", (|w: &Way| &w.same_node) as fn(&Way) -> &PathResult), ("cross-node", |w: &Way| &w.cross_node)]
-    {
+    let paths: [(&str, Pick); 2] = [("same-node", |w| &w.same_node), ("cross-node", |w| &w.cross_node)];
+    for (label, pick) in paths {
         let (d, i, e) = (pick(d), pick(i), pick(e));
-        let mut tput = row(
-            &format!("{label} throughput, 1 stream (Gbit/s)"),
-            Some(d.tput.gbits()),
-            i.tput.gbits(),
-            e.tput.gbits(),
-            2,
-            Better::Higher,
-        );
+        let mut tput =
+            row(&format!("{label} throughput, 1 stream (Gbit/s)"), Some(d.gbits), i.gbits, e.gbits, 2, Better::Higher);
         if label == "same-node" {
             tput.target += &format!("; splice >= {SPLICE_TARGET:.2}x direct");
             tput.result += "; splice n/a";
@@ -206,23 +263,23 @@ fn rows(d: &Way, i: &Way, e: &Way) -> Vec<RedirectRow> {
         rows.push(tput);
         rows.push(row(
             &format!("{label} RR 1 byte p50 (us)"),
-            Some(d.rr.p50_us),
-            i.rr.p50_us,
-            e.rr.p50_us,
+            Some(d.rr_p50_us),
+            i.rr_p50_us,
+            e.rr_p50_us,
             1,
             Better::Lower,
         ));
         rows.push(row(
             &format!("{label} RR 1 byte p99 (us)"),
-            Some(d.rr.p99_us),
-            i.rr.p99_us,
-            e.rr.p99_us,
+            Some(d.rr_p99_us),
+            i.rr_p99_us,
+            e.rr_p99_us,
             1,
             Better::Lower,
         ));
     }
-    for (label, ip, eb) in [("same-node", &i.same_node, &e.same_node), ("cross-node", &i.cross_node, &e.cross_node)] {
-        let (Some(ic), Some(ec)) = (ip.cpu_per_gb(), eb.cpu_per_gb()) else { continue };
+    for (label, pick) in paths {
+        let (Some(ic), Some(ec)) = (pick(i).agent_cpu_s_per_gb, pick(e).agent_cpu_s_per_gb) else { continue };
         let mut r = row(&format!("{label} agent CPU (s/GB, both agents)"), None, ic, ec, 2, Better::Lower);
         // Lower, strictly: the point of eBPF capture is to cost less.
         r.target = "eBPF < iptables".into();

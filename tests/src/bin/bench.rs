@@ -75,10 +75,12 @@ fn run(cli: Cli) -> Result<()> {
             println!(
                 "\nsame-node: node1/client -> node1/local (one agent); cross-node: node1/client -> node2/remote \
                  (two agents, HBONE over mTLS). One iperf3 stream of {} s; RR: {} 1-byte round trips. \
-                 (N.NNx) is the ratio to direct. Agent CPU is both agents' user+sys over the iperf3 run, \
-                 per GB received. eBPF splice: {}. {:.0} s in all; JSON: {}",
+                 Each figure is the median of {} round(s), the ways alternating; (N.NNx) is the ratio to \
+                 direct. Agent CPU is both agents' user+sys over the iperf3 run, per GB received. \
+                 eBPF splice: {}. {:.0} s in all; JSON: {}",
                 cfg.iperf_secs,
                 cfg.rr_count,
+                cfg.rounds,
                 redirect::SPLICE_NOT_BUILT,
                 r.elapsed_s,
                 out.display()

@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 
 use crate::{exec, setup, step, target_dir, workspace};
 
-const KNOWN: &[&str] = &["tunnel"];
+const KNOWN: &[&str] = &["tunnel", "redirect"];
 
 pub fn run(what: &str, extra: &[String]) -> Result<()> {
     if !KNOWN.contains(&what) {

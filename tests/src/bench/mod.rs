@@ -2,7 +2,9 @@
 //! benchmark clients of `sluice-peer` ([`clients`]).
 
 pub mod clients;
+pub mod common;
 pub mod measure;
 pub mod procstat;
+pub mod redirect;
 pub mod report;
 pub mod tunnel;

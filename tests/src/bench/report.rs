@@ -31,7 +31,7 @@ pub enum Target {
     None,
 }
 
-fn verdict(ok: bool) -> String {
+pub fn verdict(ok: bool) -> String {
     if ok { "PASS" } else { "MISS" }.into()
 }
 
@@ -70,18 +70,24 @@ pub fn agent_only(metric: &str, shown: String, value: f64, at_most: Option<(f64,
 /// The rows as an aligned markdown table.
 pub fn markdown(rows: &[Row]) -> String {
     let header = ["metric", "direct", "sluice", "ratio / added", "target", "result"];
-    let cells: Vec<[&str; 6]> =
-        rows.iter().map(|r| [r.metric.as_str(), &r.direct, &r.sluice, &r.compare, &r.target, &r.result]).collect();
-    let mut width = header.map(str::len);
-    for c in &cells {
-        for (w, s) in width.iter_mut().zip(c) {
-            *w = (*w).max(s.chars().count());
+    let cells: Vec<Vec<&str>> =
+        rows.iter().map(|r| vec![r.metric.as_str(), &r.direct, &r.sluice, &r.compare, &r.target, &r.result]).collect();
+    table(&header, &cells)
+}
+
+/// An aligned markdown table of any width: the first column (the metric)
+/// left-aligned, the others right-aligned. Short rows are padded.
+pub fn table<S: AsRef<str>>(header: &[&str], rows: &[Vec<S>]) -> String {
+    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, s) in width.iter_mut().zip(r) {
+            *w = (*w).max(s.as_ref().chars().count());
         }
     }
-    let line = |c: [&str; 6]| -> String {
+    let line = |cells: &mut dyn Iterator<Item = &str>| -> String {
         let mut s = String::from("|");
-        for (i, (cell, w)) in c.iter().zip(width).enumerate() {
-            // Text columns left, numbers right.
+        for (i, w) in width.iter().enumerate() {
+            let cell = cells.next().unwrap_or("");
             if i == 0 {
                 s += &format!(" {cell:<w$} |");
             } else {
@@ -90,15 +96,15 @@ pub fn markdown(rows: &[Row]) -> String {
         }
         s + "\n"
     };
-    let mut out = line(header);
+    let mut out = line(&mut header.iter().copied());
     out += "|";
     for (i, w) in width.iter().enumerate() {
         let dashes = "-".repeat(w.saturating_sub(1));
         out += &if i == 0 { format!(" -{dashes} |") } else { format!(" {dashes}: |") };
     }
     out += "\n";
-    for c in cells {
-        out += &line(c);
+    for r in rows {
+        out += &line(&mut r.iter().map(AsRef::as_ref));
     }
     out
 }

@@ -4,15 +4,16 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::Serialize;
 
+use super::common::{self, charged, mems, progress, stop, Host, PhaseCpu};
 use super::measure::{self, Iperf};
-use super::procstat::{self, mib, Cpu, Mem, RssSampler};
+use super::procstat::{mib, Mem, RssSampler};
 use super::report::{agent_only, compare, Row, Target};
 use crate::mesh::Mesh;
 use crate::peer::{ConnRateReport, RrReport};
-use crate::{Agent, Pod, Topology};
+use crate::{Pod, Topology};
 
 /// How long and how much; `quick` is for trying the bench out.
 #[derive(Debug, Clone, Serialize)]
@@ -55,16 +56,6 @@ pub struct Side {
     pub time_wait_after: [u64; 2],
 }
 
-/// CPU of both agents together over one phase of the sluice run.
-#[derive(Debug, Clone, Serialize)]
-pub struct PhaseCpu {
-    pub phase: String,
-    pub wall_s: f64,
-    pub cpu: Cpu,
-    /// Per agent (node1, node2).
-    pub per_agent: [Cpu; 2],
-}
-
 /// What the two agents cost.
 #[derive(Debug, Clone, Serialize)]
 pub struct AgentCost {
@@ -81,8 +72,8 @@ pub struct AgentCost {
 #[derive(Debug, Clone, Serialize)]
 pub struct TunnelReport {
     pub config: Config,
-    pub cpus: usize,
-    pub kernel: String,
+    #[serde(flatten)]
+    pub host: Host,
     pub elapsed_s: f64,
     pub direct: Side,
     pub sluice: Side,
@@ -98,17 +89,8 @@ struct Ports {
     conn: u16,
 }
 
-fn progress(start: Instant, what: &str) {
-    eprintln!("[{:6.1}s] {what}", start.elapsed().as_secs_f64());
-}
-
 pub fn run(cfg: &Config) -> Result<TunnelReport> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("sluice-bench builds network namespaces and starts agents: run it as root");
-    }
-    if std::process::Command::new("iperf3").arg("--version").output().is_err() {
-        bail!("iperf3 not found: `cargo xtask setup` installs it");
-    }
+    common::preflight()?;
     let start = Instant::now();
     progress(start, "topology: node1/client, node2/server, both enrolled");
     let topo = Topology::new("bench")?;
@@ -149,8 +131,7 @@ pub fn run(cfg: &Config) -> Result<TunnelReport> {
     let rows = rows(&direct, &sluice, &cost, cfg);
     Ok(TunnelReport {
         config: cfg.clone(),
-        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().into(),
+        host: Host::this(),
         elapsed_s: start.elapsed().as_secs_f64(),
         direct,
         sluice,
@@ -159,33 +140,11 @@ pub fn run(cfg: &Config) -> Result<TunnelReport> {
     })
 }
 
-fn stop(agent: Agent, node: &str) {
-    if let Err(e) = agent.stop() {
-        eprintln!("sluice-bench: agent on {node} did not stop cleanly: {e:#}");
-    }
-}
-
-fn mems(pids: [u32; 2]) -> Result<[Mem; 2]> {
-    Ok([procstat::mem(pids[0])?, procstat::mem(pids[1])?])
-}
-
-fn cpus(pids: [u32; 2]) -> Result<[Cpu; 2]> {
-    Ok([procstat::cpu(pids[0])?, procstat::cpu(pids[1])?])
-}
-
 /// Runs `f`, and with agents, records their CPU over it as `phase`.
 fn phase<T>(cost: &mut Option<&mut AgentCost>, name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let Some(cost) = cost else { return f() };
-    let (t0, c0) = (Instant::now(), cpus(cost.pids)?);
-    let out = f()?;
-    let c1 = cpus(cost.pids)?;
-    let per_agent = [c1[0].since(&c0[0]), c1[1].since(&c0[1])];
-    cost.phases.push(PhaseCpu {
-        phase: name.into(),
-        wall_s: t0.elapsed().as_secs_f64(),
-        cpu: per_agent[0].add(&per_agent[1]),
-        per_agent,
-    });
+    let (out, phase) = charged(cost.pids, name, f)?;
+    cost.phases.push(phase);
     Ok(out)
 }
 
@@ -294,12 +253,10 @@ fn rows(d: &Side, s: &Side, cost: &AgentCost, cfg: &Config) -> Vec<Row> {
         let Some(p) = cost.phases.get(i) else {
             continue;
         };
-        let gb = t.bytes as f64 / 1e9;
-        let per = |c: f64| c / gb.max(1e-9);
         rows.push(agent_only(
             &format!("agent CPU s/GB, {} stream(s) (both agents)", t.streams),
-            format!("{:.2} (usr {:.2} sys {:.2})", per(p.cpu.total()), per(p.cpu.user_s), per(p.cpu.sys_s)),
-            per(p.cpu.total()),
+            p.per_gb_text(t.bytes),
+            p.per_gb(t.bytes),
             Some((1.0, "s/GB")),
         ));
     }

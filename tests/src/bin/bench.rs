@@ -6,18 +6,25 @@
 //! two `sluice run` agents, and prints a markdown table: direct, sluice, the
 //! ratio (or added microseconds), the target and PASS/MISS. The same goes to
 //! target/bench/tunnel.json. A missed target is reported, not an error.
+//!
+//! `sluice-bench redirect` measures same-node and cross-node throughput and
+//! 1-byte RR four ways: direct, iptables capture, eBPF capture, and the eBPF
+//! same-node splice (printed as not built until it is), each as a ratio to
+//! direct, with the agents' CPU per GB; the JSON goes to
+//! target/bench/redirect.json.
 //! Needs root; build in release mode for figures that mean anything.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use sluice_tests::bench::{report, tunnel};
+use serde::Serialize;
+use sluice_tests::bench::{redirect, report, tunnel};
 
 #[derive(Parser)]
 #[command(name = "sluice-bench", about = "Sluice benchmarks (run by `cargo xtask bench`)")]
 struct Cli {
-    /// Which benchmark: `tunnel`.
+    /// Which benchmark: `tunnel` or `redirect`.
     what: String,
     /// Where the JSON goes (default: <target>/bench/<what>.json).
     #[arg(long)]
@@ -35,33 +42,61 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    if cli.what != "tunnel" {
-        bail!("unknown benchmark {:?}; known: tunnel", cli.what);
-    }
-    let cfg = if cli.quick { tunnel::Config::quick() } else { tunnel::Config::full() };
-    let r = tunnel::run(&cfg)?;
-    let out = match cli.out {
-        Some(p) => p,
+    let out = match &cli.out {
+        Some(p) => p.clone(),
         None => default_out(&cli.what)?,
     };
+    let quick = if cli.quick { " (--quick)" } else { "" };
+    match cli.what.as_str() {
+        "tunnel" => {
+            let cfg = if cli.quick { tunnel::Config::quick() } else { tunnel::Config::full() };
+            let r = tunnel::run(&cfg)?;
+            write_json(&out, &r)?;
+            println!(
+                "## sluice-bench tunnel: node1/client -> node2/server, {} CPUs, kernel {}{quick}\n",
+                r.host.cpus, r.host.kernel
+            );
+            print!("{}", report::markdown(&r.rows));
+            println!(
+                "\nagents: iptables capture, HBONE over mTLS between nodes; {:.0} s in all; JSON: {}",
+                r.elapsed_s,
+                out.display()
+            );
+        }
+        "redirect" => {
+            let cfg = if cli.quick { redirect::Config::quick() } else { redirect::Config::full() };
+            let r = redirect::run(&cfg)?;
+            write_json(&out, &r)?;
+            println!(
+                "## sluice-bench redirect: capture modes, {} CPUs, kernel {}{quick}\n",
+                r.host.cpus, r.host.kernel
+            );
+            print!("{}", redirect::markdown(&r.rows));
+            println!(
+                "\nsame-node: node1/client -> node1/local (one agent); cross-node: node1/client -> node2/remote \
+                 (two agents, HBONE over mTLS). One iperf3 stream of {} s; RR: {} 1-byte round trips. \
+                 Each figure is the median of {} round(s), the ways alternating; (N.NNx) is the ratio to \
+                 direct. Agent CPU is both agents' user+sys over the iperf3 run, per GB received. \
+                 eBPF splice: {}. {:.0} s in all; JSON: {}",
+                cfg.iperf_secs,
+                cfg.rr_count,
+                cfg.rounds,
+                redirect::SPLICE_NOT_BUILT,
+                r.elapsed_s,
+                out.display()
+            );
+        }
+        other => bail!("unknown benchmark {other:?}; known: tunnel, redirect"),
+    }
+    Ok(())
+}
+
+fn write_json(out: &Path, report: &impl Serialize) -> Result<()> {
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
     }
-    std::fs::write(&out, serde_json::to_string_pretty(&r)? + "\n")
-        .with_context(|| format!("writing {}", out.display()))?;
-    println!(
-        "## sluice-bench tunnel: node1/client -> node2/server, {} CPUs, kernel {}{}\n",
-        r.cpus,
-        r.kernel,
-        if cli.quick { " (--quick)" } else { "" }
-    );
-    print!("{}", report::markdown(&r.rows));
-    println!(
-        "\nagents: iptables capture, HBONE over mTLS between nodes; {:.0} s in all; JSON: {}",
-        r.elapsed_s,
-        out.display()
-    );
-    Ok(())
+    std::fs::write(out, serde_json::to_string_pretty(report)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))
 }
 
 /// `<target>/bench/<what>.json`, `<target>` being two levels above this

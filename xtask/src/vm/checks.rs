@@ -108,11 +108,7 @@ pub const CHECKS: &[Check] = &[
     Check {
         name: "iptables-capture",
         column: "iptables capture",
-        run: Run::Test {
-            package: "sluice",
-            target: "iptables_redirect",
-            args: &["--test-threads=1"],
-        },
+        run: Run::Test { package: "sluice", target: "iptables_redirect", args: &["--test-threads=1"] },
         expect: &[],
         timeout_secs: 150,
     },

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::{bail, Result};
 
-use crate::{exec, setup, step, target_dir, workspace};
+use crate::{build_bins, exec, setup, step, target_dir, workspace};
 
 const KNOWN: &[&str] = &["tunnel", "redirect"];
 
@@ -23,19 +23,7 @@ pub fn run(what: &str, extra: &[String]) -> Result<()> {
     }
     setup::run()?;
     step("building sluice and the harness in release mode");
-    exec(
-        "build",
-        Command::new("cargo").current_dir(workspace()).args([
-            "build",
-            "--release",
-            "-p",
-            "sluice",
-            "-p",
-            "sluice-tests",
-            "--bins",
-        ]),
-    )?;
-    let release = target_dir().join("release");
+    let release = build_bins(true)?;
     step(&format!("running the {what} benchmark"));
     exec(
         "bench",

@@ -110,21 +110,22 @@ pub fn exec(step_name: &str, cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Builds the agent and the harness binaries (demo, peer, bench); returns
+/// the directory they are in.
+pub fn build_bins(release: bool) -> Result<PathBuf> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace()).args(["build", "--quiet", "-p", "sluice", "-p", "sluice-tests", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    exec("build", &mut cmd)?;
+    Ok(target_dir().join(if release { "release" } else { "debug" }))
+}
+
 fn demo() -> Result<()> {
     setup::run()?;
     step("building sluice and the demo");
-    exec(
-        "build",
-        Command::new("cargo").current_dir(workspace()).args([
-            "build",
-            "--quiet",
-            "-p",
-            "sluice",
-            "-p",
-            "sluice-tests",
-            "--bins",
-        ]),
-    )?;
+    build_bins(false)?;
     step("running the demo");
     exec("demo", Command::new(target_dir().join("debug/sluice-demo")).current_dir(workspace()))
 }

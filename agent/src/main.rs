@@ -92,6 +92,7 @@ struct RunArgs {
 }
 
 fn main() -> std::process::ExitCode {
+    sluice::tunnel::copy::keep_freed_buffers();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)

@@ -50,17 +50,7 @@ pub const PROGRAMS: [&str; 6] =
     ["sluice_sockops", "sluice_sk_msg", "sluice_connect4", "sluice_connect6", "sluice_getsockopt", "sluice_tc_ingress"];
 
 /// Attachments that detach when dropped (aya's owned link types).
-pub struct Links(Vec<Box<dyn std::any::Any + Send + Sync>>);
-
-impl Links {
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
+pub struct Links(#[allow(dead_code)] Vec<Box<dyn std::any::Any + Send + Sync>>); // held only to be dropped
 
 /// The loaded object. Dropping it detaches every program it attached; call
 /// [`Datapath::shutdown`] to also remove the pins.
@@ -206,7 +196,7 @@ impl Datapath {
     pub fn set_listener(&mut self, ip: IpKey, listener: std::os::fd::BorrowedFd<'_>) -> Result<()> {
         let mut map: SockHash<_, IpKey> =
             SockHash::try_from(self.ebpf.map_mut("LISTENERS").context("no LISTENERS map")?)?;
-        map.insert(ip, listener.as_raw_fd_compat(), 0).context("writing LISTENERS")
+        map.insert(ip, std::os::fd::AsRawFd::as_raw_fd(&listener), 0).context("writing LISTENERS")
     }
 
     pub fn remove_listener(&mut self, ip: IpKey) -> Result<()> {
@@ -274,16 +264,6 @@ impl Drop for NetnsBound {
                 Ok(())
             });
         }
-    }
-}
-
-trait AsRawFdCompat {
-    fn as_raw_fd_compat(&self) -> std::os::fd::RawFd;
-}
-
-impl AsRawFdCompat for std::os::fd::BorrowedFd<'_> {
-    fn as_raw_fd_compat(&self) -> std::os::fd::RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(self)
     }
 }
 

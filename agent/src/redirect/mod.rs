@@ -16,11 +16,11 @@ pub mod probe;
 mod route;
 
 /// Agent listener for captured outbound connections (in the pod netns).
-pub const OUTBOUND_PORT: u16 = 15001;
+pub const OUTBOUND_PORT: u16 = agent_common::OUTBOUND_PORT;
 /// Agent listener for captured inbound plaintext connections.
-pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+pub const INBOUND_PLAINTEXT_PORT: u16 = agent_common::INBOUND_PLAINTEXT_PORT;
 /// Agent listener for inbound HBONE; never captured, it *is* the tunnel.
-pub const HBONE_PORT: u16 = 15008;
+pub const HBONE_PORT: u16 = agent_common::HBONE_PORT;
 /// Mark on the agent's own sockets, so capture never loops them back.
 pub const AGENT_MARK: u32 = agent_common::AGENT_MARK;
 /// Connmark set on connections the agent opens with a foreign (client) source,

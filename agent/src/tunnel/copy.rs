@@ -145,10 +145,10 @@ pub fn h2_io(e: h2::Error) -> io::Error {
 /// few Gbit/s, ~10% of the agent's CPU.
 const MALLOC_KEEP: usize = 4 * 1024 * 1024;
 
-/// Tunes glibc's malloc for the byte path, once per process, before the
-/// first byte is copied. Process-wide, so it belongs at startup; it is here
-/// so that every entry to the byte path gets it.
-fn keep_freed_buffers() {
+/// Tunes glibc's malloc for the byte path, once per process. The agent calls
+/// it at startup; the byte path calls it too (a cheap `Once` check) so that
+/// library users such as the tests get the same behaviour.
+pub fn keep_freed_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         static ONCE: std::sync::Once = std::sync::Once::new();

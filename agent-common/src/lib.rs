@@ -32,7 +32,14 @@ pub mod counter {
     pub const INBOUND_ASSIGNED: u32 = 8;
     /// tc ingress saw a SYN for an enrolled pod but could not assign it.
     pub const INBOUND_ASSIGN_FAILED: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// A same-node splice took over one direction of a connection: from here
+    /// on the app's bytes go straight to the agent's socket facing the peer.
+    pub const SPLICE_SWITCHED: u32 = 10;
+    /// Bytes moved app to app by a splice without entering userspace.
+    pub const SPLICED_BYTES: u32 = 11;
+    /// A spliced send found the far socket gone and fell back to TCP.
+    pub const SPLICE_TARGET_MISSING: u32 = 12;
+    pub const COUNT: u32 = 13;
 }
 
 /// Human names of the counters, indexed like [`counter`].
@@ -47,6 +54,9 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "orig_dst_missed",
     "inbound_assigned",
     "inbound_assign_failed",
+    "splice_switched",
+    "spliced_bytes",
+    "splice_target_missing",
 ];
 
 /// Ports inside every enrolled pod's netns (see DESIGN.md).
@@ -116,6 +126,21 @@ impl SockKey {
     }
 }
 
+/// Value of SPLICE_COUNTS: an app socket's byte counts for a same-node
+/// splice, written only by sk_msg on that socket (one writer, under its
+/// socket lock).
+///
+/// `via_agent` is what the app sent through the agent before the splice took
+/// over, `spliced` what it sent in the kernel after, and `switched` is set
+/// once, when the takeover happened.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpliceCount {
+    pub via_agent: u64,
+    pub spliced: u64,
+    pub switched: u64,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all plain old data, `#[repr(C)]`, no padding.
@@ -123,4 +148,5 @@ mod user {
     unsafe impl aya::Pod for super::PodInfo {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::IpKey {}
+    unsafe impl aya::Pod for super::SpliceCount {}
 }

@@ -2,7 +2,7 @@
 //! (`aya_ebpf::btf_maps`), so `bpftool map dump pinned /sys/fs/bpf/sluice/<NAME>`
 //! prints named fields instead of raw bytes.
 
-use agent_common::{counter, IpKey, OrigDst, PodInfo, SockKey};
+use agent_common::{counter, IpKey, OrigDst, PodInfo, SockKey, SpliceCount};
 use aya_ebpf::{
     btf_maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
     macros::btf_map,
@@ -37,6 +37,27 @@ pub static LISTENERS: SockHash<IpKey, 8192> = SockHash::new();
 /// SOCKHASH needs 4.18.
 #[btf_map]
 pub static SOCK_PAIRS: SockHash<SockKey, 65536> = SockHash::new();
+
+/// Byte counts of every app socket that may be spliced: each captured app
+/// end (sock_ops adds it when it connects to 15001) and each app end the
+/// agent dials for a splice (the agent pre-registers it). LRU, so entries of
+/// an agent that died cannot fill it; the agent removes its own when a
+/// connection ends.
+#[btf_map]
+pub static SPLICE_COUNTS: LruHashMap<SockKey, SpliceCount, 65536> = LruHashMap::new();
+
+/// The agent's sockets facing an app in a splice, with how many bytes the
+/// agent has written to each. Written only by the agent, after each write()
+/// returns, so it never runs ahead of what is really queued on the socket.
+#[btf_map]
+pub static SPLICE_WRITTEN: LruHashMap<SockKey, u64, 65536> = LruHashMap::new();
+
+/// Armed splices: app end -> the agent's socket facing the other app. Once
+/// everything the app sent through the agent has been written to that
+/// socket, sk_msg pushes the app's bytes straight into it. Written only by
+/// the agent.
+#[btf_map]
+pub static SPLICE_ROUTES: LruHashMap<SockKey, SockKey, 65536> = LruHashMap::new();
 
 /// Per-CPU event counters, indexed by `agent_common::counter`. Per-CPU because
 /// bpfel has no 64-bit atomic add, and it keeps the hot path free of

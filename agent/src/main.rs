@@ -89,6 +89,17 @@ struct RunArgs {
     /// Leave the pinned maps in place on exit, for a restarted agent to adopt.
     #[arg(long)]
     keep_pins: bool,
+    /// Same-node connections between enrolled pods: `on` hands them to the
+    /// kernel after authorization (eBPF capture only); `off` sends them
+    /// through HBONE like any other.
+    #[arg(long, value_enum, default_value = "on")]
+    splice: Toggle,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Toggle {
+    On,
+    Off,
 }
 
 fn main() -> std::process::ExitCode {
@@ -127,6 +138,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 cleanup: args.cleanup,
                 drain: Duration::from_secs(args.drain_secs),
                 pin_root: args.pin_root,
+                splice: args.splice == Toggle::On,
             };
             rt.block_on(sluice::run::run(opts))
         }

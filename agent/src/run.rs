@@ -16,12 +16,12 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, Route},
-    bpf::{Datapath, PinRoot},
+    bpf::{Datapath, PinRoot, SpliceMaps},
     identity::{Ca, CertCache},
     inpod::Pods,
     metrics::{Metrics, ModeLabel, ResultLabel},
     proxy::Ctx,
-    redirect::{ebpf::EbpfRedirect, iptables::IptablesRedirect, probe, Redirect},
+    redirect::{ebpf::EbpfRedirect, iptables::IptablesRedirect, probe, Mode, Redirect},
     state::ConfigWatcher,
     tunnel::pool::Pool,
 };
@@ -47,6 +47,8 @@ pub struct RunOptions {
     pub drain: Duration,
     /// bpffs directory for eBPF mode's pinned maps.
     pub pin_root: PathBuf,
+    /// Splice same-node connections in the kernel (eBPF mode only).
+    pub splice: bool,
 }
 
 /// Idle HBONE connections close after this long.
@@ -71,6 +73,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mode = redirect.mode().to_string();
     metrics.redirect_mode.get_or_create(&ModeLabel { mode: mode.clone() }).set(1);
 
+    let splice = match (redirect.mode(), opts.splice) {
+        (Mode::Ebpf, true) => Some(SpliceMaps::open(&PinRoot::new(&opts.pin_root)).context("same-node splice")?),
+        _ => None,
+    };
+    info!(mode = %mode, splice = splice.is_some(), "capture mode chosen");
     let ctx = Arc::new(Ctx {
         state: states.clone(),
         certs,
@@ -78,6 +85,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         pool: Pool::new(POOL_IDLE),
         metrics: metrics.clone(),
         active: Default::default(),
+        splice,
+        local_pods: Default::default(),
     });
     let pods = Pods::new(ctx.clone(), redirect);
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -9,6 +9,7 @@
 mod counters;
 mod log;
 mod pins;
+mod splice;
 
 use std::{
     fs::File,
@@ -31,18 +32,22 @@ use tracing::info;
 
 pub use counters::{read_counters, Counters};
 pub use pins::{ensure_bpffs, PinRoot};
+pub use splice::{ip_words, sock_key, SpliceMaps};
 
 /// The kernel object, built from agent-ebpf by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SLUICE_EBPF_OBJECT"));
 
 /// Names of the maps in the object, and the file each is pinned as.
-pub const PINNED_MAPS: [(&str, &str); 6] = [
+pub const PINNED_MAPS: [(&str, &str); 9] = [
     ("SOCK_PAIRS", "sock_pairs"),
     ("COUNTERS", "counters"),
     ("ENROLLED", "enrolled"),
     ("ORIG_DST_BY_COOKIE", "orig_dst_by_cookie"),
     ("ORIG_DST_BY_TUPLE", "orig_dst_by_tuple"),
     ("LISTENERS", "listeners"),
+    ("SPLICE_COUNTS", "splice_counts"),
+    ("SPLICE_ROUTES", "splice_routes"),
+    ("SPLICE_WRITTEN", "splice_written"),
 ];
 
 /// Names of the programs in the object.

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::{
     netns::Netns,
-    proxy::{inbound, inbound_plaintext, listen_both, outbound, Ctx, PodCtx},
+    proxy::{canonical_ip, inbound, inbound_plaintext, listen_both, outbound, Ctx, PodCtx},
     redirect::{PodCapture, Redirect, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT},
     state::{Protocol, State, Workload},
     tls,
@@ -101,6 +101,7 @@ impl Pods {
             id,
             server_tls,
             app_mark: self.redirect.app_mark(),
+            netns_cookie: netns.cookie().with_context(|| format!("pod {}", w.uid))?,
         });
 
         let out =
@@ -147,6 +148,11 @@ impl Pods {
             return Err(e);
         }
         info!(pod = %w.uid, identity = %pod.id, mode = %self.redirect.mode(), "pod enrolled");
+        let mut local = self.ctx.local_pods.write().unwrap_or_else(|e| e.into_inner());
+        for ip in &w.ips {
+            local.insert(canonical_ip(*ip), pod.clone());
+        }
+        drop(local);
         self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(w.uid.clone(), Running { pod, tasks, shutdown });
         Ok(())
     }
@@ -158,6 +164,7 @@ impl Pods {
             return;
         };
         let pod = running.pod.clone();
+        self.ctx.local_pods.write().unwrap_or_else(|e| e.into_inner()).retain(|_, p| !Arc::ptr_eq(p, &pod));
         let redirect = self.redirect.clone();
         let unenrolled = tokio::task::spawn_blocking(move || {
             let w = &pod.workload;

@@ -9,12 +9,14 @@ pub mod inbound;
 pub mod inbound_plaintext;
 pub mod outbound;
 mod socket;
+mod splice;
 
 use std::{
+    collections::HashMap,
     net::IpAddr,
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc,
+        Arc, RwLock,
     },
 };
 
@@ -22,6 +24,7 @@ use rustls::RootCertStore;
 use tokio::sync::watch;
 
 use crate::{
+    bpf::SpliceMaps,
     identity::{CertCache, SpiffeId},
     metrics::{ConnLabels, Metrics},
     netns::Netns,
@@ -40,6 +43,11 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     /// Connections being proxied now, so shutdown can wait for them.
     pub active: AtomicUsize,
+    /// Same-node splice maps; `None` when capture is not eBPF or the
+    /// operator turned the splice off.
+    pub splice: Option<SpliceMaps>,
+    /// Pods enrolled on this agent, by address, for the same-node path.
+    pub local_pods: RwLock<HashMap<IpAddr, Arc<PodCtx>>>,
 }
 
 impl Ctx {
@@ -50,6 +58,11 @@ impl Ctx {
     pub fn track(&self) -> ActiveGuard<'_> {
         self.active.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(&self.active)
+    }
+
+    /// The enrolled pod on this node that owns `ip`, if any.
+    pub fn local_pod(&self, ip: IpAddr) -> Option<Arc<PodCtx>> {
+        self.local_pods.read().unwrap_or_else(|e| e.into_inner()).get(&canonical_ip(ip)).cloned()
     }
 
     pub fn spiffe_id(&self, w: &Workload) -> anyhow::Result<SpiffeId> {
@@ -74,6 +87,8 @@ pub struct PodCtx {
     pub server_tls: Arc<rustls::ServerConfig>,
     /// Mark for client-IP-preserving connections to the app (per capture mode).
     pub app_mark: u32,
+    /// The netns cookie, which keys the pod's sockets in the kernel maps.
+    pub netns_cookie: u64,
 }
 
 /// Istio's labels for one connection. `src`/`dst` are the workloads when

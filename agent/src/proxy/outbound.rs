@@ -1,7 +1,8 @@
 //! 15001: connections the pod's apps open, after capture rewrote them here.
 //!
 //! The original destination decides the path: an enrolled (HBONE) workload
-//! gets an HBONE stream to its agent's 15008, anything else (not enrolled, or
+//! on this node is spliced in the kernel when capture is eBPF (splice.rs),
+//! one elsewhere gets an HBONE stream to its agent's 15008, anything else (not enrolled, or
 //! not a known workload at all) is passed through as plain TCP, from inside
 //! the pod, with the agent mark so it is not captured again.
 
@@ -12,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info_span, warn, Instrument};
 
-use super::{conn_labels, Ctx, PodCtx};
+use super::{conn_labels, splice::splice, Ctx, PodCtx};
 use crate::{
     identity::SpiffeId,
     metrics::StatusLabels,
@@ -50,7 +51,10 @@ async fn handle(app: TcpStream, peer: SocketAddr, pod: &PodCtx, ctx: &Ctx) -> Re
     tracing::Span::current().record("dst", tracing::field::display(dst));
     let state = ctx.state();
     match state.workload_by_ip(dst.ip()) {
-        Some(w) if w.protocol == Protocol::Hbone => hbone(app, peer, dst, &w, pod, ctx).await,
+        Some(w) if w.protocol == Protocol::Hbone => match (&ctx.splice, ctx.local_pod(dst.ip())) {
+            (Some(maps), Some(dst_pod)) => splice(app, peer, dst, pod, &dst_pod, maps, ctx).await,
+            _ => hbone(app, peer, dst, &w, pod, ctx).await,
+        },
         other => passthrough(app, dst, other.as_deref(), pod, ctx).await,
     }
 }

@@ -22,7 +22,7 @@ pub fn listen_both(netns: &Netns, port: u16, ips: &[IpAddr]) -> Result<Vec<TcpLi
     Ok(out)
 }
 
-const APP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub(super) const APP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Connects to the app at `target` from inside the pod, with the client's
 /// IP as source (IP_TRANSPARENT), so the app sees its real peer. The reply

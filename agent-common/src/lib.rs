@@ -32,12 +32,13 @@ pub mod counter {
     pub const INBOUND_ASSIGNED: u32 = 8;
     /// tc ingress saw a SYN for an enrolled pod but could not assign it.
     pub const INBOUND_ASSIGN_FAILED: u32 = 9;
-    /// A same-node splice took over one direction of a connection: from here
-    /// on the app's bytes go straight to the agent's socket facing the peer.
-    pub const SPLICE_SWITCHED: u32 = 10;
+    /// Segments a same-node splice moved from one of the agent's sockets to
+    /// the other inside the kernel.
+    pub const SPLICED_SEGMENTS: u32 = 10;
     /// Bytes moved app to app by a splice without entering userspace.
     pub const SPLICED_BYTES: u32 = 11;
-    /// A spliced send found the far socket gone and fell back to TCP.
+    /// The splice partner was not in the map (not yet joined, or closing):
+    /// that socket's bytes go to the agent from then on.
     pub const SPLICE_TARGET_MISSING: u32 = 12;
     pub const COUNT: u32 = 13;
 }
@@ -54,7 +55,7 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "orig_dst_missed",
     "inbound_assigned",
     "inbound_assign_failed",
-    "splice_switched",
+    "spliced_segments",
     "spliced_bytes",
     "splice_target_missing",
 ];
@@ -126,19 +127,20 @@ impl SockKey {
     }
 }
 
-/// Value of SPLICE_COUNTS: an app socket's byte counts for a same-node
-/// splice, written only by sk_msg on that socket (one writer, under its
-/// socket lock).
-///
-/// `via_agent` is what the app sent through the agent before the splice took
-/// over, `spliced` what it sent in the kernel after, and `switched` is set
-/// once, when the takeover happened.
+/// Value of SPLICE_FLOWS, keyed by the socket cookie of one of the agent's
+/// two sockets in a same-node splice: the cookie of its partner (where the
+/// bytes arriving on this one are sent), and how many bytes went that way.
+/// `peer` is written by the agent before the socket joins SPLICE_SOCKS;
+/// the rest only by the verdict program, under that socket's lock.
+/// `passed` is set for good the first time a segment could not be sent to
+/// the partner and went to the agent instead: from then on every segment
+/// does, so the agent's copy and the kernel's never interleave.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SpliceCount {
-    pub via_agent: u64,
-    pub spliced: u64,
-    pub switched: u64,
+pub struct SpliceFlow {
+    pub peer: u64,
+    pub bytes: u64,
+    pub passed: u64,
 }
 
 #[cfg(feature = "user")]
@@ -148,5 +150,5 @@ mod user {
     unsafe impl aya::Pod for super::PodInfo {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::IpKey {}
-    unsafe impl aya::Pod for super::SpliceCount {}
+    unsafe impl aya::Pod for super::SpliceFlow {}
 }

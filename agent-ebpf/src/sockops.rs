@@ -5,16 +5,14 @@
 //!   cookie (all connect4/6 has) to the 4-tuple (all the agent's accepted
 //!   socket can name in getsockopt);
 //! - put both ends of every connection that stays on this host into
-//!   SOCK_PAIRS, so sk_msg can move their bytes socket to socket;
-//! - start counting the bytes of every captured app socket, and add the app
-//!   end of a splice the agent is dialling, so sk_msg can later splice them.
+//!   SOCK_PAIRS, so sk_msg can move their bytes socket to socket.
 //!
 //! Needs 4.13 for sock_ops, 4.18 for SOCKHASH and 5.15 for
 //! `bpf_get_netns_cookie` in sock_ops.
 
-use agent_common::{counter, SockKey, SpliceCount, OUTBOUND_PORT};
+use agent_common::{counter, SockKey, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
+    bindings::{BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
@@ -22,8 +20,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 
 use crate::{
-    key::{is_agent_port, is_loopback, KeySource},
-    maps::{count, ORIG_DST_BY_COOKIE, ORIG_DST_BY_TUPLE, SOCK_PAIRS, SPLICE_COUNTS},
+    key::{is_loopback, KeySource},
+    maps::{count, ORIG_DST_BY_COOKIE, ORIG_DST_BY_TUPLE, SOCK_PAIRS},
 };
 
 #[sock_ops]
@@ -39,24 +37,19 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         rekey_original_destination(&ctx, &key);
     }
-    let captured = op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
-        && key.remote_port == OUTBOUND_PORT as u32
-        && key.remote_ip == key.local_ip;
-    if captured {
-        // An app's captured connection to the agent: count its bytes from
-        // the first one, so a splice can later take over exactly.
-        let _ = SPLICE_COUNTS.insert(key, SpliceCount::default(), 0);
-    } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && SPLICE_COUNTS.get_ptr(key).is_some() {
-        // An app accepting the agent's splice connection, which the agent
-        // registered before dialling.
-    } else if !is_loopback(&key.remote_ip) && key.remote_ip != key.local_ip {
+    if !is_loopback(&key.remote_ip) && key.remote_ip != key.local_ip {
         return 0;
-    } else if is_agent_port(key.local_port) || is_agent_port(key.remote_port) {
-        // The agent's ends: it adds the ones it splices itself.
+    }
+    // Not (yet) for the app <-> agent legs of captured connections: once the
+    // app half-closes, its end leaves the SOCKHASH while the agent's stays,
+    // and the agent's next write then lands in the app's TCP queue behind
+    // redirected data, where tcp_bpf_recvmsg answers EAGAIN to a blocking
+    // read. Until that is solved these legs use plain loopback TCP.
+    if is_agent_port(key.local_port) || is_agent_port(key.remote_port) {
         return 0;
     }
     // SAFETY: as above.
-    match SOCK_PAIRS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64) {
+    match SOCK_PAIRS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64) {
         Ok(()) => {
             count(counter::SOCKHASH_ADDED, 1);
             debug!(&ctx, "sockhash add port {} -> {} (op {})", key.local_port, key.remote_port, op);
@@ -64,6 +57,11 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
         Err(_) => count(counter::SOCKHASH_INSERT_FAILED, 1),
     }
     0
+}
+
+#[inline(always)]
+fn is_agent_port(port: u32) -> bool {
+    port == OUTBOUND_PORT as u32 || port == INBOUND_PLAINTEXT_PORT as u32 || port == HBONE_PORT as u32
 }
 
 #[inline(always)]

@@ -1,19 +1,18 @@
 //! Same node: the destination pod is enrolled on this agent too, so nothing
 //! needs to leave the node or be encrypted. The agent authorizes the
 //! connection as the destination's agent would, dials the app from inside the
-//! destination pod with the client's IP, and then lets the kernel take over:
-//! sk_msg pushes each app's bytes straight into the agent's socket facing the
-//! other app (agent-ebpf/src/sk_msg.rs), so they never reach userspace.
+//! destination pod with the client's IP, and then pairs its two sockets in
+//! the kernel (agent-ebpf/src/splice.rs): each one's incoming bytes are sent
+//! out of the other without entering userspace. Both apps keep plain TCP.
 //!
-//! Until the kernel has taken a direction over, the agent copies it, and
-//! publishes after every write how much it has written; that count is what
-//! lets the kernel switch without losing or reordering a byte. After the
-//! switch the copy only waits for EOF, which it passes on as a half-close,
-//! so each side still learns when the other is done.
+//! The agent stays on the connection to pass half-closes on, in order: when
+//! one app's FIN arrives, it waits until everything before it has left the
+//! other socket, then shuts that socket's write side. Anything the kernel
+//! handed to the agent instead (a splice that could not start) is copied as
+//! usual.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, os::fd::AsRawFd, time::Duration};
 
-use agent_common::SockKey;
 use anyhow::{Context, Result};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -22,27 +21,17 @@ use tokio::{
         TcpStream,
     },
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{conn_labels, socket::APP_CONNECT_TIMEOUT, Ctx, PodCtx};
 use crate::{
-    bpf::{sock_key, SpliceMaps},
+    bpf::{socket_cookie, SpliceMaps},
     metrics::{DenyLabels, StatusLabels},
     policy::{authorize, Decision, Source},
 };
 
-/// The four sockets of one spliced connection, by their map keys.
-struct Keys {
-    /// The source app's socket and the agent's accepted end of it.
-    src_app: SockKey,
-    src_agent: SockKey,
-    /// The destination app's accepted socket and the agent's dialled end.
-    dst_app: SockKey,
-    dst_agent: SockKey,
-}
-
 /// Removes the map entries however the connection ends.
-struct Forget<'a>(&'a SpliceMaps, [SockKey; 4]);
+struct Forget<'a>(&'a SpliceMaps, [u64; 2]);
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
@@ -65,29 +54,30 @@ pub async fn splice(
         reset(&app);
         anyhow::bail!("denied by policy {policy}");
     }
-    let local = app.local_addr()?;
-    let socket = dst_pod.netns.socket_with_port(dst, SocketAddr::new(peer.ip(), 0), dst_pod.app_mark)?;
-    let dialled_from = socket.local_addr().context("reading the splice socket's bound address")?;
-    let keys = Keys {
-        src_app: sock_key(src.netns_cookie, peer, local),
-        src_agent: sock_key(src.netns_cookie, local, peer),
-        dst_app: sock_key(dst_pod.netns_cookie, dst, dialled_from),
-        dst_agent: sock_key(dst_pod.netns_cookie, dialled_from, dst),
-    };
-    let _forget = Forget(maps, [keys.src_app, keys.src_agent, keys.dst_app, keys.dst_agent]);
-    // Before dialling, so sock_ops adds the app's accepted socket to
-    // SOCK_PAIRS and sk_msg counts it from its first byte.
-    maps.expect_app(keys.dst_app)?;
-    let upstream = match tokio::time::timeout(APP_CONNECT_TIMEOUT, socket.connect(dst)).await {
+    let upstream = match tokio::time::timeout(
+        APP_CONNECT_TIMEOUT,
+        dst_pod.netns.socket_marked(dst, Some(SocketAddr::new(peer.ip(), 0)), true, dst_pod.app_mark)?.connect(dst),
+    )
+    .await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(refused(&app, ctx, e)).with_context(|| format!("splice: connecting to {dst}")),
         Err(_) => return Err(refused(&app, ctx, std::io::ErrorKind::TimedOut.into())).context("splice connect"),
     };
-    maps.add_agent_socket(keys.src_agent, &app)?;
-    maps.add_agent_socket(keys.dst_agent, &upstream)?;
-    maps.route(keys.src_app, keys.dst_agent)?;
-    maps.route(keys.dst_app, keys.src_agent)?;
-    debug!(from = %dialled_from, "splice armed");
+    let cookies = [socket_cookie(&app)?, socket_cookie(&upstream)?];
+    let _forget = Forget(maps, cookies);
+    match maps.join(&app, &upstream, cookies) {
+        // Segments that arrived before the join wait in the receive queues;
+        // a peek makes the kernel run them through the verdict now, in order.
+        Ok(()) => {
+            kick(&app);
+            kick(&upstream);
+            debug!("spliced");
+        }
+        // Typically an app that already half-closed (the kernel only takes
+        // ESTABLISHED sockets): the agent copies this one itself.
+        Err(e) => debug!(error = format!("{e:#}"), "not spliced; copying"),
+    }
 
     let labels = |reporter| {
         conn_labels(
@@ -103,12 +93,10 @@ pub async fn splice(
         (ctx.metrics.connection(labels("source")), ctx.metrics.connection(labels("destination")));
     let (app_r, app_w) = app.into_split();
     let (up_r, up_w) = upstream.into_split();
-    let (up, down) =
-        tokio::join!(copy(app_r, up_w, maps, keys.dst_agent), copy(up_r, app_w, maps, keys.src_agent));
-    let spliced = |k: &SockKey| maps.count(k).map(|c| c.spliced).unwrap_or(0);
+    let (up, down) = tokio::join!(relay(app_r, up_w), relay(up_r, app_w));
     let (c2s, s2c) = (
-        up.as_ref().copied().unwrap_or(0) + spliced(&keys.src_app),
-        down.as_ref().copied().unwrap_or(0) + spliced(&keys.dst_app),
+        up.as_ref().copied().unwrap_or(0) + maps.spliced(cookies[0]),
+        down.as_ref().copied().unwrap_or(0) + maps.spliced(cookies[1]),
     );
     for guard in [&mut source_side, &mut dest_side] {
         guard.client_to_server = c2s;
@@ -120,22 +108,88 @@ pub async fn splice(
     Ok(())
 }
 
-/// Copies one direction until EOF, then half-closes the other side.
-/// Publishes the running total after every write, for the kernel's switch.
-async fn copy(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, maps: &SpliceMaps, to_key: SockKey) -> Result<u64> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
+/// One direction: copies whatever the kernel hands the agent (normally
+/// nothing), and at EOF passes the half-close on once `to` has queued every
+/// byte `from` received. Returns the bytes the agent copied itself.
+async fn relay(mut from: OwnedReadHalf, mut to: OwnedWriteHalf) -> Result<u64> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut copied = 0u64;
     loop {
         let n = from.read(&mut buf).await.context("splice: reading")?;
         if n == 0 {
             break;
         }
         to.write_all(&buf[..n]).await.context("splice: writing")?;
-        total += n as u64;
-        maps.written(to_key, total)?;
+        copied += n as u64;
     }
+    drained(from.as_ref(), to.as_ref()).await?;
     to.shutdown().await.context("splice: passing on the half-close")?;
-    Ok(total)
+    Ok(copied)
+}
+
+/// Waits until `to` has queued (sent or still sending) as many bytes as
+/// `from` received: the kernel's redirected segments are sent from a work
+/// queue, so EOF on `from` can be seen before the last of them left `to`.
+/// Gives up only when no progress is made for a while (the far app stopped
+/// reading), and then shuts down anyway rather than holding the connection.
+async fn drained(from: &TcpStream, to: &TcpStream) -> Result<()> {
+    const STALL: Duration = Duration::from_secs(30);
+    let mut last = None;
+    let mut since = tokio::time::Instant::now();
+    loop {
+        // Called after EOF: the peer's FIN took one sequence number, which
+        // TCP_INFO counts as a received byte.
+        let received = tcp_info(from)?.tcpi_bytes_received.saturating_sub(1);
+        let queued = tcp_info(to)?.tcpi_bytes_acked + outq(to)?;
+        if queued >= received {
+            return Ok(());
+        }
+        if last != Some(queued) {
+            (last, since) = (Some(queued), tokio::time::Instant::now());
+        } else if since.elapsed() > STALL {
+            warn!(received, queued, "splice: bytes still queued after 30 s without progress; closing anyway");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn tcp_info(s: &TcpStream) -> Result<libc::tcp_info> {
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid fd, and a buffer of the length given.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("reading TCP_INFO");
+    }
+    Ok(info)
+}
+
+/// Bytes in the send queue not yet acknowledged (SIOCOUTQ).
+fn outq(s: &TcpStream) -> Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: a valid fd and an int out-parameter, as SIOCOUTQ expects.
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("reading SIOCOUTQ");
+    }
+    Ok(n.max(0) as u64)
+}
+
+/// A non-consuming, non-blocking peek, so segments queued before the join
+/// go through the verdict now rather than when the next one arrives.
+fn kick(s: &TcpStream) {
+    let mut byte = [0u8; 1];
+    // SAFETY: a valid fd and a one-byte buffer.
+    unsafe { libc::recv(s.as_raw_fd(), byte.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
 }
 
 fn refused(app: &TcpStream, ctx: &Ctx, e: std::io::Error) -> std::io::Error {

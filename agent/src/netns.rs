@@ -173,24 +173,6 @@ impl Netns {
         transparent: bool,
         mark: u32,
     ) -> Result<tokio::net::TcpSocket> {
-        self.make_socket(peer, bind_to, transparent, mark, true)
-    }
-
-    /// [`Netns::socket_marked`] bound to `local` with its port chosen now,
-    /// so the caller knows the full 4-tuple before connect() (the splice
-    /// registers the app's end of the connection before dialling it).
-    pub fn socket_with_port(&self, peer: SocketAddr, local: SocketAddr, mark: u32) -> Result<tokio::net::TcpSocket> {
-        self.make_socket(peer, Some(local), true, mark, false)
-    }
-
-    fn make_socket(
-        &self,
-        peer: SocketAddr,
-        bind_to: Option<SocketAddr>,
-        transparent: bool,
-        mark: u32,
-        defer_port: bool,
-    ) -> Result<tokio::net::TcpSocket> {
         let s = self.run(|| {
             let s = agent_socket(peer)?;
             if mark != AGENT_MARK {
@@ -200,7 +182,7 @@ impl Netns {
                 if transparent {
                     set_transparent(&s, local)?;
                 }
-                if local.port() == 0 && defer_port {
+                if local.port() == 0 {
                     // Pick the port at connect(), from the full 4-tuple, not at
                     // bind() from the address alone: under tens of thousands of
                     // TIME_WAIT sockets a bind-time search is what collapses

@@ -32,7 +32,7 @@ use tracing::info;
 
 pub use counters::{read_counters, Counters};
 pub use pins::{ensure_bpffs, PinRoot};
-pub use splice::{ip_words, socket_cookie, SpliceMaps};
+pub use splice::{socket_cookie, SpliceMaps};
 
 /// The kernel object, built from agent-ebpf by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SLUICE_EBPF_OBJECT"));

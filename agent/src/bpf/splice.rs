@@ -83,15 +83,3 @@ pub fn socket_cookie(s: &impl AsRawFd) -> Result<u64> {
     }
     Ok(cookie)
 }
-
-/// An address as the programs store it: IPv6, or IPv4-mapped IPv6, as four
-/// words in network byte order.
-pub fn ip_words(ip: std::net::IpAddr) -> [u32; 4] {
-    let v6 = match ip {
-        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-        std::net::IpAddr::V6(v6) => v6,
-    };
-    let o = v6.octets();
-    let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-    [word(0), word(4), word(8), word(12)]
-}

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod bpf;
 pub mod identity;
 pub mod inpod;
+pub mod keeper;
 pub mod metrics;
 pub mod netns;
 pub mod policy;

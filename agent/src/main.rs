@@ -42,6 +42,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Hold spliced connections' sockets so they outlive the agent (run as
+    /// a second container beside it; see README "Same-node splice").
+    Keeper {
+        #[arg(long, default_value = "/var/run/sluice/keeper.sock")]
+        socket: PathBuf,
+    },
     /// Print the version.
     Version,
 }
@@ -94,6 +100,10 @@ struct RunArgs {
     /// through HBONE like any other.
     #[arg(long, value_enum, default_value = "on")]
     splice: Toggle,
+    /// The keeper's socket (`sluice keeper`): spliced connections then
+    /// survive this agent being killed, and the next agent adopts them.
+    #[arg(long)]
+    keeper: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -139,6 +149,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 drain: Duration::from_secs(args.drain_secs),
                 pin_root: args.pin_root,
                 splice: args.splice == Toggle::On,
+                keeper: args.keeper,
             };
             rt.block_on(sluice::run::run(opts))
         }
@@ -147,6 +158,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             println!("wrote {}/root-cert.pem and {}/ca-key.pem", dir.display(), dir.display());
             Ok(())
         }
+        Cmd::Keeper { socket } => sluice::keeper::serve(&socket),
         Cmd::Inspect { pin_root, json } => {
             let counters = bpf::read_counters(&PinRoot::new(pin_root))?;
             if json {

@@ -12,15 +12,16 @@ use std::{
 use anyhow::{bail, Context, Result};
 use http::StatusCode;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info, warn};
+use tracing::{error, info, warn, Instrument};
 
 use crate::{
     admin::{self, Route},
     bpf::{Datapath, PinRoot, SpliceMaps},
     identity::{Ca, CertCache},
     inpod::Pods,
+    keeper::Keeper,
     metrics::{Metrics, ModeLabel, ResultLabel},
-    proxy::Ctx,
+    proxy::{splice, Ctx},
     redirect::{ebpf::EbpfRedirect, iptables::IptablesRedirect, probe, Mode, Redirect},
     state::ConfigWatcher,
     tunnel::pool::Pool,
@@ -49,6 +50,8 @@ pub struct RunOptions {
     pub pin_root: PathBuf,
     /// Splice same-node connections in the kernel (eBPF mode only).
     pub splice: bool,
+    /// The keeper's socket, for spliced connections to outlive the agent.
+    pub keeper: Option<PathBuf>,
 }
 
 /// Idle HBONE connections close after this long.
@@ -86,6 +89,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         metrics: metrics.clone(),
         active: Default::default(),
         splice,
+        keeper: match (&opts.keeper, opts.splice && redirect.mode() == Mode::Ebpf) {
+            (Some(path), true) => Some(Keeper::connect(path)?),
+            _ => None,
+        },
         local_pods: Default::default(),
     });
     let pods = Pods::new(ctx.clone(), redirect);
@@ -93,6 +100,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     serve_endpoints(&opts, &ctx, &pods, &ready, &mode).await?;
 
     pods.sync(&state).await;
+    adopt_spliced(&ctx);
     ready.store(true, Ordering::Relaxed);
     info!(node = %opts.node, mode = %mode, pods = pods.dump().len(), "sluice ready");
     // Tests and the demo wait for this line.
@@ -140,6 +148,34 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 /// Picks the capture backend. `auto` takes eBPF when the probe finds every
 /// piece, else iptables with one line naming what is missing; `ebpf` fails
 /// with that same line instead of falling back.
+/// Takes over the spliced connections a previous agent left with the
+/// keeper: their bytes kept flowing in the kernel; this agent passes their
+/// half-closes on from now.
+fn adopt_spliced(ctx: &Arc<Ctx>) {
+    let Some(keeper) = &ctx.keeper else { return };
+    let kept = match keeper.list() {
+        Ok(k) => k,
+        Err(e) => {
+            warn!(error = format!("{e:#}"), "asking the keeper for spliced connections");
+            return;
+        }
+    };
+    info!(connections = kept.len(), "adopting spliced connections from the keeper");
+    for k in kept {
+        let ctx = ctx.clone();
+        let span = tracing::info_span!("adopted", id = %k.id);
+        tokio::spawn(
+            async move {
+                let _active = ctx.track();
+                if let Err(e) = splice::adopt(k, ctx.clone()).await {
+                    tracing::debug!(error = format!("{e:#}"), "adopted connection ended");
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
 fn choose_redirect(choice: RedirectChoice, pin_root: &std::path::Path) -> Result<Arc<dyn Redirect>> {
     let iptables = || -> Result<Arc<dyn Redirect>> {
         Ok(Arc::new(IptablesRedirect::detect().context("detecting the iptables backend")?))

@@ -4,7 +4,10 @@
 //! both half-closes), that they did not pass through the agent process
 //! (/proc/<pid>/io), and that they are still counted.
 
-use std::{process::Command, time::Duration};
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::{ensure, Context, Result};
 use sluice_tests::{
@@ -12,7 +15,7 @@ use sluice_tests::{
     mesh::{http_get, metric_sum, Mesh},
     output_in, peer_bin, require_root,
     traffic::{echo_server, send_verified},
-    Agent, Node, Pod, SendReport, Topology,
+    Agent, Node, PinDir, Pod, SendReport, Topology,
 };
 
 const T: Duration = Duration::from_secs(120);
@@ -153,4 +156,95 @@ fn send_expect(place: &Pod, addr: &str, bytes: u64, expect: &str) -> Result<Send
     serde_json::from_slice(&out.stdout).with_context(|| {
         format!("sluice-peer send: {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
     })
+}
+
+/// An agent for `f` with the keeper at `keeper`, on the pins at `pins`.
+fn agent_with_keeper(f: &Fixture, pins: &PinDir, keeper: &std::path::Path) -> Result<Agent> {
+    let config = f.mesh.config_path();
+    Agent::start(
+        &f.node,
+        &pins.0,
+        &[
+            "run",
+            "--config",
+            config.to_str().context("config path")?,
+            "--node",
+            f.node.name(),
+            "--redirect",
+            "ebpf",
+            "--keeper",
+            keeper.to_str().context("keeper path")?,
+        ],
+    )
+}
+
+/// SIGKILL the agent in the middle of a same-node transfer: the bytes keep
+/// flowing in the kernel while no agent runs (the keeper holds the agent's
+/// two sockets), a new agent adopts the pinned maps and the connection, the
+/// transfer completes byte-exact with both EOFs, and new connections work.
+#[test]
+fn sigkill_during_spliced_transfer_then_new_agent_adopts() -> Result<()> {
+    require_root!(Ok(()));
+    const TOTAL: u64 = 400 << 20;
+    let f = fixture("splicekill")?;
+    let pins = PinDir::new(&format!("sl-splicekill-{}", std::process::id()));
+    let sock = f.mesh.dir.path().join("keeper.sock");
+    let mut keep = Command::new(sluice_tests::agent_bin());
+    keep.args(["keeper", "--socket"]).arg(&sock);
+    let mut keeper = sluice_tests::spawn_in(&f.node, keep)?;
+    keeper.wait_for_line("READY", Duration::from_secs(10))?;
+
+    let agent = agent_with_keeper(&f, &pins, &sock)?;
+    let (_srv, addr) = echo_server(&f.a2, &format!("{}:8080", f.a2.ipv4()), &[])?;
+    let mut send = Command::new(peer_bin());
+    send.args(["send", "--connect", &addr, "--bytes", &TOTAL.to_string(), "--timeout-secs", "120"]);
+    let client = sluice_tests::spawn_in(&f.a1, send)?;
+    let spliced = |agent_pins: &PinDir| -> Result<u64> {
+        let out = Command::new(sluice_tests::agent_bin())
+            .args(["inspect", "--json", "--pin-root"])
+            .arg(&agent_pins.0)
+            .output()?;
+        let c: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(counter(&c, "spliced_bytes"))
+    };
+    wait_until("the transfer to be under way", || Ok(spliced(&pins)? > 16 << 20))?;
+    let at_kill = spliced(&pins)?;
+    let pid = agent.pid();
+    drop(agent); // SIGKILL, then reap
+    ensure!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "agent {pid} still alive");
+    // No agent runs now: every byte still has to cross, both ways.
+    wait_until("all bytes to cross with no agent running", || Ok(spliced(&pins)? >= 2 * TOTAL))?;
+    let while_dead = spliced(&pins)? - at_kill;
+    ensure!(client.try_status()?.is_none(), "the client ended before a new agent passed the EOF on");
+
+    let agent2 = agent_with_keeper(&f, &pins, &sock)?;
+    let out = client.finish(Duration::from_secs(60))?;
+    let report: SendReport = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!("client: {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    })?;
+    evidence(&format!(
+        "SIGKILL at {at_kill} spliced bytes; {while_dead} more crossed with no agent running; the new agent adopted \
+         the connection and passed the EOFs on: {} of {TOTAL} bytes echoed byte-exact",
+        report.bytes_verified
+    ));
+    ensure!(report.ok && report.bytes_verified == TOTAL, "transfer after the restart: {report:?}\n{}", agent2.stderr());
+    ensure!(
+        agent2.stderr().contains("adopted a spliced connection"),
+        "the new agent must adopt it:\n{}",
+        agent2.stderr()
+    );
+    send_verified(&f.a1, &addr, 1 << 20, T).context("a new connection through the new agent")?;
+    agent2.stop()?;
+    Ok(())
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + T;
+    while Instant::now() < deadline {
+        if cond()? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    anyhow::bail!("timed out waiting for {what}")
 }

@@ -9,7 +9,7 @@ pub mod inbound;
 pub mod inbound_plaintext;
 pub mod outbound;
 mod socket;
-mod splice;
+pub mod splice;
 
 use std::{
     collections::HashMap,
@@ -46,6 +46,8 @@ pub struct Ctx {
     /// Same-node splice maps; `None` when capture is not eBPF or the
     /// operator turned the splice off.
     pub splice: Option<SpliceMaps>,
+    /// Holds spliced connections' sockets beyond this process, if configured.
+    pub keeper: Option<crate::keeper::Keeper>,
     /// Pods enrolled on this agent, by address, for the same-node path.
     pub local_pods: RwLock<HashMap<IpAddr, Arc<PodCtx>>>,
 }

@@ -5,13 +5,21 @@
 //! the kernel (agent-ebpf/src/splice.rs): each one's incoming bytes are sent
 //! out of the other without entering userspace. Both apps keep plain TCP.
 //!
+//! With a keeper (keeper.rs) holding copies of the two sockets, a spliced
+//! connection outlives the agent, and the next agent adopts it.
+//!
 //! The agent stays on the connection to pass half-closes on, in order: when
 //! one app's FIN arrives, it waits until everything before it has left the
 //! other socket, then shuts that socket's write side. Anything the kernel
 //! handed to the agent instead (a splice that could not start) is copied as
 //! usual.
 
-use std::{net::SocketAddr, os::fd::AsRawFd, time::Duration};
+use std::{
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use tokio::{
@@ -21,11 +29,12 @@ use tokio::{
         TcpStream,
     },
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{conn_labels, socket::APP_CONNECT_TIMEOUT, Ctx, PodCtx};
 use crate::{
     bpf::{socket_cookie, SpliceMaps},
+    keeper::Kept,
     metrics::{DenyLabels, StatusLabels},
     policy::{authorize, Decision, Source},
 };
@@ -65,27 +74,84 @@ pub async fn splice(
         Err(_) => return Err(refused(&app, ctx, std::io::ErrorKind::TimedOut.into())).context("splice connect"),
     };
     let cookies = [socket_cookie(&app)?, socket_cookie(&upstream)?];
-    let _forget = Forget(maps, cookies);
-    match maps.join(&app, &upstream, cookies) {
+    let forget = Forget(maps, cookies);
+    let kept = match maps.join(&app, &upstream, cookies) {
         // Segments that arrived before the join wait in the receive queues;
         // a peek makes the kernel run them through the verdict now, in order.
         Ok(()) => {
             kick(&app);
             kick(&upstream);
             debug!("spliced");
+            keep(ctx, &app, &upstream, cookies, peer, dst)
         }
         // Typically an app that already half-closed (the kernel only takes
         // ESTABLISHED sockets): the agent copies this one itself.
-        Err(e) => debug!(error = format!("{e:#}"), "not spliced; copying"),
-    }
+        Err(e) => {
+            debug!(error = format!("{e:#}"), "not spliced; copying");
+            None
+        }
+    };
+    carry(app, upstream, Some(src), Some(dst_pod), forget, kept, ctx).await
+}
 
+/// Takes over a spliced connection a previous agent left with the keeper.
+pub async fn adopt(kept: Kept, ctx: Arc<Ctx>) -> Result<()> {
+    let maps = ctx.splice.as_ref().context("adopting a spliced connection without eBPF splice maps")?;
+    let [a, b]: [OwnedFd; 2] =
+        kept.fds.try_into().map_err(|_| anyhow::anyhow!("keeper entry {} without two sockets", kept.id))?;
+    let tcp = |fd: OwnedFd| -> Result<TcpStream> {
+        let std = std::net::TcpStream::from(fd);
+        std.set_nonblocking(true)?;
+        Ok(TcpStream::from_std(std)?)
+    };
+    let (app, upstream) = (tcp(a)?, tcp(b)?);
+    let cookies = [socket_cookie(&app)?, socket_cookie(&upstream)?];
+    let pod = |key: &str| kept.meta[key].as_str().and_then(|ip| ip.parse().ok()).and_then(|ip| ctx.local_pod(ip));
+    let (src, dst) = (pod("src_ip"), pod("dst_ip"));
+    info!(id = %kept.id, "adopted a spliced connection from the keeper");
+    carry(app, upstream, src.as_deref(), dst.as_deref(), Forget(maps, cookies), Some(kept.id), &ctx).await
+}
+
+/// Gives the keeper copies of the two sockets, so the connection survives
+/// this agent; returns the id to release when it ends.
+fn keep(
+    ctx: &Ctx,
+    app: &TcpStream,
+    upstream: &TcpStream,
+    cookies: [u64; 2],
+    peer: SocketAddr,
+    dst: SocketAddr,
+) -> Option<String> {
+    let keeper = ctx.keeper.as_ref()?;
+    let id = format!("{}-{}", cookies[0], cookies[1]);
+    let meta = serde_json::json!({ "src_ip": peer.ip().to_string(), "dst_ip": dst.ip().to_string() });
+    match keeper.hold(&id, meta, [app.as_fd(), upstream.as_fd()]) {
+        Ok(()) => Some(id),
+        Err(e) => {
+            warn!(error = format!("{e:#}"), "the keeper did not take the connection; it ends if this agent dies");
+            None
+        }
+    }
+}
+
+/// Runs a spliced connection to its end: passes half-closes on, copies what
+/// the kernel hands the agent, and records the connection in the metrics.
+async fn carry(
+    app: TcpStream,
+    upstream: TcpStream,
+    src: Option<&PodCtx>,
+    dst: Option<&PodCtx>,
+    forget: Forget<'_>,
+    kept: Option<String>,
+    ctx: &Ctx,
+) -> Result<()> {
     let labels = |reporter| {
         conn_labels(
             reporter,
-            Some(&src.workload),
-            Some(src.id.principal()),
-            Some(&dst_pod.workload),
-            Some(dst_pod.id.principal()),
+            src.map(|p| &*p.workload),
+            src.map(|p| p.id.principal()),
+            dst.map(|p| &*p.workload),
+            dst.map(|p| p.id.principal()),
             true,
         )
     };
@@ -94,6 +160,7 @@ pub async fn splice(
     let (app_r, app_w) = app.into_split();
     let (up_r, up_w) = upstream.into_split();
     let (up, down) = tokio::join!(relay(app_r, up_w), relay(up_r, app_w));
+    let (maps, cookies) = (forget.0, forget.1);
     let (c2s, s2c) = (
         up.as_ref().copied().unwrap_or(0) + maps.spliced(cookies[0]),
         down.as_ref().copied().unwrap_or(0) + maps.spliced(cookies[1]),
@@ -101,6 +168,11 @@ pub async fn splice(
     for guard in [&mut source_side, &mut dest_side] {
         guard.client_to_server = c2s;
         guard.server_to_client = s2c;
+    }
+    if let (Some(keeper), Some(id)) = (&ctx.keeper, kept) {
+        if let Err(e) = keeper.release(&id) {
+            warn!(error = format!("{e:#}"), id, "releasing a kept connection");
+        }
     }
     debug!(sent = c2s, received = s2c, "spliced connection done");
     up?;

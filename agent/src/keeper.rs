@@ -1,0 +1,189 @@
+//! `sluice keeper`: holds duplicates of the agent's spliced sockets so that
+//! spliced connections outlive the agent process.
+//!
+//! A spliced connection runs in the kernel, but the two sockets it runs
+//! through belong to the agent: if the agent is killed, the kernel closes
+//! them and both apps see the connection end. The keeper is a separate,
+//! tiny process (a second container in the DaemonSet pod, sharing
+//! /var/run/sluice) that keeps a copy of each pair open. A new agent asks it
+//! for them and takes the connections over: the bytes never stopped, and the
+//! new agent passes each app's half-close on, as the old one would have.
+//!
+//! Wire: SOCK_SEQPACKET on a unix socket, one JSON [`Msg`] per packet, with
+//! the sockets of a `hold` (and of each `flow` reply) as SCM_RIGHTS.
+
+use std::{
+    collections::BTreeMap,
+    io::{IoSlice, IoSliceMut},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{bail, Context, Result};
+use nix::{
+    cmsg_space,
+    sys::socket::{
+        accept, bind, connect, listen, recvmsg, sendmsg, socket, AddressFamily, Backlog, ControlMessage,
+        ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+    },
+};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+/// Sockets per held connection: the agent's two ends of one splice.
+const FDS: usize = 2;
+const MAX_MSG: usize = 4096;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Msg {
+    /// `hold`, `release`, `list`; replies `flow` and `end`.
+    op: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    id: String,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    meta: serde_json::Value,
+}
+
+/// A connection the keeper hands back: its id, what the agent stored with
+/// it, and the two sockets.
+pub struct Kept {
+    pub id: String,
+    pub meta: serde_json::Value,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// The keeper process: serves `path` until killed.
+pub fn serve(path: &Path) -> Result<()> {
+    // A socket file left by a keeper that died would make bind fail.
+    let _ = std::fs::remove_file(path);
+    let listener = seqpacket().context("creating the keeper socket")?;
+    let addr = UnixAddr::new(path).with_context(|| format!("keeper socket path {}", path.display()))?;
+    bind(listener.as_raw_fd(), &addr).with_context(|| format!("binding {}", path.display()))?;
+    listen(&listener, Backlog::new(16)?).context("listening on the keeper socket")?;
+    info!(socket = %path.display(), "keeper ready");
+    println!("READY");
+    let held: Arc<Mutex<BTreeMap<String, Kept>>> = Arc::default();
+    loop {
+        let conn = match accept(listener.as_raw_fd()) {
+            // SAFETY: accept returned a new fd that nothing else owns.
+            Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
+            Err(e) => {
+                warn!(error = %e, "keeper accept failed");
+                continue;
+            }
+        };
+        let held = held.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = session(&conn, &held) {
+                debug!(error = format!("{e:#}"), "keeper session ended");
+            }
+        });
+    }
+}
+
+fn session(conn: &OwnedFd, held: &Mutex<BTreeMap<String, Kept>>) -> Result<()> {
+    while let Some((msg, fds)) = recv(conn)? {
+        let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+        match msg.op.as_str() {
+            "hold" if fds.len() == FDS => {
+                debug!(id = %msg.id, "holding");
+                held.insert(msg.id.clone(), Kept { id: msg.id, meta: msg.meta, fds });
+            }
+            "hold" => warn!(id = %msg.id, fds = fds.len(), "hold without its two sockets; ignored"),
+            "release" => {
+                held.remove(&msg.id);
+            }
+            "list" => {
+                for k in held.values() {
+                    let fds: Vec<RawFd> = k.fds.iter().map(AsRawFd::as_raw_fd).collect();
+                    let reply = Msg { op: "flow".into(), id: k.id.clone(), meta: k.meta.clone() };
+                    send(conn, &reply, &fds)?;
+                }
+                send(conn, &Msg { op: "end".into(), ..Default::default() }, &[])?;
+            }
+            other => warn!(op = other, "unknown keeper request; ignored"),
+        }
+    }
+    Ok(())
+}
+
+/// The agent's connection to the keeper.
+pub struct Keeper {
+    conn: Mutex<OwnedFd>,
+}
+
+impl Keeper {
+    pub fn connect(path: &Path) -> Result<Keeper> {
+        let conn = seqpacket()?;
+        connect(conn.as_raw_fd(), &UnixAddr::new(path)?)
+            .with_context(|| format!("connecting to the keeper at {}", path.display()))?;
+        Ok(Keeper { conn: Mutex::new(conn) })
+    }
+
+    /// Hands the keeper copies of one spliced connection's two sockets.
+    pub fn hold(&self, id: &str, meta: serde_json::Value, fds: [BorrowedFd<'_>; FDS]) -> Result<()> {
+        let raw = fds.map(|f| f.as_raw_fd());
+        send(&self.lock(), &Msg { op: "hold".into(), id: id.into(), meta }, &raw).context("keeper hold")
+    }
+
+    /// The connection ended: the keeper closes its copies.
+    pub fn release(&self, id: &str) -> Result<()> {
+        send(&self.lock(), &Msg { op: "release".into(), id: id.into(), ..Default::default() }, &[])
+            .context("keeper release")
+    }
+
+    /// Every connection the keeper holds (it keeps holding them until each
+    /// is released, so a second crash loses nothing either).
+    pub fn list(&self) -> Result<Vec<Kept>> {
+        let conn = self.lock();
+        send(&conn, &Msg { op: "list".into(), ..Default::default() }, &[])?;
+        let mut out = Vec::new();
+        loop {
+            let Some((msg, fds)) = recv(&conn)? else { bail!("the keeper closed the connection while listing") };
+            match msg.op.as_str() {
+                "end" => return Ok(out),
+                "flow" if fds.len() == FDS => out.push(Kept { id: msg.id, meta: msg.meta, fds }),
+                other => bail!("unexpected keeper reply {other:?} with {} sockets", fds.len()),
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OwnedFd> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn seqpacket() -> Result<OwnedFd> {
+    Ok(socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?)
+}
+
+fn send(conn: &OwnedFd, msg: &Msg, fds: &[RawFd]) -> Result<()> {
+    let body = serde_json::to_vec(msg)?;
+    let cmsgs = if fds.is_empty() { Vec::new() } else { vec![ControlMessage::ScmRights(fds)] };
+    sendmsg::<()>(conn.as_raw_fd(), &[IoSlice::new(&body)], &cmsgs, MsgFlags::empty(), None)
+        .with_context(|| format!("sending {:?} to the keeper socket", msg.op))?;
+    Ok(())
+}
+
+/// One message, or None when the peer closed.
+fn recv(conn: &OwnedFd) -> Result<Option<(Msg, Vec<OwnedFd>)>> {
+    let mut buf = vec![0u8; MAX_MSG];
+    let mut space = cmsg_space!([RawFd; FDS]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let r = recvmsg::<()>(conn.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+        .context("reading the keeper socket")?;
+    let mut fds = Vec::new();
+    for c in r.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(received) = c {
+            // SAFETY: SCM_RIGHTS gave us new fds that nothing else owns.
+            fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+    }
+    let len = r.bytes;
+    if len == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    let msg = serde_json::from_slice(&buf[..len]).context("a keeper message that is not JSON")?;
+    Ok(Some((msg, fds)))
+}

@@ -45,7 +45,7 @@ pub struct ModeLabel {
 }
 
 pub struct Metrics {
-    registry: Registry,
+    registry: std::sync::Mutex<Registry>,
     pub opened: Family<ConnLabels, Counter>,
     pub closed: Family<ConnLabels, Counter>,
     pub sent_bytes: Family<ConnLabels, Counter>,
@@ -59,8 +59,8 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut m = Metrics {
-            registry: Registry::default(),
+        let m = Metrics {
+            registry: Default::default(),
             opened: Family::default(),
             closed: Family::default(),
             sent_bytes: Family::default(),
@@ -72,7 +72,7 @@ impl Default for Metrics {
             enrolled_pods: Gauge::default(),
         };
         // prometheus-client appends `_total` to counters.
-        let r = &mut m.registry;
+        let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
         r.register("istio_tcp_connections_opened", "TCP connections opened", m.opened.clone());
         r.register("istio_tcp_connections_closed", "TCP connections closed", m.closed.clone());
         r.register("istio_tcp_sent_bytes", "Bytes sent from server to client", m.sent_bytes.clone());
@@ -82,6 +82,7 @@ impl Default for Metrics {
         r.register("sluice_hbone_errors", "HBONE streams that did not get 200, by status", m.hbone_errors.clone());
         r.register("sluice_redirect_mode", "Capture mode in use (1 for the active mode)", m.redirect_mode.clone());
         r.register("sluice_enrolled_pods", "Pods enrolled on this node", m.enrolled_pods.clone());
+        drop(r);
         m
     }
 }
@@ -89,8 +90,13 @@ impl Default for Metrics {
 impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let _ = encode(&mut out, &self.registry);
+        let _ = encode(&mut out, &self.registry.lock().unwrap_or_else(|e| e.into_inner()));
         out
+    }
+
+    /// Adds metrics computed at scrape time (the kernel counters).
+    pub fn register_collector(&self, c: Box<dyn prometheus_client::collector::Collector>) {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner()).register_collector(c);
     }
 
     /// Records a connection as open; the guard records it closed with its

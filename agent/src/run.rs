@@ -16,7 +16,7 @@ use tracing::{error, info, warn, Instrument};
 
 use crate::{
     admin::{self, Route},
-    bpf::{Datapath, PinRoot, SpliceMaps},
+    bpf::{Datapath, DatapathCollector, PinRoot, SpliceMaps},
     identity::{Ca, CertCache},
     inpod::Pods,
     keeper::Keeper,
@@ -75,6 +75,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let redirect = choose_redirect(opts.redirect, &opts.pin_root)?;
     let mode = redirect.mode().to_string();
     metrics.redirect_mode.get_or_create(&ModeLabel { mode: mode.clone() }).set(1);
+    if redirect.mode() == Mode::Ebpf {
+        metrics.register_collector(Box::new(DatapathCollector(PinRoot::new(&opts.pin_root))));
+    }
 
     let splice = match (redirect.mode(), opts.splice) {
         (Mode::Ebpf, true) => Some(SpliceMaps::open(&PinRoot::new(&opts.pin_root)).context("same-node splice")?),

@@ -40,3 +40,38 @@ pub fn read_counters(pins: &PinRoot) -> Result<Counters> {
     }
     Ok(Counters(out))
 }
+
+/// Exports the kernel programs' per-CPU counters on every scrape, summed
+/// over CPUs, as `sluice_datapath_events_total{event="..."}`: bytes the
+/// kernel moved without the agent (same-node splice, socket bypass) are
+/// counted here, beside the agent's own Istio metrics.
+#[derive(Debug)]
+pub struct DatapathCollector(pub PinRoot);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct EventLabel {
+    event: &'static str,
+}
+
+impl prometheus_client::collector::Collector for DatapathCollector {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> fmt::Result {
+        use prometheus_client::{
+            encoding::EncodeMetric,
+            metrics::{counter::ConstCounter, MetricType},
+        };
+        // A scrape while the pins are being replaced shows nothing rather
+        // than failing the whole page.
+        let Ok(counters) = read_counters(&self.0) else { return Ok(()) };
+        let mut family = encoder.encode_descriptor(
+            "sluice_datapath_events",
+            "Events and bytes counted by Sluice's kernel programs (per-CPU counters, summed)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (event, value) in counters.0 {
+            let labels = EventLabel { event };
+            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}

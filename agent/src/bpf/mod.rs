@@ -30,7 +30,7 @@ use aya::{
 use crate::netns::Netns;
 use tracing::info;
 
-pub use counters::{read_counters, Counters};
+pub use counters::{read_counters, Counters, DatapathCollector};
 pub use pins::{ensure_bpffs, PinRoot};
 pub use splice::{socket_cookie, SpliceMaps};
 

@@ -94,6 +94,7 @@ pub fn run(pins: &PinRoot) -> Probe {
     add("program", "cgroup_sock_addr", "outbound capture", prog(ProgramType::CgroupSockAddr));
     add("program", "cgroup_sockopt", "SO_ORIGINAL_DST", prog(ProgramType::CgroupSockopt));
     add("program", "sched_cls", "inbound capture", prog(ProgramType::SchedClassifier));
+    add("program", "sk_skb", "same-node splice", prog(ProgramType::SkSkb));
     let map = |t| is_map_supported(t).map_err(|e| e.to_string());
     add("map", "sockhash", "socket bypass, listeners", map(MapType::SockHash));
     add("map", "hash", "enrolled pods", map(MapType::Hash));
@@ -129,6 +130,18 @@ pub fn run(pins: &PinRoot) -> Probe {
         "msg_redirect_hash@sk_msg",
         "socket bypass",
         helper(ProgramType::SkMsg, BpfHelper::BPF_FUNC_msg_redirect_hash),
+    );
+    add(
+        "helper",
+        "sk_redirect_hash@sk_skb",
+        "same-node splice",
+        helper(ProgramType::SkSkb, BpfHelper::BPF_FUNC_sk_redirect_hash),
+    );
+    add(
+        "helper",
+        "get_socket_cookie@sk_skb",
+        "same-node splice",
+        helper(ProgramType::SkSkb, BpfHelper::BPF_FUNC_get_socket_cookie),
     );
     add(
         "helper",

@@ -65,6 +65,50 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 pub const HBONE_PORT: u16 = 15008;
 
+/// `Config::flags` bits.
+/// Redirect app-to-app loopback traffic inside a pod socket to socket
+/// (sk_msg ingress). Off unless asked for: on a socket in a sockmap,
+/// tcp_bpf_recvmsg answers a blocking read() woken without data with EAGAIN,
+/// which a client that half-closes and then waits for its answer hits when
+/// its FIN is acknowledged.
+pub const CONFIG_LOOPBACK_BYPASS: u32 = 1;
+
+/// The one value of the CONFIG array: settings the agent gives the programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub flags: u32,
+    pub _reserved: u32,
+}
+
+/// `WorkloadInfo::flags` bits.
+/// The workload is enrolled (meshed) on this node's agent.
+pub const WORKLOAD_LOCAL: u32 = 1;
+
+/// Value of the WORKLOADS map, keyed by [`IpKey`]: what the agent knows of
+/// the pod at that address, so `bpftool map dump` answers "is this pod
+/// meshed here, and as whom" from the kernel's own view.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadInfo {
+    /// The pod's netns cookie (the ENROLLED key).
+    pub netns_cookie: u64,
+    /// FNV-1a of the SPIFFE identity; `/config_dump` lists it per pod.
+    pub identity: u32,
+    pub flags: u32,
+}
+
+/// The identity index of a SPIFFE ID as WORKLOADS stores it: FNV-1a, 32 bit,
+/// so it is the same across agent restarts without a shared table.
+pub fn identity_index(spiffe_id: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in spiffe_id.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
 /// `PodInfo::flags` bits.
 pub const POD_HAS_V4: u32 = 1;
 pub const POD_HAS_V6: u32 = 2;
@@ -151,4 +195,6 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::IpKey {}
     unsafe impl aya::Pod for super::SpliceFlow {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::WorkloadInfo {}
 }

@@ -2,9 +2,9 @@
 //! (`aya_ebpf::btf_maps`), so `bpftool map dump pinned /sys/fs/bpf/sluice/<NAME>`
 //! prints named fields instead of raw bytes.
 
-use agent_common::{counter, IpKey, OrigDst, PodInfo, SockKey, SpliceFlow};
+use agent_common::{counter, Config, IpKey, OrigDst, PodInfo, SockKey, SpliceFlow, WorkloadInfo};
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
     macros::btf_map,
 };
 
@@ -13,6 +13,21 @@ use aya_ebpf::{
 /// netns cookie helper 5.7 in cgroup sock_addr programs.
 #[btf_map]
 pub static ENROLLED: HashMap<u64, PodInfo, 4096> = HashMap::new();
+
+/// Enrolled pods by address, mirroring the agent's state for operators
+/// (`bpftool map dump pinned .../workloads`). Updated on enroll and removal.
+#[btf_map]
+pub static WORKLOADS: HashMap<IpKey, WorkloadInfo, 8192> = HashMap::new();
+
+/// Settings from the agent (one entry). ARRAY needs 3.19.
+#[btf_map]
+pub static CONFIG: Array<Config, 1> = Array::new();
+
+/// Whether the agent turned `flag` on.
+#[inline(always)]
+pub fn config_has(flag: u32) -> bool {
+    CONFIG.get(0).map(|c| c.flags & flag != 0).unwrap_or(false)
+}
 
 /// Original destination of a captured connect(), by socket cookie, from
 /// connect4/6 until sock_ops sees the connection established. LRU so an

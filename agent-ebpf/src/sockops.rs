@@ -4,13 +4,14 @@
 //! - re-key a captured connection's original destination from the socket
 //!   cookie (all connect4/6 has) to the 4-tuple (all the agent's accepted
 //!   socket can name in getsockopt);
-//! - put both ends of every connection that stays on this host into
-//!   SOCK_PAIRS, so sk_msg can move their bytes socket to socket.
+//! - when the agent turned the loopback bypass on (CONFIG), put both ends of
+//!   every connection that stays inside a pod into SOCK_PAIRS, so sk_msg can
+//!   move their bytes socket to socket.
 //!
 //! Needs 4.13 for sock_ops, 4.18 for SOCKHASH and 5.15 for
 //! `bpf_get_netns_cookie` in sock_ops.
 
-use agent_common::{counter, SockKey, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use agent_common::{counter, SockKey, CONFIG_LOOPBACK_BYPASS, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -21,7 +22,7 @@ use aya_log_ebpf::debug;
 
 use crate::{
     key::{is_loopback, KeySource},
-    maps::{count, ORIG_DST_BY_COOKIE, ORIG_DST_BY_TUPLE, SOCK_PAIRS},
+    maps::{config_has, count, ORIG_DST_BY_COOKIE, ORIG_DST_BY_TUPLE, SOCK_PAIRS},
 };
 
 #[sock_ops]
@@ -37,7 +38,7 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         rekey_original_destination(&ctx, &key);
     }
-    if !is_loopback(&key.remote_ip) && key.remote_ip != key.local_ip {
+    if !config_has(CONFIG_LOOPBACK_BYPASS) || (!is_loopback(&key.remote_ip) && key.remote_ip != key.local_ip) {
         return 0;
     }
     // Not (yet) for the app <-> agent legs of captured connections: once the

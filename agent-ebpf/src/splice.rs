@@ -27,6 +27,12 @@ pub fn sluice_splice(ctx: SkBuffContext) -> u32 {
     // SAFETY: the context pointer is the one the kernel passed in.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     let len = ctx.len() as u64;
+    if len == 0 {
+        // A bare FIN: it stays here, so the agent reads EOF and passes the
+        // half-close on after the data. Sent on, it would reach the partner
+        // after the agent shut it down and fail there with EPIPE.
+        return SK_PASS;
+    }
     let Some(flow) = SPLICE_FLOWS.get_ptr_mut(cookie) else {
         // Not (or no longer) spliced: the agent reads it.
         return SK_PASS;

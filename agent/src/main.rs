@@ -104,6 +104,12 @@ struct RunArgs {
     /// survive this agent being killed, and the next agent adopts them.
     #[arg(long)]
     keeper: Option<PathBuf>,
+    /// App-to-app loopback traffic inside a pod: `on` moves it socket to
+    /// socket in the kernel (eBPF capture only). Off by default: the kernel
+    /// then answers a blocking read() that wakes without data with EAGAIN,
+    /// which breaks clients that half-close and wait for their answer.
+    #[arg(long, value_enum, default_value = "off")]
+    loopback_bypass: Toggle,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -150,6 +156,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 pin_root: args.pin_root,
                 splice: args.splice == Toggle::On,
                 keeper: args.keeper,
+                loopback_bypass: args.loopback_bypass == Toggle::On,
             };
             rt.block_on(sluice::run::run(opts))
         }

@@ -52,6 +52,9 @@ pub struct RunOptions {
     pub splice: bool,
     /// The keeper's socket, for spliced connections to outlive the agent.
     pub keeper: Option<PathBuf>,
+    /// Redirect loopback traffic inside pods socket to socket (eBPF mode;
+    /// see `agent_common::CONFIG_LOOPBACK_BYPASS` for why it is opt-in).
+    pub loopback_bypass: bool,
 }
 
 /// Idle HBONE connections close after this long.
@@ -72,7 +75,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let roots = Arc::new(ca.roots());
     let certs = Arc::new(CertCache::new(Arc::new(ca), state.ca().cert_ttl));
 
-    let redirect = choose_redirect(opts.redirect, &opts.pin_root)?;
+    let redirect = choose_redirect(opts.redirect, &opts.pin_root, opts.loopback_bypass)?;
     let mode = redirect.mode().to_string();
     metrics.redirect_mode.get_or_create(&ModeLabel { mode: mode.clone() }).set(1);
     if redirect.mode() == Mode::Ebpf {
@@ -179,7 +182,11 @@ fn adopt_spliced(ctx: &Arc<Ctx>) {
     }
 }
 
-fn choose_redirect(choice: RedirectChoice, pin_root: &std::path::Path) -> Result<Arc<dyn Redirect>> {
+fn choose_redirect(
+    choice: RedirectChoice,
+    pin_root: &std::path::Path,
+    loopback_bypass: bool,
+) -> Result<Arc<dyn Redirect>> {
     let iptables = || -> Result<Arc<dyn Redirect>> {
         Ok(Arc::new(IptablesRedirect::detect().context("detecting the iptables backend")?))
     };
@@ -196,7 +203,7 @@ fn choose_redirect(choice: RedirectChoice, pin_root: &std::path::Path) -> Result
         warn!(reason = %why, "eBPF capture unavailable; falling back to iptables");
         return iptables();
     }
-    match EbpfRedirect::new(PinRoot::new(pin_root)) {
+    match EbpfRedirect::new(PinRoot::new(pin_root), loopback_bypass) {
         Ok(r) => Ok(Arc::new(r)),
         Err(e) if choice == RedirectChoice::Auto => {
             warn!(reason = format!("{e:#}"), "eBPF capture failed to start; falling back to iptables");
@@ -265,7 +272,10 @@ pub async fn run_bypass(pins: PinRoot, cgroups: &[PathBuf], keep_pins: bool) -> 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut datapath = Datapath::load(pins)?;
-    let result = cgroups.iter().try_for_each(|cg| datapath.enroll_cgroup(cg));
+    // This mode is the loopback bypass and nothing else.
+    let config = agent_common::Config { flags: agent_common::CONFIG_LOOPBACK_BYPASS, ..Default::default() };
+    let result =
+        datapath.set_config(config).and_then(|()| cgroups.iter().try_for_each(|cg| datapath.enroll_cgroup(cg)));
     if let Err(e) = result {
         datapath.shutdown(!keep_pins)?;
         return Err(e);

@@ -132,7 +132,8 @@ fn takeover_and_half_close_lose_nothing() -> Result<()> {
             "discard-then-report #{i} ({bytes} bytes): {report:?}\nagent:\n{}",
             agent.stderr()
         );
-        send_verified(&f.a1, &echo_addr, *bytes, T).with_context(|| format!("echo #{i} ({bytes} bytes)"))?;
+        send_verified(&f.a1, &echo_addr, *bytes, T)
+            .with_context(|| format!("echo #{i} ({bytes} bytes)\nagent:\n{}", agent.stderr()))?;
     }
     let c = counters(&agent)?;
     let total: u64 = sizes.iter().sum();
@@ -144,8 +145,9 @@ fn takeover_and_half_close_lose_nothing() -> Result<()> {
         counter(&c, "splice_target_missing")
     ));
     // Each size goes out once to each server and comes back once from the
-    // echo, plus the small reports.
-    assert!(counter(&c, "spliced_bytes") >= 3 * total, "the kernel must have moved the bytes: {c}");
+    // echo (3x in all); a client that is done before the agent joins the
+    // sockets (the smallest ones) is copied by the agent instead.
+    assert!(counter(&c, "spliced_bytes") >= 2 * total, "the kernel must have moved the bytes: {c}");
     drop((echo, srv));
     agent.stop()?;
     Ok(())
@@ -250,4 +252,29 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> Result<bool>) -> Result<()> 
         std::thread::sleep(Duration::from_millis(20));
     }
     anyhow::bail!("timed out waiting for {what}")
+}
+
+/// Loopback inside an enrolled pod is left to TCP unless the operator asks
+/// for the bypass: a client that half-closes and then blocks in read() for
+/// its answer (HTTP/1.0, `nc -N`) must get it. In a sockmap that read fails
+/// with EAGAIN as soon as the client's FIN is acknowledged.
+#[test]
+fn half_closing_loopback_client_gets_its_answer() -> Result<()> {
+    require_root!(Ok(()));
+    let f = fixture("loophc")?;
+    let agent = f.mesh.start_agent(&f.node, "ebpf")?;
+    let mut serve = Command::new(peer_bin());
+    serve.args(["serve", "--listen", "127.0.0.1:0", "--mode", "discard-then-report"]);
+    let mut srv = sluice_tests::spawn_in(&f.a1, serve)?;
+    let addr =
+        srv.wait_for_line("LISTENING ", Duration::from_secs(5))?.trim_start_matches("LISTENING ").trim().to_owned();
+    for i in 0..20 {
+        let report = send_expect(&f.a1, &addr, 1000, "report")?;
+        ensure!(report.ok && report.bytes_verified == 1000, "#{i}: {report:?}");
+    }
+    let c = counters(&agent)?;
+    assert_eq!(counter(&c, "sockhash_added"), 0, "loopback sockets must stay out of the sockmap by default: {c}");
+    evidence("20 half-closing loopback clients in an enrolled pod got their answers; no socket entered the sockmap");
+    agent.stop()?;
+    Ok(())
 }

@@ -16,10 +16,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::{IpKey, PodInfo};
+use agent_common::{Config, IpKey, PodInfo, WorkloadInfo};
 use anyhow::{Context, Result};
 use aya::{
-    maps::{HashMap as BpfHashMap, SockHash},
+    maps::{Array, HashMap as BpfHashMap, SockHash},
     programs::{
         tc::{self, NlOptions, TcAttachOptions},
         CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, SkMsg, SkSkb, SockOps, TcAttachType,
@@ -38,7 +38,7 @@ pub use splice::{socket_cookie, SpliceMaps};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SLUICE_EBPF_OBJECT"));
 
 /// Names of the maps in the object, and the file each is pinned as.
-pub const PINNED_MAPS: [(&str, &str); 8] = [
+pub const PINNED_MAPS: [(&str, &str); 10] = [
     ("SOCK_PAIRS", "sock_pairs"),
     ("COUNTERS", "counters"),
     ("ENROLLED", "enrolled"),
@@ -47,6 +47,8 @@ pub const PINNED_MAPS: [(&str, &str); 8] = [
     ("LISTENERS", "listeners"),
     ("SPLICE_SOCKS", "splice_socks"),
     ("SPLICE_FLOWS", "splice_flows"),
+    ("WORKLOADS", "workloads"),
+    ("CONFIG", "config"),
 ];
 
 /// Names of the programs in the object.
@@ -198,6 +200,28 @@ impl Datapath {
         let mut map: BpfHashMap<_, u64, PodInfo> =
             BpfHashMap::try_from(self.ebpf.map_mut("ENROLLED").context("no ENROLLED map")?)?;
         map.insert(cookie, pod, 0).context("writing ENROLLED")
+    }
+
+    /// Mirrors an enrolled pod's address in WORKLOADS (for operators).
+    pub fn set_workload(&mut self, ip: IpKey, info: WorkloadInfo) -> Result<()> {
+        let mut map: BpfHashMap<_, IpKey, WorkloadInfo> =
+            BpfHashMap::try_from(self.ebpf.map_mut("WORKLOADS").context("no WORKLOADS map")?)?;
+        map.insert(ip, info, 0).context("writing WORKLOADS")
+    }
+
+    pub fn remove_workload(&mut self, ip: IpKey) -> Result<()> {
+        let mut map: BpfHashMap<_, IpKey, WorkloadInfo> =
+            BpfHashMap::try_from(self.ebpf.map_mut("WORKLOADS").context("no WORKLOADS map")?)?;
+        match map.remove(&ip) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing from WORKLOADS"),
+        }
+    }
+
+    /// Writes the programs' settings (`agent_common::CONFIG_*` flags).
+    pub fn set_config(&mut self, config: Config) -> Result<()> {
+        let mut map: Array<_, Config> = Array::try_from(self.ebpf.map_mut("CONFIG").context("no CONFIG map")?)?;
+        map.set(0, config, 0).context("writing CONFIG")
     }
 
     pub fn unenroll_netns(&mut self, cookie: u64) -> Result<()> {

@@ -130,13 +130,14 @@ impl Pods {
         }
 
         let redirect = self.redirect.clone();
-        let (uid, ips, cgroup) = (w.uid.clone(), w.ips.clone(), w.cgroup.clone());
+        let (uid, ips, cgroup, identity) = (w.uid.clone(), w.ips.clone(), w.cgroup.clone(), pod.id.to_string());
         let capture_ns = netns.clone();
         let enrolled = tokio::task::spawn_blocking(move || {
             let pod = PodCapture {
                 uid: &uid,
                 netns: &capture_ns,
                 ips: &ips,
+                identity: &identity,
                 cgroup: cgroup.as_deref(),
                 inbound_listeners: &plain_fds,
             };
@@ -172,6 +173,7 @@ impl Pods {
                 uid: &w.uid,
                 netns: &pod.netns,
                 ips: &w.ips,
+                identity: "",
                 cgroup: w.cgroup.as_deref(),
                 inbound_listeners: &[],
             };

@@ -74,6 +74,9 @@ pub async fn splice(
         Err(_) => return Err(refused(&app, ctx, std::io::ErrorKind::TimedOut.into())).context("splice connect"),
     };
     let cookies = [socket_cookie(&app)?, socket_cookie(&upstream)?];
+    // What each socket counts as sent before anyone wrote to it (the SYN,
+    // for the one the agent dialled), so the drain check compares payload.
+    let base = [queued(&app)?, queued(&upstream)?];
     let forget = Forget(maps, cookies);
     let kept = match maps.join(&app, &upstream, cookies) {
         // Segments that arrived before the join wait in the receive queues;
@@ -82,7 +85,7 @@ pub async fn splice(
             kick(&app);
             kick(&upstream);
             debug!("spliced");
-            keep(ctx, &app, &upstream, cookies, peer, dst)
+            keep(ctx, &app, &upstream, cookies, base, peer, dst)
         }
         // Typically an app that already half-closed (the kernel only takes
         // ESTABLISHED sockets): the agent copies this one itself.
@@ -91,7 +94,7 @@ pub async fn splice(
             None
         }
     };
-    carry(app, upstream, Some(src), Some(dst_pod), forget, kept, ctx).await
+    carry(app, upstream, base, Some(src), Some(dst_pod), forget, kept, ctx).await
 }
 
 /// Takes over a spliced connection a previous agent left with the keeper.
@@ -108,8 +111,9 @@ pub async fn adopt(kept: Kept, ctx: Arc<Ctx>) -> Result<()> {
     let cookies = [socket_cookie(&app)?, socket_cookie(&upstream)?];
     let pod = |key: &str| kept.meta[key].as_str().and_then(|ip| ip.parse().ok()).and_then(|ip| ctx.local_pod(ip));
     let (src, dst) = (pod("src_ip"), pod("dst_ip"));
+    let base = [0, 1].map(|i| kept.meta["base"][i].as_u64().unwrap_or(i as u64));
     info!(id = %kept.id, "adopted a spliced connection from the keeper");
-    carry(app, upstream, src.as_deref(), dst.as_deref(), Forget(maps, cookies), Some(kept.id), &ctx).await
+    carry(app, upstream, base, src.as_deref(), dst.as_deref(), Forget(maps, cookies), Some(kept.id), &ctx).await
 }
 
 /// Gives the keeper copies of the two sockets, so the connection survives
@@ -119,12 +123,13 @@ fn keep(
     app: &TcpStream,
     upstream: &TcpStream,
     cookies: [u64; 2],
+    base: [u64; 2],
     peer: SocketAddr,
     dst: SocketAddr,
 ) -> Option<String> {
     let keeper = ctx.keeper.as_ref()?;
     let id = format!("{}-{}", cookies[0], cookies[1]);
-    let meta = serde_json::json!({ "src_ip": peer.ip().to_string(), "dst_ip": dst.ip().to_string() });
+    let meta = serde_json::json!({ "src_ip": peer.ip().to_string(), "dst_ip": dst.ip().to_string(), "base": base });
     match keeper.hold(&id, meta, [app.as_fd(), upstream.as_fd()]) {
         Ok(()) => Some(id),
         Err(e) => {
@@ -136,9 +141,11 @@ fn keep(
 
 /// Runs a spliced connection to its end: passes half-closes on, copies what
 /// the kernel hands the agent, and records the connection in the metrics.
+#[allow(clippy::too_many_arguments)] // the parts of one connection, each needed once
 async fn carry(
     app: TcpStream,
     upstream: TcpStream,
+    base: [u64; 2],
     src: Option<&PodCtx>,
     dst: Option<&PodCtx>,
     forget: Forget<'_>,
@@ -159,7 +166,7 @@ async fn carry(
         (ctx.metrics.connection(labels("source")), ctx.metrics.connection(labels("destination")));
     let (app_r, app_w) = app.into_split();
     let (up_r, up_w) = upstream.into_split();
-    let (up, down) = tokio::join!(relay(app_r, up_w), relay(up_r, app_w));
+    let (up, down) = tokio::join!(relay(app_r, up_w, base[1]), relay(up_r, app_w, base[0]));
     let (maps, cookies) = (forget.0, forget.1);
     let (c2s, s2c) = (
         up.as_ref().copied().unwrap_or(0) + maps.spliced(cookies[0]),
@@ -183,7 +190,7 @@ async fn carry(
 /// One direction: copies whatever the kernel hands the agent (normally
 /// nothing), and at EOF passes the half-close on once `to` has queued every
 /// byte `from` received. Returns the bytes the agent copied itself.
-async fn relay(mut from: OwnedReadHalf, mut to: OwnedWriteHalf) -> Result<u64> {
+async fn relay(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, to_base: u64) -> Result<u64> {
     let mut buf = vec![0u8; 16 * 1024];
     let mut copied = 0u64;
     loop {
@@ -194,7 +201,7 @@ async fn relay(mut from: OwnedReadHalf, mut to: OwnedWriteHalf) -> Result<u64> {
         to.write_all(&buf[..n]).await.context("splice: writing")?;
         copied += n as u64;
     }
-    drained(from.as_ref(), to.as_ref()).await?;
+    drained(from.as_ref(), to.as_ref(), to_base).await?;
     to.shutdown().await.context("splice: passing on the half-close")?;
     Ok(copied)
 }
@@ -204,22 +211,23 @@ async fn relay(mut from: OwnedReadHalf, mut to: OwnedWriteHalf) -> Result<u64> {
 /// queue, so EOF on `from` can be seen before the last of them left `to`.
 /// Gives up only when no progress is made for a while (the far app stopped
 /// reading), and then shuts down anyway rather than holding the connection.
-async fn drained(from: &TcpStream, to: &TcpStream) -> Result<()> {
-    const STALL: Duration = Duration::from_secs(30);
+async fn drained(from: &TcpStream, to: &TcpStream, to_base: u64) -> Result<()> {
+    const STALL: Duration = Duration::from_secs(3);
     let mut last = None;
     let mut since = tokio::time::Instant::now();
     loop {
         // Called after EOF: the peer's FIN took one sequence number, which
         // TCP_INFO counts as a received byte.
         let received = tcp_info(from)?.tcpi_bytes_received.saturating_sub(1);
-        let queued = tcp_info(to)?.tcpi_bytes_acked + outq(to)?;
+        let queued = queued(to)?.saturating_sub(to_base);
         if queued >= received {
             return Ok(());
         }
         if last != Some(queued) {
             (last, since) = (Some(queued), tokio::time::Instant::now());
         } else if since.elapsed() > STALL {
-            warn!(received, queued, "splice: bytes still queued after 30 s without progress; closing anyway");
+            let err = to.take_error().ok().flatten().map(|e| e.to_string()).unwrap_or_default();
+            warn!(received, queued, err, "splice: bytes still queued after 30 s without progress; closing anyway");
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -244,6 +252,12 @@ fn tcp_info(s: &TcpStream) -> Result<libc::tcp_info> {
         return Err(std::io::Error::last_os_error()).context("reading TCP_INFO");
     }
     Ok(info)
+}
+
+/// Everything the socket has taken to send: acknowledged, plus still in its
+/// send queue (SIOCOUTQ).
+fn queued(s: &TcpStream) -> Result<u64> {
+    Ok(tcp_info(s)?.tcpi_bytes_acked + outq(s)?)
 }
 
 /// Bytes in the send queue not yet acknowledged (SIOCOUTQ).

@@ -15,7 +15,10 @@ use std::{
     sync::Mutex,
 };
 
-use agent_common::{IpKey, PodInfo, POD_HAS_V4, POD_HAS_V6};
+use agent_common::{
+    identity_index, Config, IpKey, PodInfo, WorkloadInfo, CONFIG_LOOPBACK_BYPASS, POD_HAS_V4, POD_HAS_V6,
+    WORKLOAD_LOCAL,
+};
 use anyhow::{Context, Result};
 use tracing::{info, warn};
 
@@ -37,8 +40,10 @@ pub struct EbpfRedirect {
 impl EbpfRedirect {
     /// Loads the programs (adopting pins a previous agent left) and attaches
     /// the agent-side ones to the agent's own cgroup.
-    pub fn new(pins: PinRoot) -> Result<EbpfRedirect> {
+    pub fn new(pins: PinRoot, loopback_bypass: bool) -> Result<EbpfRedirect> {
         let mut datapath = Datapath::load(pins)?;
+        let flags = if loopback_bypass { CONFIG_LOOPBACK_BYPASS } else { 0 };
+        datapath.set_config(Config { flags, ..Default::default() })?;
         let own = own_cgroup()?;
         let agent = datapath.attach_agent_cgroup(&own)?;
         info!(cgroup = %own.display(), "eBPF capture loaded");
@@ -108,6 +113,12 @@ impl Redirect for EbpfRedirect {
                 listeners.push(key);
             }
         }
+        let workload =
+            WorkloadInfo { netns_cookie: cookie, identity: identity_index(pod.identity), flags: WORKLOAD_LOCAL };
+        for ip in pod.ips {
+            dp.set_workload(ip_key(*ip), workload)
+                .with_context(|| format!("pod {}: WORKLOADS entry for {ip}", pod.uid))?;
+        }
         dp.enroll_netns(cookie, pod_info(pod.ips)).with_context(|| format!("pod {}", pod.uid))?;
         drop(dp);
         info!(uid = pod.uid, cookie, "eBPF capture enrolled");
@@ -123,6 +134,11 @@ impl Redirect for EbpfRedirect {
         if let Some(e) = enrolled {
             let mut dp = self.datapath();
             dp.unenroll_netns(e.cookie)?;
+            for ip in pod.ips {
+                if let Err(err) = dp.remove_workload(ip_key(*ip)) {
+                    warn!(uid = pod.uid, error = %err, "removing a WORKLOADS entry");
+                }
+            }
             for key in e.listeners {
                 if let Err(err) = dp.remove_listener(key) {
                     warn!(uid = pod.uid, error = %err, "removing a listener entry");

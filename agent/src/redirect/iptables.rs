@@ -126,7 +126,7 @@ impl IptablesRedirect {
 
     /// Like [`dump`](Self::dump) for a netns alone, e.g. from a debug command.
     pub fn dump_netns(&self, netns: &Netns) -> Result<RulesDump> {
-        self.dump(&PodCapture { uid: "-", netns, ips: &[], cgroup: None, inbound_listeners: &[] })
+        self.dump(&PodCapture { uid: "-", netns, ips: &[], identity: "", cgroup: None, inbound_listeners: &[] })
     }
 
     fn save(&self, pod: &PodCapture<'_>, family: Family) -> Result<Saved> {

@@ -137,6 +137,8 @@ pub struct PodCapture<'a> {
     pub netns: &'a Netns,
     /// The pod's IPs; decide which address families get capture.
     pub ips: &'a [IpAddr],
+    /// The pod's SPIFFE identity, for backends that mirror it in the kernel.
+    pub identity: &'a str,
     /// The pod's cgroup v2 directory, for backends that attach there.
     pub cgroup: Option<&'a Path>,
     /// The agent's 15006 listeners in the pod (one per address family), for

@@ -144,32 +144,48 @@ impl Mesh {
 
     /// Starts `sluice run` in `node`'s netns with the mesh config.
     pub fn start_agent(&self, node: &Node, redirect: &str) -> Result<Agent> {
-        self.start_agent_with(node, redirect, &self.config_path())
+        self.launch_agent(node, redirect, &self.config_path(), &[], &[])
+    }
+
+    /// Starts an agent with the mesh config and extra `sluice run`
+    /// arguments (e.g. `["--splice", "off"]`).
+    pub fn start_agent_args(&self, node: &Node, redirect: &str, extra_args: &[&str]) -> Result<Agent> {
+        self.launch_agent(node, redirect, &self.config_path(), &[], extra_args)
     }
 
     pub fn start_agent_with(&self, node: &Node, redirect: &str, config: &Path) -> Result<Agent> {
-        self.start_agent_env(node, redirect, config, &[])
+        self.launch_agent(node, redirect, config, &[], &[])
     }
 
     /// Starts an agent with extra environment (test-only switches).
     pub fn start_agent_env(&self, node: &Node, redirect: &str, config: &Path, env: &[(&str, &str)]) -> Result<Agent> {
+        self.launch_agent(node, redirect, config, env, &[])
+    }
+
+    /// What every `start_agent*` comes down to: `sluice run --config CONFIG
+    /// --node NODE --redirect REDIRECT EXTRA_ARGS...` with `env` added.
+    fn launch_agent(
+        &self,
+        node: &Node,
+        redirect: &str,
+        config: &Path,
+        env: &[(&str, &str)],
+        extra_args: &[&str],
+    ) -> Result<Agent> {
         // On bpffs, so eBPF mode can pin; one dir per node, removed with the mesh.
         let pins = crate::PinDir::new(&format!("{}-{}", self.prefix, node.name())).0.clone();
         self.pins.lock().unwrap().push(crate::PinDir(pins.clone()));
-        Agent::start_env(
-            node,
-            &pins,
-            &[
-                "run",
-                "--config",
-                config.to_str().context("config path")?,
-                "--node",
-                node.name(),
-                "--redirect",
-                redirect,
-            ],
-            env,
-        )
+        let mut args = vec![
+            "run",
+            "--config",
+            config.to_str().context("config path")?,
+            "--node",
+            node.name(),
+            "--redirect",
+            redirect,
+        ];
+        args.extend_from_slice(extra_args);
+        Agent::start_env(node, &pins, &args, env)
     }
 }
 

@@ -6,15 +6,20 @@
 //! - cross-node: node1/client -> node2/remote, an agent on each node.
 //!
 //! and four ways: direct (no agents), `--redirect iptables`,
-//! `--redirect ebpf`, and eBPF with the same-node splice, which is not built
-//! yet and is reported as such, never estimated. Every way gets a fresh
-//! topology, so no capture state (iptables rules left for a successor agent,
+//! `--redirect ebpf --splice off` (eBPF capture, then HBONE like any other
+//! connection) and `--redirect ebpf --splice on` (a same-node connection
+//! between enrolled pods is spliced in the kernel after authorization).
+//! The splice changes only the same-node path: the splice way's cross-node
+//! figures are measured and kept in the JSON, but that path is the eBPF
+//! way's, so the table shows "-" for them. Every way gets a fresh topology,
+//! so no capture state (iptables rules left for a successor agent,
 //! conntrack entries, TIME_WAIT sockets) carries from one into the next.
 //!
 //! On a small machine one figure swings by ±20% from run to run, so the
-//! ways are measured in rounds (direct, iptables, eBPF, then again) and the
-//! table shows the median of each figure over the rounds: drift hits every
-//! way alike, and eBPF vs iptables is not decided by one lucky run.
+//! ways are measured in rounds (direct, iptables, eBPF, eBPF splice, then
+//! again) and the table shows the median of each figure over the rounds:
+//! drift hits every way alike, and eBPF vs iptables is not decided by one
+//! lucky run.
 
 use std::time::{Duration, Instant};
 
@@ -28,13 +33,27 @@ use crate::mesh::Mesh;
 use crate::peer::RrReport;
 use crate::{Pod, Topology};
 
-/// What the splice column says until the same-node splice exists.
-pub const SPLICE_NOT_BUILT: &str = "n/a (not built)";
 /// Same-node spliced throughput must reach this share of direct.
 pub const SPLICE_TARGET: f64 = 0.95;
 
 const IPERF_PORT: u16 = 5201;
 const RR_PORT: u16 = 7101;
+
+/// One way to run the agents: the name in the report and, unless direct
+/// (no agents), the `--redirect` mode and further `sluice run` arguments.
+#[derive(Debug, Clone, Copy)]
+struct WaySpec {
+    name: &'static str,
+    agents: Option<(&'static str, &'static [&'static str])>,
+}
+
+/// The ways, in the order each round measures them.
+const WAYS: [WaySpec; 4] = [
+    WaySpec { name: "direct", agents: None },
+    WaySpec { name: "iptables", agents: Some(("iptables", &[])) },
+    WaySpec { name: "ebpf", agents: Some(("ebpf", &["--splice", "off"])) },
+    WaySpec { name: "ebpf-splice", agents: Some(("ebpf", &["--splice", "on"])) },
+];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
@@ -74,7 +93,7 @@ impl PathResult {
 /// Both paths measured one way, once.
 #[derive(Debug, Clone, Serialize)]
 pub struct Way {
-    /// "direct", "iptables" or "ebpf".
+    /// "direct", "iptables", "ebpf" or "ebpf-splice".
     pub name: String,
     pub same_node: PathResult,
     pub cross_node: PathResult,
@@ -136,7 +155,7 @@ pub struct RedirectRow {
     pub iptables: String,
     pub ebpf: String,
     pub ebpf_splice: String,
-    /// eBPF's figure over iptables'.
+    /// eBPF's figure (splice off) over iptables'.
     pub ebpf_vs_iptables: String,
     pub target: String,
     pub result: String,
@@ -150,26 +169,26 @@ pub struct RedirectReport {
     pub elapsed_s: f64,
     pub direct: WayRuns,
     pub iptables: WayRuns,
+    /// `--redirect ebpf --splice off`.
     pub ebpf: WayRuns,
-    /// The same-node splice: not built, so nothing measured.
-    pub ebpf_splice: Option<WayRuns>,
+    /// `--redirect ebpf --splice on`; its cross-node path is the eBPF way's.
+    pub ebpf_splice: WayRuns,
     pub rows: Vec<RedirectRow>,
 }
 
 pub fn run(cfg: &Config) -> Result<RedirectReport> {
     common::preflight()?;
     let start = Instant::now();
-    let (mut direct, mut iptables, mut ebpf) = (Vec::new(), Vec::new(), Vec::new());
+    let mut runs: [Vec<Way>; WAYS.len()] = Default::default();
     for round in 1..=cfg.rounds {
         progress(start, &format!("round {round} of {}", cfg.rounds));
-        direct.push(way(cfg, None, start).context("direct")?);
-        iptables.push(way(cfg, Some("iptables"), start).context("iptables mode")?);
-        ebpf.push(way(cfg, Some("ebpf"), start).context("eBPF mode")?);
+        for (spec, runs) in WAYS.iter().zip(&mut runs) {
+            runs.push(way(cfg, spec, start).with_context(|| format!("way {}", spec.name))?);
+        }
     }
-    progress(start, &format!("eBPF same-node splice: {SPLICE_NOT_BUILT}"));
-    let (direct, iptables, ebpf) =
-        (WayRuns::new("direct", direct), WayRuns::new("iptables", iptables), WayRuns::new("ebpf", ebpf));
-    let rows = rows(&direct, &iptables, &ebpf);
+    let [direct, iptables, ebpf, ebpf_splice] =
+        std::array::from_fn(|i| WayRuns::new(WAYS[i].name, std::mem::take(&mut runs[i])));
+    let rows = rows(&direct, &iptables, &ebpf, &ebpf_splice);
     Ok(RedirectReport {
         config: cfg.clone(),
         host: Host::this(),
@@ -177,15 +196,16 @@ pub fn run(cfg: &Config) -> Result<RedirectReport> {
         direct,
         iptables,
         ebpf,
-        ebpf_splice: None,
+        ebpf_splice,
         rows,
     })
 }
 
 /// A fresh topology (node1: client, local; node2: remote; all enrolled),
-/// agents in `mode` (none for direct), both paths measured, all removed.
-fn way(cfg: &Config, mode: Option<&str>, start: Instant) -> Result<Way> {
-    let name = mode.unwrap_or("direct");
+/// agents run as `spec` says (none for direct), both paths measured, all
+/// removed.
+fn way(cfg: &Config, spec: &WaySpec, start: Instant) -> Result<Way> {
+    let name = spec.name;
     progress(start, &format!("{name}: topology node1/client+local, node2/remote"));
     let topo = Topology::new("redirect")?;
     let n1 = topo.add_node("node1")?;
@@ -198,11 +218,12 @@ fn way(cfg: &Config, mode: Option<&str>, start: Instant) -> Result<Way> {
     mesh.add(&local, "default", "bench-local", true);
     mesh.add(&remote, "default", "bench-remote", true);
     mesh.write_config()?;
-    let agents = match mode {
-        Some(m) => {
-            progress(start, &format!("{name}: starting the agents (--redirect {m})"));
-            let a1 = mesh.start_agent(&n1, m)?;
-            let a2 = mesh.start_agent(&n2, m)?;
+    let agents = match spec.agents {
+        Some((mode, extra)) => {
+            let flags = std::iter::once(format!("--redirect {mode}")).chain(extra.iter().map(|a| a.to_string()));
+            progress(start, &format!("{name}: starting the agents ({})", flags.collect::<Vec<_>>().join(" ")));
+            let a1 = mesh.start_agent_args(&n1, mode, extra)?;
+            let a2 = mesh.start_agent_args(&n2, mode, extra)?;
             std::thread::sleep(Duration::from_millis(500));
             Some((a1, a2))
         }
@@ -249,16 +270,25 @@ enum Better {
 /// One path's medians out of a way's.
 type Pick = fn(&WayRuns) -> &PathMedians;
 
-fn rows(d: &WayRuns, i: &WayRuns, e: &WayRuns) -> Vec<RedirectRow> {
+fn rows(d: &WayRuns, i: &WayRuns, e: &WayRuns, s: &WayRuns) -> Vec<RedirectRow> {
     let mut rows = Vec::new();
     let paths: [(&str, Pick); 2] = [("same-node", |w| &w.same_node), ("cross-node", |w| &w.cross_node)];
     for (label, pick) in paths {
-        let (d, i, e) = (pick(d), pick(i), pick(e));
-        let mut tput =
-            row(&format!("{label} throughput, 1 stream (Gbit/s)"), Some(d.gbits), i.gbits, e.gbits, 2, Better::Higher);
-        if label == "same-node" {
+        // The splice applies to the same node only; cross-node it is the eBPF way.
+        let same = label == "same-node";
+        let (d, i, e, s) = (pick(d), pick(i), pick(e), same.then(|| pick(s)));
+        let mut tput = row(
+            &format!("{label} throughput, 1 stream (Gbit/s)"),
+            Some(d.gbits),
+            i.gbits,
+            e.gbits,
+            s.map(|s| s.gbits),
+            2,
+            Better::Higher,
+        );
+        if let Some(s) = s {
             tput.target += &format!("; splice >= {SPLICE_TARGET:.2}x direct");
-            tput.result += "; splice n/a";
+            tput.result += &format!("; {}", verdict(s.gbits / d.gbits >= SPLICE_TARGET));
         }
         rows.push(tput);
         rows.push(row(
@@ -266,6 +296,7 @@ fn rows(d: &WayRuns, i: &WayRuns, e: &WayRuns) -> Vec<RedirectRow> {
             Some(d.rr_p50_us),
             i.rr_p50_us,
             e.rr_p50_us,
+            s.map(|s| s.rr_p50_us),
             1,
             Better::Lower,
         ));
@@ -274,13 +305,15 @@ fn rows(d: &WayRuns, i: &WayRuns, e: &WayRuns) -> Vec<RedirectRow> {
             Some(d.rr_p99_us),
             i.rr_p99_us,
             e.rr_p99_us,
+            s.map(|s| s.rr_p99_us),
             1,
             Better::Lower,
         ));
     }
     for (label, pick) in paths {
         let (Some(ic), Some(ec)) = (pick(i).agent_cpu_s_per_gb, pick(e).agent_cpu_s_per_gb) else { continue };
-        let mut r = row(&format!("{label} agent CPU (s/GB, both agents)"), None, ic, ec, 2, Better::Lower);
+        let sc = if label == "same-node" { pick(s).agent_cpu_s_per_gb } else { None };
+        let mut r = row(&format!("{label} agent CPU (s/GB, both agents)"), None, ic, ec, sc, 2, Better::Lower);
         // Lower, strictly: the point of eBPF capture is to cost less.
         r.target = "eBPF < iptables".into();
         r.result = verdict(ec < ic);
@@ -289,9 +322,18 @@ fn rows(d: &WayRuns, i: &WayRuns, e: &WayRuns) -> Vec<RedirectRow> {
     rows
 }
 
-/// A row: each mode with its ratio to direct, eBPF over iptables, and
-/// whether eBPF is at least as good as iptables.
-fn row(metric: &str, direct: Option<f64>, ipt: f64, ebpf: f64, prec: usize, better: Better) -> RedirectRow {
+/// A row: each way with its ratio to direct (the splice's, or "-" where it
+/// does not apply), eBPF over iptables, and whether eBPF is at least as good
+/// as iptables.
+fn row(
+    metric: &str,
+    direct: Option<f64>,
+    ipt: f64,
+    ebpf: f64,
+    splice: Option<f64>,
+    prec: usize,
+    better: Better,
+) -> RedirectRow {
     let cell = |v: f64| match direct {
         Some(d) => format!("{v:.prec$} ({:.2}x)", v / d),
         None => format!("{v:.prec$}"),
@@ -305,7 +347,7 @@ fn row(metric: &str, direct: Option<f64>, ipt: f64, ebpf: f64, prec: usize, bett
         direct: direct.map_or_else(|| "-".into(), |d| format!("{d:.prec$}")),
         iptables: cell(ipt),
         ebpf: cell(ebpf),
-        ebpf_splice: SPLICE_NOT_BUILT.into(),
+        ebpf_splice: splice.map_or_else(|| "-".into(), cell),
         ebpf_vs_iptables: format!("{:.2}x", ebpf / ipt),
         target: target.into(),
         result: verdict(ok),

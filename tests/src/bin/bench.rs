@@ -8,10 +8,10 @@
 //! target/bench/tunnel.json. A missed target is reported, not an error.
 //!
 //! `sluice-bench redirect` measures same-node and cross-node throughput and
-//! 1-byte RR four ways: direct, iptables capture, eBPF capture, and the eBPF
-//! same-node splice (printed as not built until it is), each as a ratio to
-//! direct, with the agents' CPU per GB; the JSON goes to
-//! target/bench/redirect.json.
+//! 1-byte RR four ways: direct, iptables capture, eBPF capture with the
+//! splice off (HBONE on both paths), and eBPF with the same-node splice on
+//! (shown for same-node only), each as a ratio to direct, with the agents'
+//! CPU per GB; the JSON goes to target/bench/redirect.json.
 //! Needs root; build in release mode for figures that mean anything.
 
 use std::path::{Path, PathBuf};
@@ -77,11 +77,11 @@ fn run(cli: Cli) -> Result<()> {
                  (two agents, HBONE over mTLS). One iperf3 stream of {} s; RR: {} 1-byte round trips. \
                  Each figure is the median of {} round(s), the ways alternating; (N.NNx) is the ratio to \
                  direct. Agent CPU is both agents' user+sys over the iperf3 run, per GB received. \
-                 eBPF splice: {}. {:.0} s in all; JSON: {}",
+                 eBPF: --redirect ebpf --splice off; eBPF splice: --redirect ebpf --splice on, shown for \
+                 same-node only (cross-node it takes the eBPF path). {:.0} s in all; JSON: {}",
                 cfg.iperf_secs,
                 cfg.rr_count,
                 cfg.rounds,
-                redirect::SPLICE_NOT_BUILT,
                 r.elapsed_s,
                 out.display()
             );

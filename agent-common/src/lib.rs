@@ -32,15 +32,17 @@ pub mod counter {
     pub const INBOUND_ASSIGNED: u32 = 8;
     /// tc ingress saw a SYN for an enrolled pod but could not assign it.
     pub const INBOUND_ASSIGN_FAILED: u32 = 9;
-    /// Segments a same-node splice moved from one of the agent's sockets to
-    /// the other inside the kernel.
-    pub const SPLICED_SEGMENTS: u32 = 10;
+    /// A same-node splice took over one direction of a connection: from here
+    /// on the app's bytes go straight into the agent's socket facing its peer.
+    pub const SPLICE_SWITCHED: u32 = 10;
     /// Bytes moved app to app by a splice without entering userspace.
     pub const SPLICED_BYTES: u32 = 11;
-    /// The splice partner was not in the map (not yet joined, or closing):
-    /// that socket's bytes go to the agent from then on.
+    /// A spliced send found the agent's far socket gone (the connection is
+    /// ending) and went to the agent through TCP instead.
     pub const SPLICE_TARGET_MISSING: u32 = 12;
-    pub const COUNT: u32 = 13;
+    /// A spliced app end shut down its writes and left SOCK_PAIRS.
+    pub const SPLICE_LEFT_ON_HALF_CLOSE: u32 = 13;
+    pub const COUNT: u32 = 14;
 }
 
 /// Human names of the counters, indexed like [`counter`].
@@ -55,9 +57,10 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "orig_dst_missed",
     "inbound_assigned",
     "inbound_assign_failed",
-    "spliced_segments",
+    "splice_switched",
     "spliced_bytes",
     "splice_target_missing",
+    "splice_left_on_half_close",
 ];
 
 /// Ports inside every enrolled pod's netns (see DESIGN.md).
@@ -171,20 +174,17 @@ impl SockKey {
     }
 }
 
-/// Value of SPLICE_FLOWS, keyed by the socket cookie of one of the agent's
-/// two sockets in a same-node splice: the cookie of its partner (where the
-/// bytes arriving on this one are sent), and how many bytes went that way.
-/// `peer` is written by the agent before the socket joins SPLICE_SOCKS;
-/// the rest only by the verdict program, under that socket's lock.
-/// `passed` is set for good the first time a segment could not be sent to
-/// the partner and went to the agent instead: from then on every segment
-/// does, so the agent's copy and the kernel's never interleave.
+/// Value of SPLICE_COUNTS: an app socket's byte counts for a same-node
+/// splice, written only by sk_msg on that socket (one writer, under its
+/// socket lock). `via_agent` is what the app sent through the agent before
+/// the splice took over, `spliced` what it sent in the kernel after, and
+/// `switched` is set once, when the takeover happened.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SpliceFlow {
-    pub peer: u64,
-    pub bytes: u64,
-    pub passed: u64,
+pub struct SpliceCount {
+    pub via_agent: u64,
+    pub spliced: u64,
+    pub switched: u64,
 }
 
 #[cfg(feature = "user")]
@@ -194,7 +194,7 @@ mod user {
     unsafe impl aya::Pod for super::PodInfo {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::IpKey {}
-    unsafe impl aya::Pod for super::SpliceFlow {}
+    unsafe impl aya::Pod for super::SpliceCount {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::WorkloadInfo {}
 }

@@ -6,7 +6,7 @@
 //! a selected pointer (`ctx + 24` or `ctx + 44`), and the verifier rejects any
 //! load through a modified ctx pointer ("dereference of modified ctx ptr").
 
-use agent_common::SockKey;
+use agent_common::{SockKey, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 pub const AF_INET: u32 = 2;
 
@@ -86,4 +86,10 @@ pub fn is_loopback(ip: &[u32; 4]) -> bool {
     let v4_mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == u32::from_be(0x0000_ffff);
     let first_octet = (u32::from_be(ip[3]) >> 24) as u8;
     (v4_mapped && first_octet == 127) || (ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == u32::from_be(1))
+}
+
+/// One of the agent's in-pod listener ports (host order).
+#[inline(always)]
+pub fn is_agent_port(port: u32) -> bool {
+    port == OUTBOUND_PORT as u32 || port == INBOUND_PLAINTEXT_PORT as u32 || port == HBONE_PORT as u32
 }

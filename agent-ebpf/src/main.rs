@@ -10,7 +10,6 @@ mod key;
 mod maps;
 mod sk_msg;
 mod sockops;
-mod splice;
 mod tc_ingress;
 
 #[cfg(not(test))]

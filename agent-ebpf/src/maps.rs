@@ -2,7 +2,7 @@
 //! (`aya_ebpf::btf_maps`), so `bpftool map dump pinned /sys/fs/bpf/sluice/<NAME>`
 //! prints named fields instead of raw bytes.
 
-use agent_common::{counter, Config, IpKey, OrigDst, PodInfo, SockKey, SpliceFlow, WorkloadInfo};
+use agent_common::{counter, Config, IpKey, OrigDst, PodInfo, SockKey, SpliceCount, WorkloadInfo};
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
     macros::btf_map,
@@ -53,18 +53,26 @@ pub static LISTENERS: SockHash<IpKey, 8192> = SockHash::new();
 #[btf_map]
 pub static SOCK_PAIRS: SockHash<SockKey, 65536> = SockHash::new();
 
-/// The agent's two sockets of every same-node splice, by socket cookie.
-/// The verdict program (splice.rs) is attached to this map, so every segment
-/// arriving on one of them is handed to it. SOCKHASH needs 4.18.
+/// Byte counts of every app socket that may be spliced: each captured app
+/// end (sock_ops adds it when it connects to 15001) and each app end the
+/// agent dials for a splice (the agent pre-registers it). LRU, so entries of
+/// an agent that died cannot fill it; the agent removes its own when a
+/// connection ends.
 #[btf_map]
-pub static SPLICE_SOCKS: SockHash<u64, 65536> = SockHash::new();
+pub static SPLICE_COUNTS: LruHashMap<SockKey, SpliceCount, 65536> = LruHashMap::new();
 
-/// Each spliced socket's partner and byte count, by socket cookie; see
-/// `agent_common::SpliceFlow`. HASH, not LRU: an entry must never vanish
-/// while its socket is spliced. The agent removes both when the connection
-/// ends.
+/// The agent's sockets facing an app in a splice, with how many bytes the
+/// agent has written to each. Written only by the agent, after each write()
+/// returns, so it never runs ahead of what is really queued on the socket.
 #[btf_map]
-pub static SPLICE_FLOWS: HashMap<u64, SpliceFlow, 65536> = HashMap::new();
+pub static SPLICE_WRITTEN: LruHashMap<SockKey, u64, 65536> = LruHashMap::new();
+
+/// Armed splices: app end -> the agent's socket facing the other app. Once
+/// everything the app sent through the agent has been written to that
+/// socket, sk_msg pushes the app's bytes straight into it. Written only by
+/// the agent.
+#[btf_map]
+pub static SPLICE_ROUTES: LruHashMap<SockKey, SockKey, 65536> = LruHashMap::new();
 
 /// Per-CPU event counters, indexed by `agent_common::counter`. Per-CPU because
 /// bpfel has no 64-bit atomic add, and it keeps the hot path free of

@@ -63,27 +63,8 @@ impl Netns {
     /// The kernel's cookie for this netns (SO_NETNS_COOKIE, 5.14+): the key
     /// the eBPF programs use to tell pods apart.
     pub fn cookie(&self) -> Result<u64> {
-        self.run(|| {
-            let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), None)?;
-            let mut cookie: u64 = 0;
-            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-            // SAFETY: valid fd, and a u64 buffer with its length.
-            let rc = unsafe {
-                libc::getsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(&s),
-                    libc::SOL_SOCKET,
-                    libc::SO_NETNS_COOKIE,
-                    (&mut cookie as *mut u64).cast(),
-                    &mut len,
-                )
-            };
-            if rc == 0 {
-                Ok(cookie)
-            } else {
-                Err(io::Error::last_os_error())
-            }
-        })
-        .context("reading the netns cookie (SO_NETNS_COOKIE needs Linux 5.14)")
+        self.run(|| socket_netns_cookie(&Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), None)?))
+            .context("reading the netns cookie (SO_NETNS_COOKIE needs Linux 5.14)")
     }
 
     /// Runs `f` with the current thread inside this netns. `f` must only
@@ -173,6 +154,24 @@ impl Netns {
         transparent: bool,
         mark: u32,
     ) -> Result<tokio::net::TcpSocket> {
+        self.make_socket(peer, bind_to, transparent, mark, true)
+    }
+
+    /// [`Netns::socket_marked`] bound to `local` with its port chosen now,
+    /// so the caller knows the full 4-tuple before connect() (the splice
+    /// registers the app's end of the connection before dialling it).
+    pub fn socket_with_port(&self, peer: SocketAddr, local: SocketAddr, mark: u32) -> Result<tokio::net::TcpSocket> {
+        self.make_socket(peer, Some(local), true, mark, false)
+    }
+
+    fn make_socket(
+        &self,
+        peer: SocketAddr,
+        bind_to: Option<SocketAddr>,
+        transparent: bool,
+        mark: u32,
+        defer_port: bool,
+    ) -> Result<tokio::net::TcpSocket> {
         let s = self.run(|| {
             let s = agent_socket(peer)?;
             if mark != AGENT_MARK {
@@ -182,7 +181,7 @@ impl Netns {
                 if transparent {
                     set_transparent(&s, local)?;
                 }
-                if local.port() == 0 {
+                if local.port() == 0 && defer_port {
                     // Pick the port at connect(), from the full 4-tuple, not at
                     // bind() from the address alone: under tens of thousands of
                     // TIME_WAIT sockets a bind-time search is what collapses
@@ -195,6 +194,27 @@ impl Netns {
             Ok(s)
         })?;
         Ok(tokio::net::TcpSocket::from_std_stream(s.into()))
+    }
+}
+
+/// The cookie of the netns a socket lives in (SO_NETNS_COOKIE, 5.14+).
+pub fn socket_netns_cookie(s: &impl std::os::fd::AsRawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, and a u64 buffer with its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -22,7 +22,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, SockHash},
     programs::{
         tc::{self, NlOptions, TcAttachOptions},
-        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, SkMsg, SkSkb, SockOps, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, SkMsg, SockOps, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -32,35 +32,29 @@ use tracing::info;
 
 pub use counters::{read_counters, Counters, DatapathCollector};
 pub use pins::{ensure_bpffs, PinRoot};
-pub use splice::{socket_cookie, SpliceMaps};
+pub use splice::{ip_words, sock_key, SpliceMaps};
 
 /// The kernel object, built from agent-ebpf by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SLUICE_EBPF_OBJECT"));
 
 /// Names of the maps in the object, and the file each is pinned as.
-pub const PINNED_MAPS: [(&str, &str); 10] = [
+pub const PINNED_MAPS: [(&str, &str); 11] = [
     ("SOCK_PAIRS", "sock_pairs"),
     ("COUNTERS", "counters"),
     ("ENROLLED", "enrolled"),
     ("ORIG_DST_BY_COOKIE", "orig_dst_by_cookie"),
     ("ORIG_DST_BY_TUPLE", "orig_dst_by_tuple"),
     ("LISTENERS", "listeners"),
-    ("SPLICE_SOCKS", "splice_socks"),
-    ("SPLICE_FLOWS", "splice_flows"),
+    ("SPLICE_COUNTS", "splice_counts"),
+    ("SPLICE_WRITTEN", "splice_written"),
+    ("SPLICE_ROUTES", "splice_routes"),
     ("WORKLOADS", "workloads"),
     ("CONFIG", "config"),
 ];
 
 /// Names of the programs in the object.
-pub const PROGRAMS: [&str; 7] = [
-    "sluice_sockops",
-    "sluice_sk_msg",
-    "sluice_connect4",
-    "sluice_connect6",
-    "sluice_getsockopt",
-    "sluice_tc_ingress",
-    "sluice_splice",
-];
+pub const PROGRAMS: [&str; 6] =
+    ["sluice_sockops", "sluice_sk_msg", "sluice_connect4", "sluice_connect6", "sluice_getsockopt", "sluice_tc_ingress"];
 
 /// Attachments that detach when dropped (aya's owned link types).
 pub struct Links(#[allow(dead_code)] Vec<Box<dyn std::any::Any + Send + Sync>>); // held only to be dropped
@@ -112,12 +106,7 @@ impl Datapath {
         let pairs_fd = pairs.fd().try_clone().context("duplicating the SOCK_PAIRS fd")?;
         let skmsg: &mut SkMsg = program(&mut ebpf, "sluice_sk_msg")?;
         skmsg.attach(&pairs_fd).context("attaching sluice_sk_msg to SOCK_PAIRS")?;
-        let socks: SockHash<_, u64> =
-            SockHash::try_from(ebpf.map("SPLICE_SOCKS").context("the object has no SPLICE_SOCKS map")?)
-                .context("opening SPLICE_SOCKS as a SOCKHASH")?;
-        let socks_fd = socks.fd().try_clone().context("duplicating the SPLICE_SOCKS fd")?;
-        let splice: &mut SkSkb = program(&mut ebpf, "sluice_splice")?;
-        splice.attach(&socks_fd).context("attaching sluice_splice to SPLICE_SOCKS")?;
+
         // A program added to the object but not loaded above would be silently
         // dead; refuse to run with one.
         if let Some((name, _)) = ebpf.programs().find(|(_, p)| p.fd().is_err()) {
@@ -287,7 +276,6 @@ fn load_all(ebpf: &mut Ebpf) -> Result<()> {
     }
     program::<CgroupSockopt>(ebpf, "sluice_getsockopt")?.load().context("verifier rejected sluice_getsockopt")?;
     program::<SchedClassifier>(ebpf, "sluice_tc_ingress")?.load().context("verifier rejected sluice_tc_ingress")?;
-    program::<SkSkb>(ebpf, "sluice_splice")?.load().context("verifier rejected sluice_splice")?;
     Ok(())
 }
 

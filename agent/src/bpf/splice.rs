@@ -1,19 +1,29 @@
-//! The agent's side of the same-node splice (agent-ebpf/src/splice.rs is the
-//! kernel's): it pairs two of its own sockets so that what arrives on one is
-//! sent out of the other inside the kernel. Maps are opened from the pins,
-//! so they work beside the loaded object.
+//! The agent's side of the same-node splice maps (agent-ebpf's sk_msg.rs is
+//! the kernel's). Opened from the pins, so they work beside the loaded
+//! object, and for a new agent adopting an old one's connections.
+//!
+//! The agent writes only what the programs never write: the zeroed counts of
+//! an app end it is about to dial, its own sockets in SOCK_PAIRS with how
+//! much it has written to each, and the routes. Counts are written by sk_msg
+//! alone once they exist.
 
-use std::{os::fd::AsRawFd, sync::Mutex};
+use std::{
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
+    sync::Mutex,
+};
 
-use agent_common::SpliceFlow;
+use agent_common::{SockKey, SpliceCount};
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, MapError, SockHash};
 
 use super::PinRoot;
 
 pub struct SpliceMaps {
-    flows: Mutex<HashMap<MapData, u64, SpliceFlow>>,
-    socks: Mutex<SockHash<MapData, u64>>,
+    counts: Mutex<HashMap<MapData, SockKey, SpliceCount>>,
+    routes: Mutex<HashMap<MapData, SockKey, SockKey>>,
+    written: Mutex<HashMap<MapData, SockKey, u64>>,
+    pairs: Mutex<SockHash<MapData, SockKey>>,
 }
 
 impl SpliceMaps {
@@ -25,41 +35,67 @@ impl SpliceMaps {
                 .with_context(|| format!("opening pinned map {}", path.display()))
         };
         Ok(SpliceMaps {
-            flows: Mutex::new(HashMap::try_from(open("splice_flows")?).context("splice_flows")?),
-            socks: Mutex::new(SockHash::try_from(open("splice_socks")?).context("splice_socks")?),
+            counts: Mutex::new(HashMap::try_from(open("splice_counts")?).context("splice_counts")?),
+            routes: Mutex::new(HashMap::try_from(open("splice_routes")?).context("splice_routes")?),
+            written: Mutex::new(HashMap::try_from(open("splice_written")?).context("splice_written")?),
+            pairs: Mutex::new(SockHash::try_from(open("sock_pairs")?).context("sock_pairs")?),
         })
     }
 
-    /// Splices `a` and `b` (with these cookies): from now on each one's
-    /// incoming bytes, including any already queued, are sent out of the
-    /// other. On error the caller still copies: whatever the kernel could
-    /// not send on is handed to the agent, in order.
-    pub fn join(&self, a: &impl AsRawFd, b: &impl AsRawFd, [ca, cb]: [u64; 2]) -> Result<()> {
-        {
-            let mut flows = lock(&self.flows);
-            flows.insert(ca, SpliceFlow { peer: cb, ..Default::default() }, 0).context("writing splice_flows")?;
-            flows.insert(cb, SpliceFlow { peer: ca, ..Default::default() }, 0).context("writing splice_flows")?;
-        }
-        let mut socks = lock(&self.socks);
-        // Until both are in, a segment arriving on the first one finds no
-        // partner and sends that direction to the agent for good (see
-        // SpliceFlow::passed); `b` first leaves only its side that window.
-        socks.insert(cb, b.as_raw_fd(), 0).context("adding a socket to splice_socks")?;
-        socks.insert(ca, a.as_raw_fd(), 0).context("adding a socket to splice_socks")?;
-        Ok(())
+    /// Starts counting the app end `key` from zero, before it is connected
+    /// (sock_ops then adds it to SOCK_PAIRS when it is accepted).
+    pub fn expect_app(&self, key: SockKey) -> Result<()> {
+        lock(&self.counts).insert(key, SpliceCount::default(), 0).context("writing splice_counts")
     }
 
-    /// Bytes the kernel has moved from the socket with `cookie` to its partner.
-    pub fn spliced(&self, cookie: u64) -> u64 {
-        lock(&self.flows).get(&cookie, 0).map(|f| f.bytes).unwrap_or(0)
+    /// Whether sock_ops is counting the app end `key` (a captured app's
+    /// socket is counted from its connect; without that it cannot be spliced).
+    pub fn counted(&self, key: &SockKey) -> bool {
+        lock(&self.counts).get(key, 0).is_ok()
     }
 
-    pub fn forget(&self, cookies: &[u64]) {
-        for cookie in cookies {
-            for r in [lock(&self.socks).remove(cookie), lock(&self.flows).remove(cookie)] {
+    /// Puts one of the agent's own sockets in SOCK_PAIRS under `key`, so the
+    /// other app's bytes can be pushed into it, with `written` bytes written.
+    pub fn add_agent_socket(&self, key: SockKey, socket: &impl AsRawFd, written: u64) -> Result<()> {
+        self.written(key, written)?;
+        lock(&self.pairs).insert(key, socket.as_raw_fd(), 0).context("adding the agent's socket to sock_pairs")
+    }
+
+    /// Records that the agent has written `total` bytes to its socket `key`
+    /// so far. Call only after the write returned.
+    pub fn written(&self, key: SockKey, total: u64) -> Result<()> {
+        lock(&self.written).insert(key, total, 0).context("writing splice_written")
+    }
+
+    /// What the agent wrote to its socket `key` so far (0 if unknown).
+    pub fn written_so_far(&self, key: &SockKey) -> u64 {
+        lock(&self.written).get(key, 0).unwrap_or(0)
+    }
+
+    /// Arms the splice for the app end `sender`: once caught up, its bytes
+    /// go into the agent socket `via`.
+    pub fn route(&self, sender: SockKey, via: SockKey) -> Result<()> {
+        lock(&self.routes).insert(sender, via, 0).context("writing splice_routes")
+    }
+
+    /// Bytes the app end `key` sent in the kernel, past the agent.
+    pub fn spliced(&self, key: &SockKey) -> u64 {
+        lock(&self.counts).get(key, 0).map(|c| c.spliced).unwrap_or(0)
+    }
+
+    /// Removes every entry for these sockets (ones the kernel already
+    /// dropped are fine).
+    pub fn forget(&self, keys: &[SockKey]) {
+        for key in keys {
+            for r in [
+                lock(&self.routes).remove(key),
+                lock(&self.counts).remove(key),
+                lock(&self.written).remove(key),
+                lock(&self.pairs).remove(key),
+            ] {
                 match r {
                     Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(e) => tracing::debug!(error = %e, cookie, "removing a splice map entry"),
+                    Err(e) => tracing::debug!(error = %e, "removing a splice map entry"),
                 }
             }
         }
@@ -70,16 +106,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// SO_COOKIE: the id the kernel programs know a socket by (bpf_get_socket_cookie).
-pub fn socket_cookie(s: &impl AsRawFd) -> Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a valid fd, and a u64 buffer with its length.
-    let rc = unsafe {
-        libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, (&mut cookie as *mut u64).cast(), &mut len)
+/// An address as the programs store it: IPv6, or IPv4-mapped IPv6, as four
+/// words in network byte order.
+pub fn ip_words(ip: IpAddr) -> [u32; 4] {
+    let v6 = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
     };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("reading SO_COOKIE");
+    let o = v6.octets();
+    let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    [word(0), word(4), word(8), word(12)]
+}
+
+/// The SOCK_PAIRS / SPLICE_* key of the socket at `local` talking to
+/// `remote` inside the netns with cookie `netns_cookie`.
+pub fn sock_key(netns_cookie: u64, local: SocketAddr, remote: SocketAddr) -> SockKey {
+    SockKey {
+        netns_cookie,
+        local_ip: ip_words(local.ip()),
+        remote_ip: ip_words(remote.ip()),
+        local_port: local.port() as u32,
+        remote_port: remote.port() as u32,
     }
-    Ok(cookie)
 }

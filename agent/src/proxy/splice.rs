@@ -1,26 +1,26 @@
 //! Same node: the destination pod is enrolled on this agent too, so nothing
 //! needs to leave the node or be encrypted. The agent authorizes the
 //! connection as the destination's agent would, dials the app from inside the
-//! destination pod with the client's IP, and then pairs its two sockets in
-//! the kernel (agent-ebpf/src/splice.rs): each one's incoming bytes are sent
-//! out of the other without entering userspace. Both apps keep plain TCP.
+//! destination pod with the client's IP, and then lets the kernel take over:
+//! sk_msg pushes each app's bytes straight into the agent's socket facing the
+//! other app (agent-ebpf/src/sk_msg.rs), so they never reach userspace.
 //!
-//! With a keeper (keeper.rs) holding copies of the two sockets, a spliced
-//! connection outlives the agent, and the next agent adopts it.
+//! Until the kernel has taken a direction over, the agent copies it, and
+//! publishes after every write how much it has written; that count is what
+//! lets the kernel switch without losing or reordering a byte. After the
+//! switch the copy only waits for EOF, which it passes on as a half-close,
+//! so each side still learns when the other is done.
 //!
-//! The agent stays on the connection to pass half-closes on, in order: when
-//! one app's FIN arrives, it waits until everything before it has left the
-//! other socket, then shuts that socket's write side. Anything the kernel
-//! handed to the agent instead (a splice that could not start) is copied as
-//! usual.
+//! With a keeper (keeper.rs) holding copies of the agent's two sockets, a
+//! spliced connection outlives the agent, and the next agent adopts it.
 
 use std::{
     net::SocketAddr,
-    os::fd::{AsFd, AsRawFd, OwnedFd},
+    os::fd::{AsFd, OwnedFd},
     sync::Arc,
-    time::Duration,
 };
 
+use agent_common::SockKey;
 use anyhow::{Context, Result};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -33,18 +33,46 @@ use tracing::{debug, info, warn};
 
 use super::{conn_labels, socket::APP_CONNECT_TIMEOUT, Ctx, PodCtx};
 use crate::{
-    bpf::{socket_cookie, SpliceMaps},
+    bpf::{sock_key, SpliceMaps},
     keeper::Kept,
     metrics::{DenyLabels, StatusLabels},
+    netns::socket_netns_cookie,
     policy::{authorize, Decision, Source},
 };
 
+/// The four sockets of one spliced connection, by their map keys.
+#[derive(Clone, Copy)]
+struct Keys {
+    /// The source app's socket and the agent's accepted end of it.
+    src_app: SockKey,
+    src_agent: SockKey,
+    /// The destination app's accepted socket and the agent's dialled end.
+    dst_app: SockKey,
+    dst_agent: SockKey,
+}
+
+impl Keys {
+    /// The keys of a connection the agent holds as `app` (accepted) and
+    /// `upstream` (dialled), read from the sockets themselves.
+    fn of(app: &TcpStream, upstream: &TcpStream) -> Result<Keys> {
+        let agent_end = |s: &TcpStream| -> Result<SockKey> {
+            Ok(sock_key(socket_netns_cookie(s)?, s.local_addr()?, s.peer_addr()?))
+        };
+        let (src_agent, dst_agent) = (agent_end(app)?, agent_end(upstream)?);
+        Ok(Keys { src_app: src_agent.peer(), src_agent, dst_app: dst_agent.peer(), dst_agent })
+    }
+
+    fn all(&self) -> [SockKey; 4] {
+        [self.src_app, self.src_agent, self.dst_app, self.dst_agent]
+    }
+}
+
 /// Removes the map entries however the connection ends.
-struct Forget<'a>(&'a SpliceMaps, [u64; 2]);
+struct Forget<'a>(&'a SpliceMaps, Keys);
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
-        self.0.forget(&self.1);
+        self.0.forget(&self.1.all());
     }
 }
 
@@ -63,38 +91,29 @@ pub async fn splice(
         reset(&app);
         anyhow::bail!("denied by policy {policy}");
     }
-    let upstream = match tokio::time::timeout(
-        APP_CONNECT_TIMEOUT,
-        dst_pod.netns.socket_marked(dst, Some(SocketAddr::new(peer.ip(), 0)), true, dst_pod.app_mark)?.connect(dst),
-    )
-    .await
-    {
+    // The port is bound now, so the app's end can be registered before the
+    // SYN: sock_ops then puts it in SOCK_PAIRS when the app accepts it, and
+    // sk_msg counts it from its first byte.
+    let socket = dst_pod.netns.socket_with_port(dst, SocketAddr::new(peer.ip(), 0), dst_pod.app_mark)?;
+    let from = socket.local_addr().context("reading the splice socket's bound address")?;
+    let dst_app = sock_key(dst_pod.netns_cookie, dst, from);
+    maps.expect_app(dst_app)?;
+    let upstream = match tokio::time::timeout(APP_CONNECT_TIMEOUT, socket.connect(dst)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(refused(&app, ctx, e)).with_context(|| format!("splice: connecting to {dst}")),
-        Err(_) => return Err(refused(&app, ctx, std::io::ErrorKind::TimedOut.into())).context("splice connect"),
-    };
-    let cookies = [socket_cookie(&app)?, socket_cookie(&upstream)?];
-    // What each socket counts as sent before anyone wrote to it (the SYN,
-    // for the one the agent dialled), so the drain check compares payload.
-    let base = [queued(&app)?, queued(&upstream)?];
-    let forget = Forget(maps, cookies);
-    let kept = match maps.join(&app, &upstream, cookies) {
-        // Segments that arrived before the join wait in the receive queues;
-        // a peek makes the kernel run them through the verdict now, in order.
-        Ok(()) => {
-            kick(&app);
-            kick(&upstream);
-            debug!("spliced");
-            keep(ctx, &app, &upstream, cookies, base, peer, dst)
+        Ok(Err(e)) => {
+            maps.forget(&[dst_app]);
+            return Err(refused(&app, ctx, e)).with_context(|| format!("splice: connecting to {dst}"));
         }
-        // Typically an app that already half-closed (the kernel only takes
-        // ESTABLISHED sockets): the agent copies this one itself.
-        Err(e) => {
-            debug!(error = format!("{e:#}"), "not spliced; copying");
-            None
+        Err(_) => {
+            maps.forget(&[dst_app]);
+            return Err(refused(&app, ctx, std::io::ErrorKind::TimedOut.into())).context("splice connect");
         }
     };
-    carry(app, upstream, base, Some(src), Some(dst_pod), forget, kept, ctx).await
+    let keys = Keys::of(&app, &upstream)?;
+    let forget = Forget(maps, keys);
+    arm(maps, &keys, &app, &upstream, [0, 0]);
+    let kept = keep(ctx, &app, &upstream, peer, dst);
+    carry(app, upstream, Some(src), Some(dst_pod), forget, kept, ctx).await
 }
 
 /// Takes over a spliced connection a previous agent left with the keeper.
@@ -108,28 +127,45 @@ pub async fn adopt(kept: Kept, ctx: Arc<Ctx>) -> Result<()> {
         Ok(TcpStream::from_std(std)?)
     };
     let (app, upstream) = (tcp(a)?, tcp(b)?);
-    let cookies = [socket_cookie(&app)?, socket_cookie(&upstream)?];
+    let keys = Keys::of(&app, &upstream)?;
+    // The old agent's counts stay valid: carry on from them.
+    let written = [maps.written_so_far(&keys.src_agent), maps.written_so_far(&keys.dst_agent)];
+    arm(maps, &keys, &app, &upstream, written);
     let pod = |key: &str| kept.meta[key].as_str().and_then(|ip| ip.parse().ok()).and_then(|ip| ctx.local_pod(ip));
     let (src, dst) = (pod("src_ip"), pod("dst_ip"));
-    let base = [0, 1].map(|i| kept.meta["base"][i].as_u64().unwrap_or(i as u64));
     info!(id = %kept.id, "adopted a spliced connection from the keeper");
-    carry(app, upstream, base, src.as_deref(), dst.as_deref(), Forget(maps, cookies), Some(kept.id), &ctx).await
+    carry(app, upstream, src.as_deref(), dst.as_deref(), Forget(maps, keys), Some(kept.id), &ctx).await
+}
+
+/// Puts the agent's two sockets in SOCK_PAIRS and routes each app end into
+/// the agent socket facing the other app. Whatever cannot be armed is not
+/// spliced, and the agent copies it: an app end sock_ops is not counting
+/// (not captured by eBPF), or a socket the kernel refuses because the app
+/// already half-closed (SOCKHASH takes only ESTABLISHED sockets; an adopted
+/// socket in that state is still in the map from before).
+fn arm(maps: &SpliceMaps, k: &Keys, app: &TcpStream, upstream: &TcpStream, written: [u64; 2]) {
+    let armed = (|| -> Result<()> {
+        maps.add_agent_socket(k.src_agent, app, written[0])?;
+        maps.add_agent_socket(k.dst_agent, upstream, written[1])?;
+        for (sender, via) in [(k.src_app, k.dst_agent), (k.dst_app, k.src_agent)] {
+            if maps.counted(&sender) {
+                maps.route(sender, via)?;
+            }
+        }
+        Ok(())
+    })();
+    match armed {
+        Ok(()) => debug!("splice armed"),
+        Err(e) => debug!(error = format!("{e:#}"), "not spliced; the agent copies"),
+    }
 }
 
 /// Gives the keeper copies of the two sockets, so the connection survives
 /// this agent; returns the id to release when it ends.
-fn keep(
-    ctx: &Ctx,
-    app: &TcpStream,
-    upstream: &TcpStream,
-    cookies: [u64; 2],
-    base: [u64; 2],
-    peer: SocketAddr,
-    dst: SocketAddr,
-) -> Option<String> {
+fn keep(ctx: &Ctx, app: &TcpStream, upstream: &TcpStream, peer: SocketAddr, dst: SocketAddr) -> Option<String> {
     let keeper = ctx.keeper.as_ref()?;
-    let id = format!("{}-{}", cookies[0], cookies[1]);
-    let meta = serde_json::json!({ "src_ip": peer.ip().to_string(), "dst_ip": dst.ip().to_string(), "base": base });
+    let id = format!("{peer}->{dst}:{}", upstream.local_addr().map(|a| a.port()).unwrap_or_default());
+    let meta = serde_json::json!({ "src_ip": peer.ip().to_string(), "dst_ip": dst.ip().to_string() });
     match keeper.hold(&id, meta, [app.as_fd(), upstream.as_fd()]) {
         Ok(()) => Some(id),
         Err(e) => {
@@ -139,13 +175,12 @@ fn keep(
     }
 }
 
-/// Runs a spliced connection to its end: passes half-closes on, copies what
-/// the kernel hands the agent, and records the connection in the metrics.
-#[allow(clippy::too_many_arguments)] // the parts of one connection, each needed once
+/// Runs a spliced connection to its end: copies what the kernel has not
+/// taken over yet, passes half-closes on, and records the connection in the
+/// metrics with the bytes the kernel moved.
 async fn carry(
     app: TcpStream,
     upstream: TcpStream,
-    base: [u64; 2],
     src: Option<&PodCtx>,
     dst: Option<&PodCtx>,
     forget: Forget<'_>,
@@ -164,14 +199,12 @@ async fn carry(
     };
     let (mut source_side, mut dest_side) =
         (ctx.metrics.connection(labels("source")), ctx.metrics.connection(labels("destination")));
+    let (maps, k) = (forget.0, forget.1);
     let (app_r, app_w) = app.into_split();
     let (up_r, up_w) = upstream.into_split();
-    let (up, down) = tokio::join!(relay(app_r, up_w, base[1]), relay(up_r, app_w, base[0]));
-    let (maps, cookies) = (forget.0, forget.1);
-    let (c2s, s2c) = (
-        up.as_ref().copied().unwrap_or(0) + maps.spliced(cookies[0]),
-        down.as_ref().copied().unwrap_or(0) + maps.spliced(cookies[1]),
-    );
+    let (up, down) = tokio::join!(copy(app_r, up_w, maps, k.dst_agent), copy(up_r, app_w, maps, k.src_agent));
+    let c2s = maps.written_so_far(&k.dst_agent) + maps.spliced(&k.src_app);
+    let s2c = maps.written_so_far(&k.src_agent) + maps.spliced(&k.dst_app);
     for guard in [&mut source_side, &mut dest_side] {
         guard.client_to_server = c2s;
         guard.server_to_client = s2c;
@@ -187,95 +220,23 @@ async fn carry(
     Ok(())
 }
 
-/// One direction: copies whatever the kernel hands the agent (normally
-/// nothing), and at EOF passes the half-close on once `to` has queued every
-/// byte `from` received. Returns the bytes the agent copied itself.
-async fn relay(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, to_base: u64) -> Result<u64> {
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut copied = 0u64;
+/// Copies one direction until EOF, then half-closes the other side.
+/// Publishes the running total after every write, for the kernel's switch.
+async fn copy(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, maps: &SpliceMaps, to_key: SockKey) -> Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = maps.written_so_far(&to_key);
     loop {
         let n = from.read(&mut buf).await.context("splice: reading")?;
         if n == 0 {
             break;
         }
         to.write_all(&buf[..n]).await.context("splice: writing")?;
-        copied += n as u64;
+        total += n as u64;
+        maps.written(to_key, total)?;
     }
-    drained(from.as_ref(), to.as_ref(), to_base).await?;
-    to.shutdown().await.context("splice: passing on the half-close")?;
-    Ok(copied)
-}
-
-/// Waits until `to` has queued (sent or still sending) as many bytes as
-/// `from` received: the kernel's redirected segments are sent from a work
-/// queue, so EOF on `from` can be seen before the last of them left `to`.
-/// Gives up only when no progress is made for a while (the far app stopped
-/// reading), and then shuts down anyway rather than holding the connection.
-async fn drained(from: &TcpStream, to: &TcpStream, to_base: u64) -> Result<()> {
-    const STALL: Duration = Duration::from_secs(3);
-    let mut last = None;
-    let mut since = tokio::time::Instant::now();
-    loop {
-        // Called after EOF: the peer's FIN took one sequence number, which
-        // TCP_INFO counts as a received byte.
-        let received = tcp_info(from)?.tcpi_bytes_received.saturating_sub(1);
-        let queued = queued(to)?.saturating_sub(to_base);
-        if queued >= received {
-            return Ok(());
-        }
-        if last != Some(queued) {
-            (last, since) = (Some(queued), tokio::time::Instant::now());
-        } else if since.elapsed() > STALL {
-            let err = to.take_error().ok().flatten().map(|e| e.to_string()).unwrap_or_default();
-            warn!(received, queued, err, "splice: bytes still queued after 30 s without progress; closing anyway");
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-fn tcp_info(s: &TcpStream) -> Result<libc::tcp_info> {
-    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a valid fd, and a buffer of the length given.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("reading TCP_INFO");
-    }
-    Ok(info)
-}
-
-/// Everything the socket has taken to send: acknowledged, plus still in its
-/// send queue (SIOCOUTQ).
-fn queued(s: &TcpStream) -> Result<u64> {
-    Ok(tcp_info(s)?.tcpi_bytes_acked + outq(s)?)
-}
-
-/// Bytes in the send queue not yet acknowledged (SIOCOUTQ).
-fn outq(s: &TcpStream) -> Result<u64> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: a valid fd and an int out-parameter, as SIOCOUTQ expects.
-    if unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("reading SIOCOUTQ");
-    }
-    Ok(n.max(0) as u64)
-}
-
-/// A non-consuming, non-blocking peek, so segments queued before the join
-/// go through the verdict now rather than when the next one arrives.
-fn kick(s: &TcpStream) {
-    let mut byte = [0u8; 1];
-    // SAFETY: a valid fd and a one-byte buffer.
-    unsafe { libc::recv(s.as_raw_fd(), byte.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    // The kernel's pushes went into `to` synchronously, before the app's
+    // FIN was even sent, so the FIN queued now comes after every byte.
+    to.shutdown().await.context("splice: passing on the half-close")
 }
 
 fn refused(app: &TcpStream, ctx: &Ctx, e: std::io::Error) -> std::io::Error {

@@ -154,13 +154,7 @@ impl Redirect for EbpfRedirect {
 }
 
 fn ip_key(ip: IpAddr) -> IpKey {
-    let v6 = match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-        IpAddr::V6(v6) => v6,
-    };
-    let o = v6.octets();
-    let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-    IpKey { ip: [word(0), word(4), word(8), word(12)] }
+    IpKey { ip: crate::bpf::ip_words(ip) }
 }
 
 fn pod_info(ips: &[IpAddr]) -> PodInfo {

@@ -90,11 +90,10 @@ pub fn run(pins: &PinRoot) -> Probe {
     };
     let prog = |t| is_program_supported(t).map_err(|e| e.to_string());
     add("program", "sock_ops", "socket bypass, orig. dst", prog(ProgramType::SockOps));
-    add("program", "sk_msg", "socket bypass", prog(ProgramType::SkMsg));
+    add("program", "sk_msg", "same-node splice", prog(ProgramType::SkMsg));
     add("program", "cgroup_sock_addr", "outbound capture", prog(ProgramType::CgroupSockAddr));
     add("program", "cgroup_sockopt", "SO_ORIGINAL_DST", prog(ProgramType::CgroupSockopt));
     add("program", "sched_cls", "inbound capture", prog(ProgramType::SchedClassifier));
-    add("program", "sk_skb", "same-node splice", prog(ProgramType::SkSkb));
     let map = |t| is_map_supported(t).map_err(|e| e.to_string());
     add("map", "sockhash", "socket bypass, listeners", map(MapType::SockHash));
     add("map", "hash", "enrolled pods", map(MapType::Hash));
@@ -116,7 +115,7 @@ pub fn run(pins: &PinRoot) -> Probe {
     add(
         "helper",
         "get_netns_cookie@sk_msg",
-        "socket bypass",
+        "same-node splice",
         helper(ProgramType::SkMsg, BpfHelper::BPF_FUNC_get_netns_cookie),
     );
     add(
@@ -128,20 +127,8 @@ pub fn run(pins: &PinRoot) -> Probe {
     add(
         "helper",
         "msg_redirect_hash@sk_msg",
-        "socket bypass",
+        "same-node splice",
         helper(ProgramType::SkMsg, BpfHelper::BPF_FUNC_msg_redirect_hash),
-    );
-    add(
-        "helper",
-        "sk_redirect_hash@sk_skb",
-        "same-node splice",
-        helper(ProgramType::SkSkb, BpfHelper::BPF_FUNC_sk_redirect_hash),
-    );
-    add(
-        "helper",
-        "get_socket_cookie@sk_skb",
-        "same-node splice",
-        helper(ProgramType::SkSkb, BpfHelper::BPF_FUNC_get_socket_cookie),
     );
     add(
         "helper",

@@ -55,6 +55,11 @@ enum Cmd {
         /// (report, for discard-then-report) or nothing (none, for sink).
         #[arg(long, value_enum, default_value_t = Expect::Echo)]
         expect: Expect,
+        /// One thread: write everything, half-close, then read the answer
+        /// (the shape of an HTTP/1.0 client or `nc -N`). Default: a reader
+        /// thread runs alongside the writer from the start.
+        #[arg(long)]
+        sequential: bool,
     },
     /// 1-byte request/response latency on one connection (TCP_NODELAY)
     /// against an echo server; prints one JSON RrReport line.
@@ -112,8 +117,8 @@ enum Expect {
 fn main() {
     let result = match Cli::parse().cmd {
         Cmd::Serve { listen, mode, once, print_peer, nodelay } => serve(listen, mode, once, print_peer, nodelay),
-        Cmd::Send { connect, bytes, chunk, timeout_secs, expect } => {
-            send(connect, bytes, chunk.max(1), Duration::from_secs(timeout_secs), expect)
+        Cmd::Send { connect, bytes, chunk, timeout_secs, expect, sequential } => {
+            send(connect, bytes, chunk.max(1), Duration::from_secs(timeout_secs), expect, sequential)
         }
         Cmd::Rr { connect, count, warmup, max_secs } => {
             bench::rr(connect, count, warmup, Duration::from_secs(max_secs)).and_then(|r| say_json(&r))
@@ -202,13 +207,13 @@ fn handle(mut s: TcpStream, mode: Mode) -> Result<()> {
     Ok(())
 }
 
-fn send(addr: SocketAddr, total: u64, chunk: usize, timeout: Duration, expect: Expect) -> Result<()> {
+fn send(addr: SocketAddr, total: u64, chunk: usize, timeout: Duration, expect: Expect, sequential: bool) -> Result<()> {
     let start = Instant::now();
     let stream = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let mut writer = stream.try_clone().context("clone socket")?;
-    let sender = std::thread::spawn(move || -> Result<u64> {
+    let mut write_all = move || -> Result<u64> {
         let mut buf = vec![0u8; chunk];
         let mut sent = 0u64;
         while sent < total {
@@ -219,7 +224,13 @@ fn send(addr: SocketAddr, total: u64, chunk: usize, timeout: Duration, expect: E
         }
         writer.shutdown(Shutdown::Write).context("shutdown(Write)")?;
         Ok(sent)
-    });
+    };
+    let sender = if sequential {
+        let sent = write_all();
+        std::thread::spawn(move || sent)
+    } else {
+        std::thread::spawn(write_all)
+    };
 
     let mut report = SendReport::default();
     let received = receive(&stream, total, expect, start + timeout, &mut report);

@@ -16,7 +16,7 @@ use std::{
     collections::BTreeMap,
     io::{IoSlice, IoSliceMut},
     os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
@@ -108,49 +108,63 @@ fn session(conn: &OwnedFd, held: &Mutex<BTreeMap<String, Kept>>) -> Result<()> {
     Ok(())
 }
 
-/// The agent's connection to the keeper.
+/// The agent's connection to the keeper. Connected on first use and again
+/// after any error, so the keeper may start after the agent or restart.
 pub struct Keeper {
-    conn: Mutex<OwnedFd>,
+    path: PathBuf,
+    conn: Mutex<Option<OwnedFd>>,
 }
 
 impl Keeper {
-    pub fn connect(path: &Path) -> Result<Keeper> {
-        let conn = seqpacket()?;
-        connect(conn.as_raw_fd(), &UnixAddr::new(path)?)
-            .with_context(|| format!("connecting to the keeper at {}", path.display()))?;
-        Ok(Keeper { conn: Mutex::new(conn) })
+    pub fn new(path: &Path) -> Keeper {
+        Keeper { path: path.to_owned(), conn: Mutex::new(None) }
     }
 
     /// Hands the keeper copies of one spliced connection's two sockets.
     pub fn hold(&self, id: &str, meta: serde_json::Value, fds: [BorrowedFd<'_>; FDS]) -> Result<()> {
         let raw = fds.map(|f| f.as_raw_fd());
-        send(&self.lock(), &Msg { op: "hold".into(), id: id.into(), meta }, &raw).context("keeper hold")
+        self.with_conn(|c| send(c, &Msg { op: "hold".into(), id: id.into(), meta: meta.clone() }, &raw))
+            .context("keeper hold")
     }
 
     /// The connection ended: the keeper closes its copies.
     pub fn release(&self, id: &str) -> Result<()> {
-        send(&self.lock(), &Msg { op: "release".into(), id: id.into(), ..Default::default() }, &[])
+        self.with_conn(|c| send(c, &Msg { op: "release".into(), id: id.into(), ..Default::default() }, &[]))
             .context("keeper release")
     }
 
     /// Every connection the keeper holds (it keeps holding them until each
     /// is released, so a second crash loses nothing either).
     pub fn list(&self) -> Result<Vec<Kept>> {
-        let conn = self.lock();
-        send(&conn, &Msg { op: "list".into(), ..Default::default() }, &[])?;
-        let mut out = Vec::new();
-        loop {
-            let Some((msg, fds)) = recv(&conn)? else { bail!("the keeper closed the connection while listing") };
-            match msg.op.as_str() {
-                "end" => return Ok(out),
-                "flow" if fds.len() == FDS => out.push(Kept { id: msg.id, meta: msg.meta, fds }),
-                other => bail!("unexpected keeper reply {other:?} with {} sockets", fds.len()),
+        self.with_conn(|conn| {
+            send(conn, &Msg { op: "list".into(), ..Default::default() }, &[])?;
+            let mut out = Vec::new();
+            loop {
+                let Some((msg, fds)) = recv(conn)? else { bail!("the keeper closed the connection while listing") };
+                match msg.op.as_str() {
+                    "end" => return Ok(out),
+                    "flow" if fds.len() == FDS => out.push(Kept { id: msg.id, meta: msg.meta, fds }),
+                    other => bail!("unexpected keeper reply {other:?} with {} sockets", fds.len()),
+                }
             }
-        }
+        })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, OwnedFd> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    /// Runs `f` on the connection, connecting first if needed; an error
+    /// drops the connection so the next call starts afresh.
+    fn with_conn<T>(&self, f: impl FnOnce(&OwnedFd) -> Result<T>) -> Result<T> {
+        let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            let conn = seqpacket()?;
+            connect(conn.as_raw_fd(), &UnixAddr::new(&self.path)?)
+                .with_context(|| format!("connecting to the keeper at {}", self.path.display()))?;
+            *slot = Some(conn);
+        }
+        let result = f(slot.as_ref().expect("connected above"));
+        if result.is_err() {
+            *slot = None;
+        }
+        result
     }
 }
 

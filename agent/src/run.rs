@@ -96,7 +96,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         active: Default::default(),
         splice,
         keeper: match (&opts.keeper, opts.splice && redirect.mode() == Mode::Ebpf) {
-            (Some(path), true) => Some(Keeper::connect(path)?),
+            (Some(path), true) => Some(Keeper::new(path)),
             _ => None,
         },
         local_pods: Default::default(),
@@ -158,28 +158,37 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 /// keeper: their bytes kept flowing in the kernel; this agent passes their
 /// half-closes on from now.
 fn adopt_spliced(ctx: &Arc<Ctx>) {
-    let Some(keeper) = &ctx.keeper else { return };
-    let kept = match keeper.list() {
-        Ok(k) => k,
-        Err(e) => {
-            warn!(error = format!("{e:#}"), "asking the keeper for spliced connections");
-            return;
-        }
-    };
-    info!(connections = kept.len(), "adopting spliced connections from the keeper");
-    for k in kept {
-        let ctx = ctx.clone();
-        let span = tracing::info_span!("adopted", id = %k.id);
-        tokio::spawn(
-            async move {
-                let _active = ctx.track();
-                if let Err(e) = splice::adopt(k, ctx.clone()).await {
-                    tracing::debug!(error = format!("{e:#}"), "adopted connection ended");
+    if ctx.keeper.is_none() {
+        return;
+    }
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        // The keeper may start after the agent: ask until it answers once.
+        let kept = loop {
+            let keeper = ctx.keeper.as_ref().expect("checked above");
+            match tokio::task::block_in_place(|| keeper.list()) {
+                Ok(k) => break k,
+                Err(e) => {
+                    warn!(error = format!("{e:#}"), "asking the keeper for spliced connections; retrying in 2 s");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
                 }
             }
-            .instrument(span),
-        );
-    }
+        };
+        info!(connections = kept.len(), "adopting spliced connections from the keeper");
+        for k in kept {
+            let ctx = ctx.clone();
+            let span = tracing::info_span!("adopted", id = %k.id);
+            tokio::spawn(
+                async move {
+                    let _active = ctx.track();
+                    if let Err(e) = splice::adopt(k, ctx.clone()).await {
+                        tracing::debug!(error = format!("{e:#}"), "adopted connection ended");
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    });
 }
 
 fn choose_redirect(

@@ -128,7 +128,7 @@ impl TestNet {
 }
 
 fn capture<'a>(net: &'a TestNet, ips: &'a [IpAddr]) -> PodCapture<'a> {
-    PodCapture { uid: "test-pod-uid", netns: &net.pod, ips, cgroup: None, inbound_listeners: &[] }
+    PodCapture { uid: "test-pod-uid", netns: &net.pod, ips, identity: "", cgroup: None, inbound_listeners: &[] }
 }
 
 /// stdout of `program args` inside `ns`.

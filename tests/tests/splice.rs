@@ -233,6 +233,10 @@ fn sigkill_during_spliced_transfer_then_new_agent_adopts() -> Result<()> {
     wait_until("all bytes to cross with no agent running", || Ok(spliced(&pins)? >= 2 * TOTAL))?;
     let while_dead = spliced(&pins)? - at_kill;
     ensure!(client.try_status()?.is_none(), "the client ended before a new agent passed the EOF on");
+    // Capture outlived the agent too (pinned links): a new connection is
+    // refused at the pod's 15001, never sent to a2 around the mesh.
+    let around = sluice_tests::traffic::send(&f.a1, &addr, 4096, Duration::from_secs(5))?;
+    ensure!(!around.ok && around.bytes_verified == 0, "with no agent, a connection went around the mesh: {around:?}");
 
     let agent2 = agent_with_keeper(&f, &pins, &sock)?;
     let out = client.finish(Duration::from_secs(60))?;
@@ -241,7 +245,8 @@ fn sigkill_during_spliced_transfer_then_new_agent_adopts() -> Result<()> {
     })?;
     evidence(&format!(
         "SIGKILL at {at_kill} spliced bytes; {while_dead} more crossed with no agent running; the new agent adopted \
-         the connection and passed the EOFs on: {} of {TOTAL} bytes echoed byte-exact",
+         the connection and passed the EOFs on: {} of {TOTAL} bytes echoed byte-exact; a new connection while no \
+         agent ran was refused (capture pinned)",
         report.bytes_verified
     ));
     ensure!(report.ok && report.bytes_verified == TOTAL, "transfer after the restart: {report:?}\n{}", agent2.stderr());

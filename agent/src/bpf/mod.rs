@@ -7,6 +7,7 @@
 //! pinned maps instead of creating empty ones, so state survives restarts.
 
 mod counters;
+mod links;
 mod log;
 mod pins;
 mod splice;
@@ -21,6 +22,7 @@ use anyhow::{Context, Result};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, SockHash},
     programs::{
+        links::FdLink,
         tc::{self, NlOptions, TcAttachOptions},
         CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, SkMsg, SockOps, TcAttachType,
     },
@@ -129,26 +131,56 @@ impl Datapath {
         Ok(())
     }
 
-    /// Outbound capture and the socket bypass for one pod's cgroup:
-    /// connect4/connect6 and sock_ops. `Single` means flags 0: with bpf_link
-    /// (5.7+, which aya uses when it can) links to one cgroup always stack,
-    /// and `BPF_F_ALLOW_MULTI` is rejected with EINVAL.
-    pub fn attach_pod_cgroup(&mut self, cgroup: &Path) -> Result<Links> {
-        let dir = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-        let mut links: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
-        for name in ["sluice_connect4", "sluice_connect6"] {
-            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            let id = prog
-                .attach(&dir, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
-            links.push(Box::new(prog.take_link(id)?));
+    /// Outbound capture and splice counting for one pod's cgroup:
+    /// connect4/connect6 and sock_ops, on links pinned per pod (links.rs), so
+    /// capture stays while no agent runs; links a previous agent pinned get
+    /// this agent's programs swapped in. `Single` means flags 0: with
+    /// bpf_link (5.7+) links to one cgroup always stack, and
+    /// `BPF_F_ALLOW_MULTI` is rejected with EINVAL.
+    pub fn attach_pod_cgroup(&mut self, cgroup: &Path, netns_cookie: u64) -> Result<()> {
+        let dir = links::pod_dir(&self.pins, netns_cookie);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating the link pin directory {}", dir.display()))?;
+        let cg = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        for name in ["sluice_connect4", "sluice_connect6", "sluice_sockops"] {
+            let pin = dir.join(name);
+            let prog = self.ebpf.program_mut(name).with_context(|| format!("the eBPF object has no program {name}"))?;
+            if pin.exists() {
+                let fd = std::os::fd::AsFd::as_fd(prog.fd().with_context(|| format!("{name} is not loaded"))?);
+                match links::update_pinned(&pin, fd) {
+                    Ok(()) => continue,
+                    // A link whose cgroup is gone: start over.
+                    Err(e) => {
+                        tracing::debug!(error = format!("{e:#}"), pin = %pin.display(), "replacing a stale pinned link");
+                        let _ = std::fs::remove_file(&pin);
+                    }
+                }
+            }
+            let link = match prog {
+                aya::programs::Program::CgroupSockAddr(p) => {
+                    let id = p.attach(&cg, CgroupAttachMode::Single)?;
+                    FdLink::try_from(p.take_link(id)?)?
+                }
+                aya::programs::Program::SockOps(p) => {
+                    let id = p.attach(&cg, CgroupAttachMode::Single)?;
+                    FdLink::try_from(p.take_link(id)?)?
+                }
+                _ => anyhow::bail!("program {name} has an unexpected type"),
+            };
+            link.pin(&pin).with_context(|| {
+                format!("pinning {name}'s link for cgroup {} at {}", cgroup.display(), pin.display())
+            })?;
         }
-        let sockops: &mut SockOps = program(&mut self.ebpf, "sluice_sockops")?;
-        let id = sockops
-            .attach(&dir, CgroupAttachMode::Single)
-            .with_context(|| format!("attaching sluice_sockops to cgroup {}", cgroup.display()))?;
-        links.push(Box::new(sockops.take_link(id)?));
-        Ok(Links(links))
+        Ok(())
+    }
+
+    /// Removes a pod's pinned cgroup links, which detaches its programs.
+    pub fn detach_pod_cgroup(&mut self, netns_cookie: u64) -> Result<()> {
+        let dir = links::pod_dir(&self.pins, netns_cookie);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing the pinned links in {}", dir.display())),
+        }
     }
 
     /// The agent's own cgroup: sock_ops (so the agent's end of each captured

@@ -98,10 +98,8 @@ impl Redirect for EbpfRedirect {
                 .with_context(|| format!("pod {}: setting {sysctl}", pod.uid))?;
         }
         let mut dp = self.datapath();
-        let links = vec![
-            dp.attach_pod_cgroup(cgroup).with_context(|| format!("pod {}", pod.uid))?,
-            dp.attach_tc(pod.netns, "eth0").with_context(|| format!("pod {}", pod.uid))?,
-        ];
+        dp.attach_pod_cgroup(cgroup, cookie).with_context(|| format!("pod {}", pod.uid))?;
+        let links = vec![dp.attach_tc(pod.netns, "eth0").with_context(|| format!("pod {}", pod.uid))?];
         let mut listeners = Vec::new();
         for fd in pod.inbound_listeners {
             // SAFETY: the caller keeps the listeners open for this call.
@@ -134,6 +132,7 @@ impl Redirect for EbpfRedirect {
         if let Some(e) = enrolled {
             let mut dp = self.datapath();
             dp.unenroll_netns(e.cookie)?;
+            dp.detach_pod_cgroup(e.cookie).with_context(|| format!("pod {}", pod.uid))?;
             for ip in pod.ips {
                 if let Err(err) = dp.remove_workload(ip_key(*ip)) {
                     warn!(uid = pod.uid, error = %err, "removing a WORKLOADS entry");
@@ -144,7 +143,7 @@ impl Redirect for EbpfRedirect {
                     warn!(uid = pod.uid, error = %err, "removing a listener entry");
                 }
             }
-            // Dropping the links detaches connect4/6, sock_ops and tc.
+            // Dropping the tc link detaches tc.
         }
         for family in Family::present() {
             route::remove(pod, family)?;

@@ -76,6 +76,10 @@ pub const HBONE_PORT: u16 = 15008;
 /// its FIN is acknowledged.
 pub const CONFIG_LOOPBACK_BYPASS: u32 = 1;
 
+/// Same-node splice on: sock_ops counts the captured sockets of connections
+/// to enrolled pods on this node, so the agent can hand them to the kernel.
+pub const CONFIG_SPLICE: u32 = 2;
+
 /// The one value of the CONFIG array: settings the agent gives the programs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -79,6 +79,12 @@ pub fn make(
     SockKey { netns_cookie, local_ip, remote_ip, local_port, remote_port: u32::from_be(remote_port_be) }
 }
 
+/// True for an IPv4 address stored IPv4-mapped.
+#[inline(always)]
+pub fn is_v4_mapped(ip: &[u32; 4]) -> bool {
+    ip[0] == 0 && ip[1] == 0 && ip[2] == u32::from_be(0x0000_ffff)
+}
+
 /// True for 127.0.0.0/8, ::1 and ::ffff:127.0.0.0/104. Only connections whose
 /// both ends live on this host can have their peer in SOCK_PAIRS.
 #[inline(always)]

@@ -13,7 +13,9 @@
 //! Needs 4.13 for sock_ops, 4.18 for SOCKHASH and 5.15 for
 //! `bpf_get_netns_cookie` in sock_ops.
 
-use agent_common::{counter, SockKey, SpliceCount, CONFIG_LOOPBACK_BYPASS, OUTBOUND_PORT};
+use agent_common::{
+    counter, IpKey, OrigDst, SockKey, SpliceCount, CONFIG_LOOPBACK_BYPASS, CONFIG_SPLICE, WORKLOAD_LOCAL,
+};
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
@@ -26,8 +28,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 
 use crate::{
-    key::{is_agent_port, is_loopback, KeySource},
-    maps::{config_has, count, ORIG_DST_BY_COOKIE, ORIG_DST_BY_TUPLE, SOCK_PAIRS, SPLICE_COUNTS},
+    key::{is_agent_port, is_loopback, is_v4_mapped, KeySource},
+    maps::{config_has, count, ORIG_DST_BY_COOKIE, ORIG_DST_BY_TUPLE, SOCK_PAIRS, SPLICE_COUNTS, WORKLOADS},
 };
 
 #[sock_ops]
@@ -44,15 +46,13 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
     let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
     // SAFETY: as above.
     let mut key = unsafe { KeySource::key(ctx.ops, netns) };
-    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        rekey_original_destination(&ctx, &key);
-    }
-    let splice_end = if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
-        && key.remote_port == OUTBOUND_PORT as u32
-        && key.remote_ip == key.local_ip
-    {
-        // An app's captured connection to the agent: count its bytes from
-        // the first one, so a same-node splice can take over exactly.
+    let orig = if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB { rekey_original_destination(&ctx, &key) } else { None };
+    let splice_end = if orig.is_some_and(|o| will_splice(&o)) {
+        // An app's captured connection to an enrolled pod on this node:
+        // count its bytes from the first one, so the agent's splice can take
+        // over exactly. Only these: an app socket in a sockmap has the
+        // blocking-read limit of CONFIG_LOOPBACK_BYPASS, which every other
+        // captured connection is spared.
         let _ = SPLICE_COUNTS.insert(key, SpliceCount::default(), 0);
         true
     } else {
@@ -110,14 +110,33 @@ fn leave_on_half_close(ctx: &SockOpsContext) {
     count(counter::SPLICE_LEFT_ON_HALF_CLOSE, 1);
 }
 
+/// Re-keys a captured connection's original destination by 4-tuple and
+/// returns it; None for a connection connect4/6 did not capture.
 #[inline(always)]
-fn rekey_original_destination(ctx: &SockOpsContext, key: &SockKey) {
+fn rekey_original_destination(ctx: &SockOpsContext, key: &SockKey) -> Option<OrigDst> {
     // SAFETY: as above.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    let Some(orig) = ORIG_DST_BY_COOKIE.get_ptr(cookie) else { return };
+    let orig = ORIG_DST_BY_COOKIE.get_ptr(cookie)?;
     // SAFETY: the pointer came from a successful lookup.
     let orig = unsafe { *orig };
     let tuple = SockKey { netns_cookie: 0, ..*key };
     let _ = ORIG_DST_BY_TUPLE.insert(tuple, orig, 0);
     let _ = ORIG_DST_BY_COOKIE.remove(cookie);
+    Some(orig)
+}
+
+/// Whether the agent will splice a captured connection to `orig`: the
+/// splice is on, and the destination is an IPv4 address of a pod enrolled on
+/// this node (WORKLOADS). IPv4 only: on 6.18 an IPv6 app socket of this kind
+/// stopped receiving once in a sockmap (its peer's segments were
+/// retransmitted, then the connection reset), while IPv6 loopback pairs
+/// work; until that is understood, IPv6 same-node connections take HBONE.
+#[inline(always)]
+fn will_splice(orig: &OrigDst) -> bool {
+    if !config_has(CONFIG_SPLICE) || !is_v4_mapped(&orig.ip) {
+        return false;
+    }
+    let Some(w) = WORKLOADS.get_ptr(IpKey { ip: orig.ip }) else { return false };
+    // SAFETY: the pointer came from a successful lookup.
+    unsafe { (*w).flags & WORKLOAD_LOCAL != 0 }
 }

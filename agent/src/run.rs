@@ -75,7 +75,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let roots = Arc::new(ca.roots());
     let certs = Arc::new(CertCache::new(Arc::new(ca), state.ca().cert_ttl));
 
-    let redirect = choose_redirect(opts.redirect, &opts.pin_root, opts.loopback_bypass)?;
+    let redirect = choose_redirect(&opts)?;
     let mode = redirect.mode().to_string();
     metrics.redirect_mode.get_or_create(&ModeLabel { mode: mode.clone() }).set(1);
     if redirect.mode() == Mode::Ebpf {
@@ -191,11 +191,8 @@ fn adopt_spliced(ctx: &Arc<Ctx>) {
     });
 }
 
-fn choose_redirect(
-    choice: RedirectChoice,
-    pin_root: &std::path::Path,
-    loopback_bypass: bool,
-) -> Result<Arc<dyn Redirect>> {
+fn choose_redirect(opts: &RunOptions) -> Result<Arc<dyn Redirect>> {
+    let (choice, pin_root) = (opts.redirect, opts.pin_root.as_path());
     let iptables = || -> Result<Arc<dyn Redirect>> {
         Ok(Arc::new(IptablesRedirect::detect().context("detecting the iptables backend")?))
     };
@@ -212,7 +209,7 @@ fn choose_redirect(
         warn!(reason = %why, "eBPF capture unavailable; falling back to iptables");
         return iptables();
     }
-    match EbpfRedirect::new(PinRoot::new(pin_root), loopback_bypass) {
+    match EbpfRedirect::new(PinRoot::new(pin_root), opts.loopback_bypass, opts.splice) {
         Ok(r) => Ok(Arc::new(r)),
         Err(e) if choice == RedirectChoice::Auto => {
             warn!(reason = format!("{e:#}"), "eBPF capture failed to start; falling back to iptables");

@@ -16,8 +16,8 @@ use std::{
 };
 
 use agent_common::{
-    identity_index, Config, IpKey, PodInfo, WorkloadInfo, CONFIG_LOOPBACK_BYPASS, POD_HAS_V4, POD_HAS_V6,
-    WORKLOAD_LOCAL,
+    identity_index, Config, IpKey, PodInfo, WorkloadInfo, CONFIG_LOOPBACK_BYPASS, CONFIG_SPLICE, POD_HAS_V4,
+    POD_HAS_V6, WORKLOAD_LOCAL,
 };
 use anyhow::{Context, Result};
 use tracing::{info, warn};
@@ -40,9 +40,9 @@ pub struct EbpfRedirect {
 impl EbpfRedirect {
     /// Loads the programs (adopting pins a previous agent left) and attaches
     /// the agent-side ones to the agent's own cgroup.
-    pub fn new(pins: PinRoot, loopback_bypass: bool) -> Result<EbpfRedirect> {
+    pub fn new(pins: PinRoot, loopback_bypass: bool, splice: bool) -> Result<EbpfRedirect> {
         let mut datapath = Datapath::load(pins)?;
-        let flags = if loopback_bypass { CONFIG_LOOPBACK_BYPASS } else { 0 };
+        let flags = if loopback_bypass { CONFIG_LOOPBACK_BYPASS } else { 0 } | if splice { CONFIG_SPLICE } else { 0 };
         datapath.set_config(Config { flags, ..Default::default() })?;
         let own = own_cgroup()?;
         let agent = datapath.attach_agent_cgroup(&own)?;

@@ -22,7 +22,7 @@ impl Counters {
 impl fmt::Display for Counters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (name, value) in &self.0 {
-            writeln!(f, "{name:<24} {value:>14}")?;
+            writeln!(f, "{name:<26} {value:>14}")?;
         }
         Ok(())
     }

@@ -41,6 +41,14 @@ impl Place for AgentPlace {
     }
 }
 
+/// The kernel programs' counters (eBPF mode) from the pins at `pin_root`,
+/// by name, summed over CPUs: what `sluice inspect --json` prints.
+pub fn kernel_counters(pin_root: &Path) -> Result<serde_json::Value> {
+    let out = Command::new(agent_bin()).args(["inspect", "--json", "--pin-root"]).arg(pin_root).output()?;
+    anyhow::ensure!(out.status.success(), "sluice inspect: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
 /// A unique pin directory on bpffs for one test's agent; removed on drop so
 /// a failed test leaves nothing in /sys/fs/bpf.
 pub struct PinDir(pub PathBuf);
@@ -94,6 +102,11 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child().pid()
+    }
+
+    /// This agent's kernel counters; see [`kernel_counters`].
+    pub fn counters(&self) -> Result<serde_json::Value> {
+        kernel_counters(&self.pin_root)
     }
 
     pub fn stderr(&self) -> String {

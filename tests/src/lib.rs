@@ -47,7 +47,7 @@ pub mod tcpinfo;
 pub mod topology;
 pub mod traffic;
 
-pub use agent::{agent_bin, evidence, Agent, PinDir};
+pub use agent::{agent_bin, evidence, kernel_counters, Agent, PinDir};
 pub use cgroup::{cgroup2_mount, cgroup_of};
 pub use names::HARNESS_PREFIX;
 pub use netns::{exec_in, exec_in_ok, netns_path};

@@ -5,9 +5,9 @@
 //! Evidence, both required: the programs' per-CPU counters, and TCP_INFO on
 //! the client socket (`bytes_acked` counts only what TCP carried).
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use sluice_tests::{
     evidence, require_root,
     traffic::{echo_server, send_verified},
@@ -22,13 +22,6 @@ fn loopback_echo(pod: &Pod) -> Result<SendReport> {
     send_verified(pod, &addr, BYTES, Duration::from_secs(60))
 }
 
-fn counters(agent_pins: &std::path::Path) -> Result<serde_json::Value> {
-    let out =
-        Command::new(sluice_tests::agent_bin()).args(["inspect", "--json", "--pin-root"]).arg(agent_pins).output()?;
-    ensure!(out.status.success(), "sluice inspect: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
 #[test]
 fn sk_msg_moves_bytes_for_enrolled_cgroup_only() -> Result<()> {
     require_root!(Ok(()));
@@ -40,11 +33,11 @@ fn sk_msg_moves_bytes_for_enrolled_cgroup_only() -> Result<()> {
     let cgroup = enrolled.cgroup_path();
     let agent = Agent::start(&node, &pins.0, &["run", "--cgroup", cgroup.to_str().unwrap()])?;
 
-    let before = counters(&pins.0)?;
+    let before = sluice_tests::kernel_counters(&pins.0)?;
     let fast = loopback_echo(&enrolled)?;
-    let mid = counters(&pins.0)?;
+    let mid = sluice_tests::kernel_counters(&pins.0)?;
     let slow = loopback_echo(&plain)?;
-    let after = counters(&pins.0)?;
+    let after = sluice_tests::kernel_counters(&pins.0)?;
 
     let moved = mid["msg_redirected_bytes"].as_u64().unwrap() - before["msg_redirected_bytes"].as_u64().unwrap();
     evidence(&format!("enrolled pod: sk_msg redirected {moved} bytes; counters {mid}"));

@@ -39,15 +39,6 @@ fn fixture(name: &str) -> Result<Fixture> {
     Ok(Fixture { mesh, node, a1, a2, _topo: topo })
 }
 
-fn counters(agent: &Agent) -> Result<serde_json::Value> {
-    let out = Command::new(sluice_tests::agent_bin())
-        .args(["inspect", "--json", "--pin-root"])
-        .arg(&agent.pin_root)
-        .output()?;
-    ensure!(out.status.success(), "sluice inspect: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
 fn counter(c: &serde_json::Value, name: &str) -> u64 {
     c[name].as_u64().unwrap_or(0)
 }
@@ -69,11 +60,11 @@ fn same_node_100mb_is_spliced_byte_exact_and_counted() -> Result<()> {
     let f = fixture("splice")?;
     let agent = f.mesh.start_agent(&f.node, "ebpf")?;
     let (mut srv, addr) = echo_server(&f.a2, &format!("{}:8080", f.a2.ipv4()), &["--print-peer"])?;
-    let before = counters(&agent)?;
+    let before = agent.counters()?;
     let (r0, w0) = agent_io(&agent)?;
     let report = send_verified(&f.a1, &addr, 100 << 20, T)?;
     let (r1, w1) = agent_io(&agent)?;
-    let after = counters(&agent)?;
+    let after = agent.counters()?;
     let peer = srv.wait_for_line("PEER ", Duration::from_secs(5))?;
     let spliced = counter(&after, "spliced_bytes") - counter(&before, "spliced_bytes");
     let missing = counter(&after, "splice_target_missing") - counter(&before, "splice_target_missing");
@@ -124,11 +115,7 @@ fn takeover_and_half_close_lose_nothing() -> Result<()> {
     require_root!(Ok(()));
     let f = fixture("splicehc")?;
     let agent = f.mesh.start_agent(&f.node, "ebpf")?;
-    let mut serve = Command::new(peer_bin());
-    serve.args(["serve", "--listen", &format!("{}:8081", f.a2.ipv4()), "--mode", "discard-then-report"]);
-    let mut srv = sluice_tests::spawn_in(&f.a2, serve)?;
-    let addr =
-        srv.wait_for_line("LISTENING ", Duration::from_secs(5))?.trim_start_matches("LISTENING ").trim().to_owned();
+    let (_srv, addr) = report_server(&f.a2, &format!("{}:8081", f.a2.ipv4()))?;
     let (echo, echo_addr) = echo_server(&f.a2, &format!("{}:8080", f.a2.ipv4()), &[])?;
     let sizes = [0u64, 1, 100, 4096, 65_536, 65_537, 1 << 20, 3 << 20, 7_777_777, 16 << 20];
     for (i, bytes) in sizes.iter().enumerate() {
@@ -143,7 +130,7 @@ fn takeover_and_half_close_lose_nothing() -> Result<()> {
                 .with_context(|| format!("echo #{i} ({bytes} bytes)\nagent:\n{}", agent.stderr()))?;
         }
     }
-    let c = counters(&agent)?;
+    let c = agent.counters()?;
     let total: u64 = sizes.iter().sum();
     evidence(&format!(
         "{} connections of 0..16 MiB (the client writing from its first instant, then half-closing): every \
@@ -157,7 +144,7 @@ fn takeover_and_half_close_lose_nothing() -> Result<()> {
     // agent arms the splice (the smallest ones) is copied by the agent.
     assert!(counter(&c, "spliced_bytes") >= total, "the kernel must have moved the bytes: {c}");
     assert!(counter(&c, "splice_left_on_half_close") >= sizes.len() as u64, "half-closed ends must leave: {c}");
-    drop((echo, srv));
+    drop(echo);
     agent.stop()?;
     Ok(())
 }
@@ -217,12 +204,7 @@ fn sigkill_during_spliced_transfer_then_new_agent_adopts() -> Result<()> {
     send.args(["send", "--connect", &addr, "--bytes", &TOTAL.to_string(), "--timeout-secs", "120"]);
     let client = sluice_tests::spawn_in(&f.a1, send)?;
     let spliced = |agent_pins: &PinDir| -> Result<u64> {
-        let out = Command::new(sluice_tests::agent_bin())
-            .args(["inspect", "--json", "--pin-root"])
-            .arg(&agent_pins.0)
-            .output()?;
-        let c: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        Ok(counter(&c, "spliced_bytes"))
+        Ok(counter(&sluice_tests::kernel_counters(&agent_pins.0)?, "spliced_bytes"))
     };
     wait_until("the transfer to be under way", || Ok(spliced(&pins)? > 16 << 20))?;
     let at_kill = spliced(&pins)?;
@@ -280,18 +262,25 @@ fn half_closing_loopback_client_gets_its_answer() -> Result<()> {
     require_root!(Ok(()));
     let f = fixture("loophc")?;
     let agent = f.mesh.start_agent(&f.node, "ebpf")?;
-    let mut serve = Command::new(peer_bin());
-    serve.args(["serve", "--listen", "127.0.0.1:0", "--mode", "discard-then-report"]);
-    let mut srv = sluice_tests::spawn_in(&f.a1, serve)?;
-    let addr =
-        srv.wait_for_line("LISTENING ", Duration::from_secs(5))?.trim_start_matches("LISTENING ").trim().to_owned();
+    let (_srv, addr) = report_server(&f.a1, "127.0.0.1:0")?;
     for i in 0..20 {
         let report = send_expect(&f.a1, &addr, 1000, "report", false)?;
         ensure!(report.ok && report.bytes_verified == 1000, "#{i}: {report:?}");
     }
-    let c = counters(&agent)?;
+    let c = agent.counters()?;
     assert_eq!(counter(&c, "sockhash_added"), 0, "loopback sockets must stay out of the sockmap by default: {c}");
     evidence("20 half-closing loopback clients in an enrolled pod got their answers; no socket entered the sockmap");
     agent.stop()?;
     Ok(())
+}
+
+/// A `sluice-peer` server that reads to EOF, then answers with a report of
+/// what it got and half-closes; returns it and the address it bound.
+fn report_server(pod: &Pod, listen: &str) -> Result<(sluice_tests::ChildGuard, String)> {
+    let mut serve = Command::new(peer_bin());
+    serve.args(["serve", "--listen", listen, "--mode", "discard-then-report"]);
+    let mut srv = sluice_tests::spawn_in(pod, serve)?;
+    let line = srv.wait_for_line("LISTENING ", Duration::from_secs(5))?;
+    let addr = line.trim_start_matches("LISTENING ").trim().to_owned();
+    Ok((srv, addr))
 }

@@ -73,16 +73,6 @@ fn metrics(node: &Node) -> Result<String> {
     http_get(node, 15020, "/metrics")
 }
 
-/// The kernel programs' counters of an agent (eBPF mode), from its pins.
-fn bpf_counters(agent: &Agent) -> Result<serde_json::Value> {
-    let out = std::process::Command::new(sluice_tests::agent_bin())
-        .args(["inspect", "--json", "--pin-root"])
-        .arg(&agent.pin_root)
-        .output()?;
-    ensure!(out.status.success(), "sluice inspect: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
 /// Whether capture is installed in `pod`'s netns, the way `mode` installs it.
 fn captured(pod: &Pod, mode: &str) -> Result<bool> {
     let iptables = pod.exec_ok(&["iptables-save"])?.contains("SLUICE");
@@ -135,7 +125,7 @@ fn cross_node_100mb_byte_exact_with_real_client_ip() -> Result<()> {
         assert!(captured(&f.a1, mode)? && captured(&f.b1, mode)?, "capture must be installed the {mode} way");
         if *mode == "ebpf" {
             // The path taken: connect4 rewrote, getsockopt answered.
-            let c = bpf_counters(&ag1)?;
+            let c = ag1.counters()?;
             evidence(&format!("[ebpf] node1 kernel counters: {c}"));
             assert!(c["outbound_captured"].as_u64() >= Some(1) && c["orig_dst_answered"].as_u64() >= Some(1), "{c}");
         }
@@ -225,7 +215,7 @@ fn unenrolled_pods_reach_enrolled_and_plain_pods() -> Result<()> {
             "15006 path not taken:\n{m1}"
         );
         if *mode == "ebpf" {
-            let c = bpf_counters(&ag1)?;
+            let c = ag1.counters()?;
             evidence(&format!("[ebpf] node1 kernel counters after plaintext inbound: {c}"));
             assert!(c["inbound_assigned"].as_u64() >= Some(1), "tc did not hand the SYN to 15006: {c}");
         }

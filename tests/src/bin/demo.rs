@@ -127,11 +127,7 @@ fn demo() -> Result<()> {
         "the wire carried more than HBONE"
     );
     if mode == "ebpf" {
-        let counters = |agent: &Agent| -> Result<serde_json::Value> {
-            let out = run(Command::new(agent_bin()).args(["inspect", "--json", "--pin-root"]).arg(&agent.pin_root))?;
-            Ok(serde_json::from_str(&out)?)
-        };
-        let (c1, c2) = (counters(&ag1)?, counters(&ag2)?);
+        let (c1, c2) = (ag1.counters()?, ag2.counters()?);
         println!(
             "    kernel counters            node1: connect() captured {}, SO_ORIGINAL_DST answered {}; node2: tc sk_assign {}",
             c1["outbound_captured"], c1["orig_dst_answered"], c2["inbound_assigned"]
@@ -147,9 +143,9 @@ fn demo() -> Result<()> {
                 .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
                 .sum())
         };
-        let (io0, spliced0) = (io(ag1.pid())?, counters(&ag1)?["spliced_bytes"].as_u64().unwrap_or(0));
+        let (io0, spliced0) = (io(ag1.pid())?, ag1.counters()?["spliced_bytes"].as_u64().unwrap_or(0));
         let r = send_verified(&sleep, &web_addr, 64 << 20, Duration::from_secs(60))?;
-        let (io1, spliced1) = (io(ag1.pid())?, counters(&ag1)?["spliced_bytes"].as_u64().unwrap_or(0));
+        let (io1, spliced1) = (io(ag1.pid())?, ag1.counters()?["spliced_bytes"].as_u64().unwrap_or(0));
         println!(
             "    64 MiB echoed byte-exact in {} ms; the kernel moved {} MiB app to app; the agent process itself read+wrote {} KiB",
             r.elapsed_ms,

@@ -206,7 +206,12 @@ fn sigkill_during_spliced_transfer_then_new_agent_adopts() -> Result<()> {
     let spliced = |agent_pins: &PinDir| -> Result<u64> {
         Ok(counter(&sluice_tests::kernel_counters(&agent_pins.0)?, "spliced_bytes"))
     };
-    wait_until("the transfer to be under way", || Ok(spliced(&pins)? > 16 << 20))?;
+    // Both directions taken over by the kernel: before that, the few bytes
+    // the agent holds in memory would die with it (README, limits).
+    wait_until("the kernel to take both directions over", || {
+        let c = sluice_tests::kernel_counters(&pins.0)?;
+        Ok(counter(&c, "splice_switched") >= 2 && counter(&c, "spliced_bytes") > 16 << 20)
+    })?;
     let at_kill = spliced(&pins)?;
     let pid = agent.pid();
     drop(agent); // SIGKILL, then reap

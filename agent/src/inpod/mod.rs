@@ -101,7 +101,9 @@ impl Pods {
             id,
             server_tls,
             app_mark: self.redirect.app_mark(),
-            netns_cookie: netns.cookie().with_context(|| format!("pod {}", w.uid))?,
+            // Only the eBPF datapath keys sockets by it (and it needs 5.14);
+            // iptables capture must work without it.
+            netns_cookie: netns.cookie().unwrap_or(0),
         });
 
         let out =

@@ -151,9 +151,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     Ok(())
 }
 
-/// Picks the capture backend. `auto` takes eBPF when the probe finds every
-/// piece, else iptables with one line naming what is missing; `ebpf` fails
-/// with that same line instead of falling back.
 /// Takes over the spliced connections a previous agent left with the
 /// keeper: their bytes kept flowing in the kernel; this agent passes their
 /// half-closes on from now.
@@ -191,6 +188,9 @@ fn adopt_spliced(ctx: &Arc<Ctx>) {
     });
 }
 
+/// Picks the capture backend. `auto` takes eBPF when the probe finds every
+/// piece, else iptables with one line naming what is missing; `ebpf` fails
+/// with that same line instead of falling back.
 fn choose_redirect(opts: &RunOptions) -> Result<Arc<dyn Redirect>> {
     let (choice, pin_root) = (opts.redirect, opts.pin_root.as_path());
     let iptables = || -> Result<Arc<dyn Redirect>> {

@@ -72,8 +72,8 @@ pub const HBONE_PORT: u16 = 15008;
 /// Redirect app-to-app loopback traffic inside a pod socket to socket
 /// (sk_msg ingress). Off unless asked for: on a socket in a sockmap,
 /// tcp_bpf_recvmsg answers a blocking read() woken without data with EAGAIN,
-/// which a client that half-closes and then waits for its answer hits when
-/// its FIN is acknowledged.
+/// which a client that half-closes and then waits for its answer hits: its
+/// own shutdown() wakes it.
 pub const CONFIG_LOOPBACK_BYPASS: u32 = 1;
 
 /// Same-node splice on: sock_ops counts the captured sockets of connections

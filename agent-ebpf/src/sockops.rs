@@ -87,10 +87,10 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
 /// An app end that shut down its writes never sends again, so it no longer
 /// needs sk_msg. Leaving SOCK_PAIRS drops its psock, so its later reads are
 /// plain tcp_recvmsg: in a sockmap, a blocking read() that wakes without
-/// data returns EAGAIN, and a client that half-closes and then reads its
-/// answer is woken exactly so, when its FIN is acknowledged. (A read already
-/// blocked in another thread at that moment still gets EAGAIN; see the
-/// README.) Needs 4.16 for the state callback.
+/// data returns EAGAIN, and a half-closed socket is woken so twice, by the
+/// shutdown() itself and when the FIN is acknowledged. (A read already
+/// blocked in another thread during the shutdown() still gets EAGAIN; see
+/// the README.) Needs 4.16 for the state callback.
 #[inline(always)]
 fn leave_on_half_close(ctx: &SockOpsContext) {
     if ctx.arg(1) != BPF_TCP_FIN_WAIT1 {

@@ -73,6 +73,23 @@ fn metrics(node: &Node) -> Result<String> {
     http_get(node, 15020, "/metrics")
 }
 
+/// Whether `pod`'s IPv4 address is in the agent's pinned WORKLOADS map, as
+/// `bpftool` shows it to an operator (BTF-described: named fields).
+fn mirrored(agent: &Agent, pod: &Pod) -> Result<bool> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(agent.pin_root.join("workloads"))
+        .output()?;
+    ensure!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let ip = pod.ipv4();
+    let word = u32::from_ne_bytes(ip.octets()) as u64;
+    Ok(entries.as_array().into_iter().flatten().any(|e| {
+        let f = &e["formatted"];
+        f["key"]["ip"][3].as_u64() == Some(word) && f["value"]["flags"].as_u64().is_some_and(|x| x & 1 == 1)
+    }))
+}
+
 /// Whether capture is installed in `pod`'s netns, the way `mode` installs it.
 fn captured(pod: &Pod, mode: &str) -> Result<bool> {
     let iptables = pod.exec_ok(&["iptables-save"])?.contains("SLUICE");
@@ -306,7 +323,7 @@ fn pod_leaving_takes_its_rules_listeners_and_certificate() -> Result<()> {
     require_root!(Ok(()));
     for mode in MODES {
         let mut f = fixture("leave")?;
-        let (_ag1, _ag2) = agents(&f, mode)?;
+        let (ag1, _ag2) = agents(&f, mode)?;
         let (_srv, addr) = echo_server(&f.b1, &format!("{}:8080", f.b1.ipv4()), &[])?;
         send_verified(&f.a2, &addr, 64 << 10, T)?;
         let listening =
@@ -315,9 +332,17 @@ fn pod_leaving_takes_its_rules_listeners_and_certificate() -> Result<()> {
         assert!(listening(&f.a2)? && rules(&f.a2)?, "a2 must be enrolled first");
         assert!(http_get(&f.n1, 15000, "/config_dump")?.contains("sa/sleep2"));
 
+        if *mode == "ebpf" {
+            assert!(mirrored(&ag1, &f.a2)?, "a2's address must be in the WORKLOADS map while enrolled");
+        }
+
         f.mesh.pods.retain(|p| p.pod.name() != "a2");
         f.mesh.write_config()?;
         eventually("a2 to be unenrolled", || Ok(!listening(&f.a2)?))?;
+        if *mode == "ebpf" {
+            assert!(!mirrored(&ag1, &f.a2)?, "a2's address must leave the WORKLOADS map with it");
+            assert!(mirrored(&ag1, &f.a1)?, "a1 must stay in the WORKLOADS map");
+        }
         assert!(!rules(&f.a2)?, "iptables rules left in a2's netns");
         assert!(!f.a2.exec_ok(&["ip", "rule"])?.contains("0x111"), "ip rule left in a2's netns");
         let dump = http_get(&f.n1, 15000, "/config_dump")?;

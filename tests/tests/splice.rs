@@ -289,3 +289,27 @@ fn report_server(pod: &Pod, listen: &str) -> Result<(sluice_tests::ChildGuard, S
     let addr = line.trim_start_matches("LISTENING ").trim().to_owned();
     Ok((srv, addr))
 }
+
+/// Policy is decided at connection setup, as the destination's agent would:
+/// a DENY for the client's identity stops a same-node connection before the
+/// app sees a byte, and is counted; no splice happens for it.
+#[test]
+fn same_node_policy_deny_never_reaches_the_app() -> Result<()> {
+    require_root!(Ok(()));
+    let mut f = fixture("splicedeny")?;
+    f.mesh.policies_yaml = "  - name: no-sleep\n    namespace: default\n    selector: { names: [a2] }\n    action: DENY\n    rules:\n      - from: [{ principals: [\"cluster.local/ns/default/sa/sleep\"] }]\n".into();
+    f.mesh.write_config()?;
+    let agent = f.mesh.start_agent(&f.node, "ebpf")?;
+    let (mut srv, addr) = echo_server(&f.a2, &format!("{}:8080", f.a2.ipv4()), &["--print-peer"])?;
+    let denied = sluice_tests::traffic::send(&f.a1, &addr, 64 << 10, Duration::from_secs(10))?;
+    ensure!(!denied.ok && denied.bytes_verified == 0, "DENY must stop the connection: {denied:?}");
+    let reached = matches!(srv.next_line(Duration::from_millis(500)), Ok(Some(_)));
+    ensure!(!reached, "a denied client must never reach the app");
+    let m = http_get(&f.node, 15020, "/metrics")?;
+    let denials = metric_sum(&m, "sluice_auth_denials_total", &["policy=\"no-sleep\"", "reporter=\"destination\""]);
+    ensure!(denials >= 1, "the denial must be counted:\n{m}");
+    ensure!(counter(&agent.counters()?, "splice_switched") == 0, "a denied connection must not be spliced");
+    evidence(&format!("same node: DENY for sa sleep stopped a1 -> a2 before the app ({denials} denial counted)"));
+    agent.stop()?;
+    Ok(())
+}

@@ -247,12 +247,20 @@ async fn serve_endpoints(
 
     let (ctx, pods, mode, node, redirect) =
         (ctx.clone(), pods.clone(), mode.to_owned(), opts.node.clone(), opts.redirect);
+    let (loopback_bypass, keeper) = (opts.loopback_bypass, opts.keeper.clone());
     let route: Route = Arc::new(move |path| match path {
         "/config_dump" => {
             let state = ctx.state();
             let dump = serde_json::json!({
                 "node": node,
                 "redirect": { "requested": redirect, "mode": mode },
+                // Whether same-node connections are spliced in the kernel, and
+                // who keeps them alive across agent restarts.
+                "splice": {
+                    "enabled": ctx.splice.is_some(),
+                    "keeper": ctx.keeper.as_ref().and(keeper.as_ref()),
+                    "loopbackBypass": loopback_bypass,
+                },
                 "trustDomain": state.trust_domain(),
                 "configGeneration": state.generation(),
                 "pods": pods.dump(),

@@ -93,6 +93,8 @@ fn same_node_100mb_is_spliced_byte_exact_and_counted() -> Result<()> {
         let sent = metric_sum(&m, "istio_tcp_sent_bytes_total", &[&format!("reporter=\"{reporter}\"")]);
         assert_eq!((got, sent), (100 << 20, 100 << 20), "{reporter} must count every byte each way:\n{m}");
     }
+    let dump: serde_json::Value = serde_json::from_str(&http_get(&f.node, 15000, "/config_dump")?)?;
+    assert_eq!(dump["splice"]["enabled"], true, "config_dump must say the splice is on: {dump}");
     // The kernel's own count, on the same metrics page.
     let kernel = metric_sum(&m, "sluice_datapath_events_total", &["event=\"spliced_bytes\""]);
     assert!(kernel >= 200 << 20, "sluice_datapath_events_total{{event=\"spliced_bytes\"}} = {kernel}:\n{m}");

@@ -218,8 +218,13 @@ fn sigkill_during_spliced_transfer_then_new_agent_adopts() -> Result<()> {
     let pid = agent.pid();
     drop(agent); // SIGKILL, then reap
     ensure!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "agent {pid} still alive");
-    // No agent runs now: every byte still has to cross, both ways.
-    wait_until("all bytes to cross with no agent running", || Ok(spliced(&pins)? >= 2 * TOTAL))?;
+    // No agent runs now: every byte still has to cross, both ways: what the
+    // kernel spliced plus what the agent copied before the splice took over
+    // (its published counts in the pinned splice_written map).
+    wait_until(
+        "all bytes to cross with no agent running",
+        || Ok(spliced(&pins)? + agent_written(&pins)? >= 2 * TOTAL),
+    )?;
     let while_dead = spliced(&pins)? - at_kill;
     ensure!(client.try_status()?.is_none(), "the client ended before a new agent passed the EOF on");
     // Capture outlived the agent too (pinned links): a new connection is
@@ -247,6 +252,16 @@ fn sigkill_during_spliced_transfer_then_new_agent_adopts() -> Result<()> {
     send_verified(&f.a1, &addr, 1 << 20, T).context("a new connection through the new agent")?;
     agent2.stop()?;
     Ok(())
+}
+
+/// The sum of the pinned splice_written map: bytes agents wrote themselves
+/// to their splice sockets, before the kernel took each direction over.
+fn agent_written(pins: &PinDir) -> Result<u64> {
+    let out =
+        Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(pins.0.join("splice_written")).output()?;
+    ensure!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(entries.as_array().into_iter().flatten().filter_map(|e| e["formatted"]["value"].as_u64()).sum())
 }
 
 fn wait_until(what: &str, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {

@@ -3,6 +3,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use std::collections::HashMap;
+
+use super::error::FieldError;
+use super::names;
+use super::validate::push_err;
 use super::workload::Workload;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -78,4 +83,97 @@ pub struct Operation {
     /// Destination ports; empty means any.
     #[serde(default)]
     pub ports: Vec<u16>,
+}
+
+/// Config-file checks for `policies`, collected rather than stopping at the first.
+pub(super) fn check_policies(policies: &[AuthorizationPolicy], errors: &mut Vec<FieldError>) {
+    let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
+    for (i, p) in policies.iter().enumerate() {
+        let at = |field: &str| format!("policies[{i}].{field}");
+        let name_ok = names::check_dns_subdomain(&p.name);
+        let ns_ok = names::check_dns_label(&p.namespace);
+        if name_ok.is_ok() && ns_ok.is_ok() {
+            if let Some(&first) = seen.get(&(p.namespace.as_str(), p.name.as_str())) {
+                errors.push(FieldError::new(
+                    at("name"),
+                    format!(
+                        "duplicate policy {:?} in namespace {:?} (also policies[{first}].name)",
+                        p.name, p.namespace
+                    ),
+                ));
+            } else {
+                seen.insert((&p.namespace, &p.name), i);
+            }
+        }
+        push_err(errors, at("name"), name_ok);
+        push_err(errors, at("namespace"), ns_ok);
+
+        if let Some(selector) = &p.selector {
+            for (k, name) in selector.names.iter().enumerate() {
+                push_err(errors, format!("policies[{i}].selector.names[{k}]"), names::check_dns_subdomain(name));
+            }
+        }
+        for (r, rule) in p.rules.iter().enumerate() {
+            let rule_at = format!("policies[{i}].rules[{r}]");
+            for (f, source) in rule.from.iter().enumerate() {
+                for (k, principal) in source.principals.iter().enumerate() {
+                    push_err(errors, format!("{rule_at}.from[{f}].principals[{k}]"), names::check_principal(principal));
+                }
+                for (k, namespace) in source.namespaces.iter().enumerate() {
+                    push_err(
+                        errors,
+                        format!("{rule_at}.from[{f}].namespaces[{k}]"),
+                        check_namespace_pattern(namespace),
+                    );
+                }
+            }
+            for (t, op) in rule.to.iter().enumerate() {
+                for (k, port) in op.ports.iter().enumerate() {
+                    if *port == 0 {
+                        errors.push(FieldError::new(
+                            format!("{rule_at}.to[{t}].ports[{k}]"),
+                            "port 0 is not a valid destination port; use 1..=65535",
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn check_namespace_pattern(pattern: &str) -> Result<(), String> {
+    names::check_pattern(pattern)?;
+    if pattern.contains('*') {
+        Ok(())
+    } else {
+        names::check_dns_label(pattern)
+    }
+}
+
+
+/// Istio's PeerAuthentication, the part an L4 data plane enforces: whether
+/// plaintext may reach the selected workloads.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthentication {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub selector: Option<Selector>,
+    #[serde(default)]
+    pub mode: MtlsMode,
+    /// Per-port overrides (`portLevelMtls`), keyed by the workload's port.
+    #[serde(default)]
+    pub port_level_mtls: std::collections::BTreeMap<u16, MtlsMode>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MtlsMode {
+    /// Inherit from the namespace, then the root namespace; PERMISSIVE at the top.
+    #[default]
+    Unset,
+    Permissive,
+    Strict,
+    Disable,
 }

@@ -4,13 +4,15 @@
 //! Unknown fields are errors rather than ignored: a misspelt `selector` or
 //! `action` in an authorization policy would otherwise widen access silently.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::authz::AuthorizationPolicy;
+use super::authz::{AuthorizationPolicy, PeerAuthentication};
+use super::service::ServiceConfig;
 use super::duration;
 use super::error::ConfigError;
 use super::validate;
@@ -26,8 +28,15 @@ pub struct Config {
     pub ca: CaConfig,
     #[serde(default)]
     pub workloads: Vec<WorkloadConfig>,
+    /// Istio's root namespace: policies there apply to the whole mesh.
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
     #[serde(default)]
     pub policies: Vec<AuthorizationPolicy>,
+    #[serde(default)]
+    pub peer_authentications: Vec<PeerAuthentication>,
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
     /// Where the config came from, so that errors found after parsing (for
     /// example when building state for a node) still name the file.
     #[serde(skip)]
@@ -47,6 +56,13 @@ pub struct CaConfig {
         serialize_with = "duration::serialize"
     )]
     pub cert_ttl: Duration,
+}
+
+/// Istio's default root namespace.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
+fn default_root_namespace() -> String {
+    DEFAULT_ROOT_NAMESPACE.to_string()
 }
 
 fn default_cert_ttl() -> Duration {
@@ -71,6 +87,15 @@ pub struct WorkloadConfig {
     pub netns: Option<PathBuf>,
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Istio's workload name (e.g. the Deployment); defaults to `name`.
+    #[serde(default)]
+    pub workload_name: Option<String>,
+    /// Services this workload is an endpoint of, in ztunnel's local-config
+    /// shape: `"<namespace>/<hostname>": { <service port>: <target port> }`.
+    #[serde(default)]
+    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
 }
 
 impl Config {

@@ -1,4 +1,5 @@
-//! Workloads and policies the agent acts on, loaded from a local file.
+//! Workloads, services and policies the agent acts on, from a local file
+//! or from the Kubernetes API (`crate::kube`).
 //!
 //! `Config` is the file as written, `State` the validated and indexed
 //! snapshot for one node, and `ConfigWatcher` keeps a `State` current as the
@@ -10,18 +11,20 @@ mod diff;
 pub mod duration;
 mod error;
 pub mod names;
+mod service;
 mod snapshot;
 mod validate;
 mod watch;
 mod workload;
 
-pub use authz::{Action, AuthorizationPolicy, Operation, Rule, RuleSource, Selector};
-pub use config::{CaConfig, Config, WorkloadConfig, DEFAULT_CERT_TTL};
+pub use authz::{Action, AuthorizationPolicy, MtlsMode, Operation, PeerAuthentication, Rule, RuleSource, Selector};
+pub use config::{CaConfig, Config, WorkloadConfig, DEFAULT_CERT_TTL, DEFAULT_ROOT_NAMESPACE};
+pub use service::{Endpoint, NoEndpoint, Service, ServiceConfig, TrafficPolicy};
 pub use diff::StateDiff;
 pub use error::{ConfigError, FieldError};
-pub use snapshot::State;
+pub use snapshot::{Inventory, Mesh, State};
 pub use watch::{ConfigWatcher, POLL_INTERVAL};
-pub use workload::{Protocol, Workload};
+pub use workload::{Protocol, Workload, METRIC_LABELS};
 
 #[cfg(test)]
 mod config_tests;

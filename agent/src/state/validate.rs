@@ -10,7 +10,6 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::authz::AuthorizationPolicy;
 use super::config::{CaConfig, Config, WorkloadConfig};
 use super::error::FieldError;
 use super::names;
@@ -28,7 +27,7 @@ pub(crate) fn check(config: &Config, node: Option<&str>) -> Vec<FieldError> {
     if let Some(node) = node {
         check_local_workloads(&config.workloads, node, &mut errors);
     }
-    check_policies(&config.policies, &mut errors);
+    super::authz::check_policies(&config.policies, &mut errors);
     errors
 }
 
@@ -139,70 +138,6 @@ fn check_local_workloads(workloads: &[WorkloadConfig], node: &str, errors: &mut 
     }
 }
 
-fn check_policies(policies: &[AuthorizationPolicy], errors: &mut Vec<FieldError>) {
-    let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
-    for (i, p) in policies.iter().enumerate() {
-        let at = |field: &str| format!("policies[{i}].{field}");
-        let name_ok = names::check_dns_subdomain(&p.name);
-        let ns_ok = names::check_dns_label(&p.namespace);
-        if name_ok.is_ok() && ns_ok.is_ok() {
-            if let Some(&first) = seen.get(&(p.namespace.as_str(), p.name.as_str())) {
-                errors.push(FieldError::new(
-                    at("name"),
-                    format!(
-                        "duplicate policy {:?} in namespace {:?} (also policies[{first}].name)",
-                        p.name, p.namespace
-                    ),
-                ));
-            } else {
-                seen.insert((&p.namespace, &p.name), i);
-            }
-        }
-        push_err(errors, at("name"), name_ok);
-        push_err(errors, at("namespace"), ns_ok);
-
-        if let Some(selector) = &p.selector {
-            for (k, name) in selector.names.iter().enumerate() {
-                push_err(errors, format!("policies[{i}].selector.names[{k}]"), names::check_dns_subdomain(name));
-            }
-        }
-        for (r, rule) in p.rules.iter().enumerate() {
-            let rule_at = format!("policies[{i}].rules[{r}]");
-            for (f, source) in rule.from.iter().enumerate() {
-                for (k, principal) in source.principals.iter().enumerate() {
-                    push_err(errors, format!("{rule_at}.from[{f}].principals[{k}]"), names::check_principal(principal));
-                }
-                for (k, namespace) in source.namespaces.iter().enumerate() {
-                    push_err(
-                        errors,
-                        format!("{rule_at}.from[{f}].namespaces[{k}]"),
-                        check_namespace_pattern(namespace),
-                    );
-                }
-            }
-            for (t, op) in rule.to.iter().enumerate() {
-                for (k, port) in op.ports.iter().enumerate() {
-                    if *port == 0 {
-                        errors.push(FieldError::new(
-                            format!("{rule_at}.to[{t}].ports[{k}]"),
-                            "port 0 is not a valid destination port; use 1..=65535",
-                        ));
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn check_namespace_pattern(pattern: &str) -> Result<(), String> {
-    names::check_pattern(pattern)?;
-    if pattern.contains('*') {
-        Ok(())
-    } else {
-        names::check_dns_label(pattern)
-    }
-}
-
 fn check_absolute(path: &str, value: &Path, errors: &mut Vec<FieldError>) {
     if value.as_os_str().is_empty() {
         errors.push(FieldError::new(path, "must not be empty"));
@@ -214,7 +149,7 @@ fn check_absolute(path: &str, value: &Path, errors: &mut Vec<FieldError>) {
     }
 }
 
-fn push_err(errors: &mut Vec<FieldError>, path: String, result: Result<(), String>) {
+pub(super) fn push_err(errors: &mut Vec<FieldError>, path: String, result: Result<(), String>) {
     if let Err(reason) = result {
         errors.push(FieldError::new(path, reason));
     }

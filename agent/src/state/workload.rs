@@ -1,6 +1,7 @@
 //! A workload as the data path sees it: one pod (or VM) with its identity
 //! and addresses.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -35,6 +36,14 @@ pub struct Workload {
     pub protocol: Protocol,
     pub netns: Option<PathBuf>,
     pub cgroup: Option<PathBuf>,
+    /// The pod's labels: all of them for pods on this node (policy and
+    /// peer-authentication selectors match on them), only the ones metrics
+    /// use for pods elsewhere (see `crate::kube`), to keep a 10,000-pod
+    /// cluster small in memory.
+    pub labels: BTreeMap<String, String>,
+    /// Istio's workload name (a Deployment's pods share it); the pod name
+    /// when nothing better is known.
+    pub workload_name: String,
 }
 
 impl Workload {
@@ -53,4 +62,40 @@ impl Workload {
     pub fn is_on_node(&self, node: &str) -> bool {
         self.node.as_deref() == Some(node)
     }
+
+    fn label(&self, keys: &[&str]) -> Option<&str> {
+        keys.iter().find_map(|k| self.labels.get(*k)).map(String::as_str)
+    }
+
+    /// Istio's `app` label value, or "unknown".
+    pub fn app(&self) -> &str {
+        self.label(&["app", "app.kubernetes.io/name"]).unwrap_or("unknown")
+    }
+
+    /// Istio's `version` label value, or "unknown".
+    pub fn version(&self) -> &str {
+        self.label(&["version", "app.kubernetes.io/version"]).unwrap_or("unknown")
+    }
+
+    /// Istio's canonical service: the `service.istio.io/canonical-name`
+    /// label, then `app.kubernetes.io/name`, then `app`, then the workload
+    /// name, in that order (as istiod and ztunnel derive it).
+    pub fn canonical_service(&self) -> &str {
+        self.label(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"]).unwrap_or(&self.workload_name)
+    }
+
+    /// Istio's canonical revision, "latest" when no label gives one.
+    pub fn canonical_revision(&self) -> &str {
+        self.label(&["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"]).unwrap_or("latest")
+    }
 }
+
+/// The labels Istio's telemetry reads: what a workload on another node keeps.
+pub const METRIC_LABELS: &[&str] = &[
+    "app",
+    "version",
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/version",
+    "service.istio.io/canonical-name",
+    "service.istio.io/canonical-revision",
+];

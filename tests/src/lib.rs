@@ -33,6 +33,7 @@
 pub mod agent;
 pub mod bench;
 pub mod capture;
+pub mod fake_api;
 pub mod cgroup;
 pub mod mesh;
 pub mod names;

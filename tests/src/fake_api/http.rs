@@ -66,11 +66,11 @@ pub fn parse_query(q: Option<&str>) -> HashMap<String, String> {
         .collect()
 }
 
-/// Selectors from the query, or the 400 the API server would answer.
-pub fn selectors(q: &HashMap<String, String>) -> Result<(LabelSelector, FieldSelector), Response<Body>> {
+/// Selectors from the query, or the message of the 400 the API server would answer.
+pub fn selectors(q: &HashMap<String, String>) -> Result<(LabelSelector, FieldSelector), String> {
     let labels = LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str))
-        .map_err(|e| error(400, &format!("unable to parse requirement: {e}")))?;
-    let fields = FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str)).map_err(|e| error(400, &e))?;
+        .map_err(|e| format!("unable to parse requirement: {e}"))?;
+    let fields = FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str))?;
     Ok((labels, fields))
 }
 
@@ -184,7 +184,7 @@ fn decode_continue(token: &str) -> Option<(u64, Key)> {
 fn list(shared: &Shared, ty: usize, ns: Option<&str>, q: &HashMap<String, String>) -> Response<Body> {
     let (labels, fields) = match selectors(q) {
         Ok(s) => s,
-        Err(resp) => return resp,
+        Err(msg) => return error(400, &msg),
     };
     let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
         None => usize::MAX,

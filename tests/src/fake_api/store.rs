@@ -137,7 +137,7 @@ impl State {
         m.insert("resourceVersion".into(), json!(rv.to_string()));
         let old_meta = old.as_ref().and_then(|o| o.get("metadata"));
         for field in ["uid", "creationTimestamp"] {
-            if !m.get(field).and_then(Value::as_str).is_some_and(|s| !s.is_empty()) {
+            if m.get(field).and_then(Value::as_str).is_none_or(str::is_empty) {
                 let keep = old_meta.and_then(|om| om.get(field)).cloned();
                 let fresh = if field == "uid" { new_uid() } else { timestamp(SystemTime::now()) };
                 m.insert(field.into(), keep.unwrap_or(json!(fresh)));

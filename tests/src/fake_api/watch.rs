@@ -130,7 +130,7 @@ impl Watch {
 pub fn watch(shared: Arc<Shared>, ty: usize, ns: Option<String>, q: &HashMap<String, String>) -> Response<Body> {
     let (labels, fields) = match selectors(q) {
         Ok(s) => s,
-        Err(resp) => return resp,
+        Err(msg) => return error(400, &msg),
     };
     let flag = |k: &str| matches!(q.get(k).map(String::as_str), Some("true" | "1"));
     let from = match q.get("resourceVersion").map(String::as_str) {

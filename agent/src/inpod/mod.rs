@@ -5,6 +5,8 @@
 //! up before capture points traffic at them; on removal capture goes first,
 //! then the HBONE server sends GOAWAY and open streams finish.
 
+pub mod discover;
+
 use std::{
     collections::BTreeMap,
     os::fd::{AsRawFd, RawFd},

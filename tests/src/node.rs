@@ -5,6 +5,7 @@ use crate::netns::{self, ip_batch};
 use crate::process::{lock, ChildGuard, Place, Registry};
 use crate::topology::Inner;
 use anyhow::{bail, Context, Result};
+use std::hash::{Hash, Hasher};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -24,6 +25,7 @@ pub(crate) struct NodeInfo {
 
 pub(crate) struct PodInfo {
     name: String,
+    uid: String,
     node: String,
     node_netns: String,
     index: u8,
@@ -43,6 +45,29 @@ pub(crate) fn node_ipv6(n: u8) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, n.into())
 }
 
+/// A UUID-shaped pod UID (version 4 layout, lowercase, with dashes), as the
+/// API server would assign, derived from the topology prefix (unique per run),
+/// node, pod name and our pid, so it differs between pods and between runs.
+fn pod_uid(prefix: &str, node: &str, pod: &str) -> String {
+    let half = |salt: u8| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (salt, prefix, node, pod, std::process::id()).hash(&mut h);
+        h.finish()
+    };
+    let (hi, lo) = (half(1), half(2));
+    // Version 4 in the third group, RFC 4122 variant in the fourth.
+    let hi = (hi & !0xf000) | 0x4000;
+    let lo = (lo & !(0xc000 << 48)) | (0x8000 << 48);
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        hi >> 32,
+        (hi >> 16) & 0xffff,
+        hi & 0xffff,
+        lo >> 48,
+        lo & 0xffff_ffff_ffff
+    )
+}
+
 /// Inherent accessors (no trait import needed) plus the [`Place`] impl.
 macro_rules! place_methods {
     ($t:ty, $registry:expr) => {
@@ -55,7 +80,8 @@ macro_rules! place_methods {
             pub fn netns_path(&self) -> PathBuf {
                 netns::netns_path(&self.info.netns)
             }
-            /// Node: `<cgroup2>/<prefix>/<node>`; pod: `<cgroup2>/<prefix>/<node>/<pod>`.
+            /// Node: `<cgroup2>/<prefix>/<node>`; pod: `<cgroup2>/<prefix>/<node>/pod<uid>`
+            /// (kubelet's cgroupfs naming, see [`Pod::uid`]).
             pub fn cgroup_path(&self) -> PathBuf {
                 self.info.cgroup.clone()
             }
@@ -135,7 +161,8 @@ impl Node {
 
     /// Add a pod: netns `<prefix>-<node>-<name>`, eth0 with 10.10.<i>.<k>/32
     /// and fd10:<i>::<k>/128 (k = 1, 2, ... per node), veth `veth-p<k>` in
-    /// the node netns, and cgroup `<prefix>/<node>/<name>`.
+    /// the node netns, a UID ([`Pod::uid`]), and cgroup
+    /// `<prefix>/<node>/pod<uid>`, named as kubelet's cgroupfs driver does.
     pub fn add_pod(&self, name: &str) -> Result<Pod> {
         crate::names::validate("pod", name, 24)?;
         let topo = &self.topo;
@@ -154,11 +181,13 @@ impl Node {
         let i = node.index;
         let ns = format!("{}-{}-{name}", topo.prefix, node.name);
         topo.add_netns(&ns)?;
-        let cg = node.cgroup.join(name);
+        let uid = pod_uid(&topo.prefix, &node.name, name);
+        let cg = node.cgroup.join(format!("pod{uid}"));
         cgroup::create(&cg)?;
 
         let info = PodInfo {
             name: name.into(),
+            uid,
             node: node.name.clone(),
             node_netns: node.netns.clone(),
             index: k,
@@ -224,6 +253,11 @@ impl Pod {
     pub fn name(&self) -> &str {
         &self.info.name
     }
+    /// The pod's UID: UUID-shaped, unique per pod and run; its cgroup
+    /// directory is `pod<uid>` under the node's.
+    pub fn uid(&self) -> &str {
+        &self.info.uid
+    }
     pub fn node_name(&self) -> &str {
         &self.info.node
     }
@@ -247,6 +281,14 @@ impl Pod {
     /// MAC of the pod's eth0.
     pub fn mac(&self) -> &str {
         &self.info.mac
+    }
+    /// A long-lived process (`sleep infinity`) in the pod's netns and cgroup,
+    /// like the pause container: the pod then shows up in /proc. Killed when
+    /// the guard (or the topology) drops.
+    pub fn start_pause(&self) -> Result<ChildGuard> {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("infinity").stdin(std::process::Stdio::null());
+        crate::spawn_in(self, cmd).with_context(|| format!("pause process of pod {}", self.info.name))
     }
 }
 

@@ -12,9 +12,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::authz::{AuthorizationPolicy, PeerAuthentication};
-use super::service::ServiceConfig;
 use super::duration;
 use super::error::ConfigError;
+use super::service::ServiceConfig;
 use super::validate;
 use super::workload::Protocol;
 

@@ -19,9 +19,9 @@ mod workload;
 
 pub use authz::{Action, AuthorizationPolicy, MtlsMode, Operation, PeerAuthentication, Rule, RuleSource, Selector};
 pub use config::{CaConfig, Config, WorkloadConfig, DEFAULT_CERT_TTL, DEFAULT_ROOT_NAMESPACE};
-pub use service::{Endpoint, NoEndpoint, Service, ServiceConfig, TrafficPolicy};
 pub use diff::StateDiff;
 pub use error::{ConfigError, FieldError};
+pub use service::{Endpoint, NoEndpoint, Service, ServiceConfig, TrafficPolicy};
 pub use snapshot::{Inventory, Mesh, State};
 pub use watch::{ConfigWatcher, POLL_INTERVAL};
 pub use workload::{Protocol, Workload, METRIC_LABELS};

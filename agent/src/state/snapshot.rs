@@ -7,10 +7,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::authz::{AuthorizationPolicy, PeerAuthentication};
-use super::service::{Endpoint, Service};
 use super::config::{CaConfig, Config};
 use super::diff::StateDiff;
 use super::error::ConfigError;
+use super::service::{Endpoint, Service};
 use super::workload::Workload;
 
 #[derive(Debug, Clone)]

@@ -33,8 +33,8 @@
 pub mod agent;
 pub mod bench;
 pub mod capture;
-pub mod fake_api;
 pub mod cgroup;
+pub mod fake_api;
 pub mod mesh;
 pub mod names;
 pub mod netns;

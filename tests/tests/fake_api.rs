@@ -146,7 +146,11 @@ async fn list_filters_by_field_and_label_selectors() -> anyhow::Result<()> {
     let ns = timeout(WAIT, Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()).get("shop")).await??;
     ensure!(ns.labels().get("team").map(String::as_str) == Some("a"));
 
-    match timeout(WAIT, pods.list(&ListParams::default().fields("status.phase=Running"))).await? {
+    let lp = ListParams::default().fields("status.phase=Running,spec.hostNetwork=false,metadata.namespace=shop");
+    let list = timeout(WAIT, pods.list(&lp)).await??;
+    ensure!(names::<Pod>(&list.items) == ["db-a", "web-a", "web-b"], "got {:?}", names::<Pod>(&list.items));
+    ensure!(timeout(WAIT, pods.list(&ListParams::default().fields("status.phase=Failed"))).await??.items.is_empty());
+    match timeout(WAIT, pods.list(&ListParams::default().fields("spec.bogus=x"))).await? {
         Err(kube::Error::Api(s)) if s.code == 400 => {}
         other => bail!("unknown field selector key should be a 400, got {other:?}"),
     }
@@ -204,11 +208,15 @@ async fn reflector_follows_add_label_change_and_delete() -> anyhow::Result<()> {
 #[tokio::test]
 async fn dropped_watches_resume_and_catch_up() -> anyhow::Result<()> {
     let api = FakeApiServer::start()?;
+    api.set_bookmark_interval(Duration::from_millis(50));
     api.apply(pod("shop", "a", "node-a", &[]))?;
     api.apply(pod("shop", "b", "node-a", &[]))?;
     let client = client(&api).await?;
     let mut r = Reflected::new(Api::<Pod>::all(client), watcher::Config::default());
     r.until("initial list", |r| r.names() == ["a", "b"]).await?;
+    // A change the pod watch filters out; only a bookmark can tell the watcher about its resourceVersion.
+    let marker = api.apply(objects::namespace("marker", &[]))?;
+    let marker_rv = marker["metadata"]["resourceVersion"].as_str().context("rv")?.to_string();
     r.idle(Duration::from_millis(300)).await;
     let watches = count(&api, |p| p.contains("watch=true"));
     ensure!(watches == 1, "{watches} watches open");
@@ -218,6 +226,13 @@ async fn dropped_watches_resume_and_catch_up() -> anyhow::Result<()> {
     api.apply(pod("shop", "c", "node-b", &[]))?;
     r.until("caught up after the cut", |r| r.names() == ["b", "c"]).await?;
     ensure!(count(&api, |p| p.contains("watch=true")) > watches, "no new WATCH");
+    let rewatch = api.requests().into_iter().filter(|q| q.path_and_query.contains("watch=true")).nth(1);
+    let rewatch = rewatch.context("no second WATCH")?.path_and_query;
+    ensure!(
+        rewatch.contains(&format!("resourceVersion={marker_rv}&"))
+            || rewatch.ends_with(&format!("resourceVersion={marker_rv}")),
+        "re-watch should resume from the bookmark's resourceVersion {marker_rv}: {rewatch}"
+    );
     ensure!(count(&api, |p| p.starts_with("/api/v1/pods") && !p.contains("watch=")) == 1, "resumed by relisting");
     Ok(())
 }
@@ -296,6 +311,9 @@ async fn token_review_answered_by_callback() -> anyhow::Result<()> {
     ensure!(st.audiences == Some(vec!["sluice".to_string()]));
     let bad = timeout(WAIT, reviews.create(&PostParams::default(), &review("bad"))).await??;
     ensure!(bad.status.and_then(|s| s.authenticated) == Some(false));
+    let seen: Vec<String> = api.token_reviews().into_iter().map(|r| r.token).collect();
+    ensure!(seen == ["good", "bad"], "recorded {seen:?}");
+    ensure!(api.token_reviews()[0].audiences == ["sluice"]);
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 use super::resources::{self, status, ResourceType, TYPES};
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{Key, Shared};
-use super::{watch, RequestRecord};
+use super::{watch, RequestRecord, TokenReviewRecord};
 use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode};
@@ -67,10 +67,10 @@ pub fn parse_query(q: Option<&str>) -> HashMap<String, String> {
 }
 
 /// Selectors from the query, or the message of the 400 the API server would answer.
-pub fn selectors(q: &HashMap<String, String>) -> Result<(LabelSelector, FieldSelector), String> {
+pub fn selectors(ty: usize, q: &HashMap<String, String>) -> Result<(LabelSelector, FieldSelector), String> {
     let labels = LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str))
         .map_err(|e| format!("unable to parse requirement: {e}"))?;
-    let fields = FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str))?;
+    let fields = FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str), TYPES[ty].fields)?;
     Ok((labels, fields))
 }
 
@@ -182,7 +182,7 @@ fn decode_continue(token: &str) -> Option<(u64, Key)> {
 }
 
 fn list(shared: &Shared, ty: usize, ns: Option<&str>, q: &HashMap<String, String>) -> Response<Body> {
-    let (labels, fields) = match selectors(q) {
+    let (labels, fields) = match selectors(ty, q) {
         Ok(s) => s,
         Err(msg) => return error(400, &msg),
     };
@@ -257,7 +257,11 @@ async fn token_review(shared: &Shared, req: Request<hyper::body::Incoming>) -> R
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
         .unwrap_or_default();
-    let callback = shared.lock().token_review.clone();
+    let callback = {
+        let mut state = shared.lock();
+        state.token_reviews.push(TokenReviewRecord { token: token.clone(), audiences: audiences.clone() });
+        state.token_review.clone()
+    };
     let answer = callback.and_then(|f| f(&token, &audiences));
     review["kind"] = json!("TokenReview");
     review["apiVersion"] = json!("authentication.k8s.io/v1");

@@ -37,6 +37,13 @@ pub struct RequestRecord {
     pub at: Instant,
 }
 
+/// The `spec` of one TokenReview the server was asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenReviewRecord {
+    pub token: String,
+    pub audiences: Vec<String>,
+}
+
 /// The fake API server; dropping it stops the server and joins its thread.
 pub struct FakeApiServer {
     shared: Arc<Shared>,
@@ -170,6 +177,11 @@ impl FakeApiServer {
         f: impl Fn(&str, &[String]) -> Option<(String, Vec<String>)> + Send + Sync + 'static,
     ) {
         self.shared.mutate(|s| s.token_review = Some(Arc::new(f)));
+    }
+
+    /// Every TokenReview received so far, in order (also those no callback answered).
+    pub fn token_reviews(&self) -> Vec<TokenReviewRecord> {
+        self.shared.lock().token_reviews.clone()
     }
 
     /// Every request received so far, in order.

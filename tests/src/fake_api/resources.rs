@@ -13,7 +13,20 @@ pub struct ResourceType {
     pub namespaced: bool,
     /// Served only while [`super::FakeApiServer::set_crds_installed`] says so.
     pub crd: bool,
+    /// `fieldSelector` keys beyond `metadata.name`/`metadata.namespace`, with their JSON pointers.
+    pub fields: &'static [(&'static str, &'static str)],
 }
+
+const POD_FIELDS: &[(&str, &str)] = &[
+    ("spec.nodeName", "/spec/nodeName"),
+    ("spec.serviceAccountName", "/spec/serviceAccountName"),
+    ("spec.hostNetwork", "/spec/hostNetwork"),
+    ("spec.restartPolicy", "/spec/restartPolicy"),
+    ("spec.schedulerName", "/spec/schedulerName"),
+    ("status.phase", "/status/phase"),
+    ("status.podIP", "/status/podIP"),
+    ("status.nominatedNodeName", "/status/nominatedNodeName"),
+];
 
 impl ResourceType {
     pub fn api_version(&self) -> String {
@@ -26,9 +39,33 @@ impl ResourceType {
 }
 
 pub const TYPES: &[ResourceType] = &[
-    ResourceType { group: "", version: "v1", plural: "pods", kind: "Pod", namespaced: true, crd: false },
-    ResourceType { group: "", version: "v1", plural: "services", kind: "Service", namespaced: true, crd: false },
-    ResourceType { group: "", version: "v1", plural: "namespaces", kind: "Namespace", namespaced: false, crd: false },
+    ResourceType {
+        group: "",
+        version: "v1",
+        plural: "pods",
+        kind: "Pod",
+        namespaced: true,
+        crd: false,
+        fields: POD_FIELDS,
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
+        plural: "services",
+        kind: "Service",
+        namespaced: true,
+        crd: false,
+        fields: &[("spec.clusterIP", "/spec/clusterIP"), ("spec.type", "/spec/type")],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
+        plural: "namespaces",
+        kind: "Namespace",
+        namespaced: false,
+        crd: false,
+        fields: &[("status.phase", "/status/phase")],
+    },
     ResourceType {
         group: "discovery.k8s.io",
         version: "v1",
@@ -36,6 +73,7 @@ pub const TYPES: &[ResourceType] = &[
         kind: "EndpointSlice",
         namespaced: true,
         crd: false,
+        fields: &[],
     },
     ResourceType {
         group: "security.istio.io",
@@ -44,6 +82,7 @@ pub const TYPES: &[ResourceType] = &[
         kind: "AuthorizationPolicy",
         namespaced: true,
         crd: true,
+        fields: &[],
     },
     ResourceType {
         group: "security.istio.io",
@@ -52,6 +91,7 @@ pub const TYPES: &[ResourceType] = &[
         kind: "PeerAuthentication",
         namespaced: true,
         crd: true,
+        fields: &[],
     },
 ];
 

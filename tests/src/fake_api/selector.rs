@@ -118,14 +118,12 @@ impl LabelSelector {
 #[derive(Debug, Clone, Default)]
 pub struct FieldSelector(Vec<(&'static str, bool, String)>);
 
-const FIELDS: &[(&str, &str)] = &[
-    ("metadata.name", "/metadata/name"),
-    ("metadata.namespace", "/metadata/namespace"),
-    ("spec.nodeName", "/spec/nodeName"),
-];
+const META_FIELDS: &[(&str, &str)] =
+    &[("metadata.name", "/metadata/name"), ("metadata.namespace", "/metadata/namespace")];
 
 impl FieldSelector {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    /// Parse against the keys one resource type supports (besides `metadata.name`/`metadata.namespace`).
+    pub fn parse(s: &str, type_fields: &[(&'static str, &'static str)]) -> Result<Self, String> {
         let mut out = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (key, eq, val) = if let Some((k, v)) = part.split_once("!=") {
@@ -138,8 +136,9 @@ impl FieldSelector {
                 return Err(format!("invalid selector: '{part}'; can't understand '{part}'"));
             };
             let key = key.trim();
-            let ptr = FIELDS
+            let ptr = META_FIELDS
                 .iter()
+                .chain(type_fields)
                 .find(|(name, _)| *name == key)
                 .map(|(_, ptr)| *ptr)
                 .ok_or_else(|| format!("field label not supported: {key}"))?;
@@ -150,8 +149,13 @@ impl FieldSelector {
 
     pub fn matches(&self, obj: &Value) -> bool {
         self.0.iter().all(|(ptr, eq, val)| {
-            let got = obj.pointer(ptr).and_then(Value::as_str).unwrap_or("");
-            (got == val) == *eq
+            let got = match obj.pointer(ptr) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Bool(b)) => b.to_string(),
+                Some(Value::Number(n)) => n.to_string(),
+                _ => String::new(),
+            };
+            (got == *val) == *eq
         })
     }
 }
@@ -173,10 +177,12 @@ mod tests {
 
     #[test]
     fn field_forms() {
-        let o = json!({"metadata": {"name": "p", "namespace": "ns"}, "spec": {"nodeName": "n1"}});
-        let m = |s: &str| FieldSelector::parse(s).unwrap().matches(&o);
+        let o = json!({"metadata": {"name": "p", "namespace": "ns"}, "spec": {"nodeName": "n1", "hostNetwork": false}});
+        let pods = crate::fake_api::resources::TYPES[0].fields;
+        let m = |s: &str| FieldSelector::parse(s, pods).unwrap().matches(&o);
         assert!(m("spec.nodeName=n1") && m("metadata.name==p,metadata.namespace!=x"));
-        assert!(!m("spec.nodeName!=n1"));
-        assert!(FieldSelector::parse("status.phase=Running").is_err());
+        assert!(m("spec.hostNetwork=false") && m("status.phase!=Running") && !m("spec.nodeName!=n1"));
+        assert!(FieldSelector::parse("spec.bogus=x", pods).is_err());
+        assert!(FieldSelector::parse("spec.nodeName=n1", &[]).is_err());
     }
 }

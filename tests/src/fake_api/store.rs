@@ -2,7 +2,7 @@
 //! history for watches, and the test knobs (CRDs installed, watch epoch, token review callback).
 
 use super::resources::{self, TYPES};
-use super::RequestRecord;
+use super::{RequestRecord, TokenReviewRecord};
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, VecDeque};
@@ -47,6 +47,7 @@ pub struct State {
     pub bookmark_interval: Duration,
     pub token_review: Option<Arc<TokenReviewFn>>,
     pub requests: Vec<RequestRecord>,
+    pub token_reviews: Vec<TokenReviewRecord>,
 }
 
 /// The store shared by the HTTP side and the test side.
@@ -69,6 +70,7 @@ impl Shared {
                 bookmark_interval: Duration::from_secs(1),
                 token_review: None,
                 requests: Vec::new(),
+                token_reviews: Vec::new(),
             }),
             tick: tokio::sync::watch::channel(0).0,
         })

@@ -128,7 +128,7 @@ impl Watch {
 
 /// Start a watch, or answer the request's error.
 pub fn watch(shared: Arc<Shared>, ty: usize, ns: Option<String>, q: &HashMap<String, String>) -> Response<Body> {
-    let (labels, fields) = match selectors(q) {
+    let (labels, fields) = match selectors(ty, q) {
         Ok(s) => s,
         Err(msg) => return error(400, &msg),
     };

@@ -178,6 +178,26 @@ impl SockKey {
     }
 }
 
+/// Key of SPLICE_SERVICES: a service's virtual IP (IPv4-mapped, network
+/// order) and one of its ports (host order), as an app dials it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub ip: [u32; 4],
+    pub port: u32,
+}
+
+/// Value of SPLICE_SERVICES: how many ready endpoints of the service on this
+/// port are enrolled pods on this node (always at least one: the agent keeps
+/// only such entries). sock_ops counts a captured connection to the VIP for a
+/// splice only when there is one; the agent picks the endpoint afterwards.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub local_endpoints: u32,
+    pub _reserved: u32,
+}
+
 /// Value of SPLICE_COUNTS: an app socket's byte counts for a same-node
 /// splice, written only by sk_msg on that socket (one writer, under its
 /// socket lock). `via_agent` is what the app sent through the agent before
@@ -201,4 +221,6 @@ mod user {
     unsafe impl aya::Pod for super::SpliceCount {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::WorkloadInfo {}
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceInfo {}
 }

@@ -2,7 +2,9 @@
 //! (`aya_ebpf::btf_maps`), so `bpftool map dump pinned /sys/fs/bpf/sluice/<NAME>`
 //! prints named fields instead of raw bytes.
 
-use agent_common::{counter, Config, IpKey, OrigDst, PodInfo, SockKey, SpliceCount, WorkloadInfo};
+use agent_common::{
+    counter, Config, IpKey, OrigDst, PodInfo, ServiceInfo, ServiceKey, SockKey, SpliceCount, WorkloadInfo,
+};
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
     macros::btf_map,
@@ -18,6 +20,14 @@ pub static ENROLLED: HashMap<u64, PodInfo, 4096> = HashMap::new();
 /// (`bpftool map dump pinned .../workloads`). Updated on enroll and removal.
 #[btf_map]
 pub static WORKLOADS: HashMap<IpKey, WorkloadInfo, 8192> = HashMap::new();
+
+/// Service VIP:ports (IPv4) with at least one ready endpoint that is an
+/// enrolled pod on this node, kept in step with the config by the agent. A
+/// connection to one may be spliced, so sock_ops counts its app socket as it
+/// does for a connection to a local pod; when the agent then picks an
+/// endpoint elsewhere it takes the socket out of SOCK_PAIRS again.
+#[btf_map]
+pub static SPLICE_SERVICES: HashMap<ServiceKey, ServiceInfo, 16384> = HashMap::new();
 
 /// Settings from the agent (one entry). ARRAY needs 3.19.
 #[btf_map]

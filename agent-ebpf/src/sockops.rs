@@ -14,7 +14,7 @@
 //! `bpf_get_netns_cookie` in sock_ops.
 
 use agent_common::{
-    counter, IpKey, OrigDst, SockKey, SpliceCount, CONFIG_LOOPBACK_BYPASS, CONFIG_SPLICE, WORKLOAD_LOCAL,
+    counter, IpKey, OrigDst, ServiceKey, SockKey, SpliceCount, CONFIG_LOOPBACK_BYPASS, CONFIG_SPLICE, WORKLOAD_LOCAL,
 };
 use aya_ebpf::{
     bindings::{
@@ -29,7 +29,9 @@ use aya_log_ebpf::debug;
 
 use crate::{
     key::{is_agent_port, is_loopback, is_v4_mapped, KeySource},
-    maps::{config_has, count, ORIG_DST_BY_COOKIE, ORIG_DST_BY_TUPLE, SOCK_PAIRS, SPLICE_COUNTS, WORKLOADS},
+    maps::{
+        config_has, count, ORIG_DST_BY_COOKIE, ORIG_DST_BY_TUPLE, SOCK_PAIRS, SPLICE_COUNTS, SPLICE_SERVICES, WORKLOADS,
+    },
 };
 
 #[sock_ops]
@@ -48,11 +50,12 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
     let mut key = unsafe { KeySource::key(ctx.ops, netns) };
     let orig = if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB { rekey_original_destination(&ctx, &key) } else { None };
     let splice_end = if orig.is_some_and(|o| will_splice(&o)) {
-        // An app's captured connection to an enrolled pod on this node:
-        // count its bytes from the first one, so the agent's splice can take
-        // over exactly. Only these: an app socket in a sockmap has the
-        // blocking-read limit of CONFIG_LOOPBACK_BYPASS, which every other
-        // captured connection is spared.
+        // An app's captured connection to an enrolled pod on this node, or
+        // to a service that has one: count its bytes from the first one, so
+        // the agent's splice can take over exactly. Only these: an app socket
+        // in a sockmap has the blocking-read limit of CONFIG_LOOPBACK_BYPASS,
+        // which every other captured connection is spared (the agent takes a
+        // service connection it does not splice out again).
         let _ = SPLICE_COUNTS.insert(key, SpliceCount::default(), 0);
         true
     } else {
@@ -125,18 +128,23 @@ fn rekey_original_destination(ctx: &SockOpsContext, key: &SockKey) -> Option<Ori
     Some(orig)
 }
 
-/// Whether the agent will splice a captured connection to `orig`: the
-/// splice is on, and the destination is an IPv4 address of a pod enrolled on
-/// this node (WORKLOADS). IPv4 only: on 6.18 an IPv6 app socket of this kind
-/// stopped receiving once in a sockmap (its peer's segments were
-/// retransmitted, then the connection reset), while IPv6 loopback pairs
-/// work; until that is understood, IPv6 same-node connections take HBONE.
+/// Whether the agent may splice a captured connection to `orig`: the splice
+/// is on, and the destination is an IPv4 address of a pod enrolled on this
+/// node (WORKLOADS) or a service VIP:port with such a pod among its ready
+/// endpoints (SPLICE_SERVICES; the agent picks the endpoint later and takes
+/// the socket out of SOCK_PAIRS if it is not local after all). IPv4 only:
+/// on 6.18 an IPv6 app socket of this kind stopped receiving once in a
+/// sockmap (its peer's segments were retransmitted, then the connection
+/// reset), while IPv6 loopback pairs work; until that is understood, IPv6
+/// same-node connections take HBONE.
 #[inline(always)]
 fn will_splice(orig: &OrigDst) -> bool {
     if !config_has(CONFIG_SPLICE) || !is_v4_mapped(&orig.ip) {
         return false;
     }
-    let Some(w) = WORKLOADS.get_ptr(IpKey { ip: orig.ip }) else { return false };
-    // SAFETY: the pointer came from a successful lookup.
-    unsafe { (*w).flags & WORKLOAD_LOCAL != 0 }
+    if let Some(w) = WORKLOADS.get_ptr(IpKey { ip: orig.ip }) {
+        // SAFETY: the pointer came from a successful lookup.
+        return unsafe { (*w).flags & WORKLOAD_LOCAL != 0 };
+    }
+    SPLICE_SERVICES.get_ptr(ServiceKey { ip: orig.ip, port: orig.port }).is_some()
 }

@@ -40,7 +40,7 @@ pub use splice::{ip_words, sock_key, SpliceMaps};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SLUICE_EBPF_OBJECT"));
 
 /// Names of the maps in the object, and the file each is pinned as.
-pub const PINNED_MAPS: [(&str, &str); 11] = [
+pub const PINNED_MAPS: [(&str, &str); 12] = [
     ("SOCK_PAIRS", "sock_pairs"),
     ("COUNTERS", "counters"),
     ("ENROLLED", "enrolled"),
@@ -50,6 +50,7 @@ pub const PINNED_MAPS: [(&str, &str); 11] = [
     ("SPLICE_COUNTS", "splice_counts"),
     ("SPLICE_WRITTEN", "splice_written"),
     ("SPLICE_ROUTES", "splice_routes"),
+    ("SPLICE_SERVICES", "splice_services"),
     ("WORKLOADS", "workloads"),
     ("CONFIG", "config"),
 ];

@@ -4,16 +4,17 @@
 //!
 //! The agent writes only what the programs never write: the zeroed counts of
 //! an app end it is about to dial, its own sockets in SOCK_PAIRS with how
-//! much it has written to each, and the routes. Counts are written by sk_msg
-//! alone once they exist.
+//! much it has written to each, the routes, and the service VIPs that may be
+//! spliced. Counts are written by sk_msg alone once they exist.
 
 use std::{
+    collections::HashMap as StdHashMap,
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
     sync::Mutex,
 };
 
-use agent_common::{SockKey, SpliceCount};
+use agent_common::{ServiceInfo, ServiceKey, SockKey, SpliceCount};
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, MapError, SockHash};
 
@@ -24,6 +25,7 @@ pub struct SpliceMaps {
     routes: Mutex<HashMap<MapData, SockKey, SockKey>>,
     written: Mutex<HashMap<MapData, SockKey, u64>>,
     pairs: Mutex<SockHash<MapData, SockKey>>,
+    services: Mutex<HashMap<MapData, ServiceKey, ServiceInfo>>,
 }
 
 impl SpliceMaps {
@@ -39,6 +41,7 @@ impl SpliceMaps {
             routes: Mutex::new(HashMap::try_from(open("splice_routes")?).context("splice_routes")?),
             written: Mutex::new(HashMap::try_from(open("splice_written")?).context("splice_written")?),
             pairs: Mutex::new(SockHash::try_from(open("sock_pairs")?).context("sock_pairs")?),
+            services: Mutex::new(HashMap::try_from(open("splice_services")?).context("splice_services")?),
         })
     }
 
@@ -81,6 +84,39 @@ impl SpliceMaps {
     /// Bytes the app end `key` sent in the kernel, past the agent.
     pub fn spliced(&self, key: &SockKey) -> u64 {
         lock(&self.counts).get(key, 0).map(|c| c.spliced).unwrap_or(0)
+    }
+
+    /// Takes a captured app end that will not be spliced out of the maps
+    /// (SOCK_PAIRS and its counts), so it is a plain TCP socket again and
+    /// the sockmap's blocking-read limit cannot touch it. sock_ops counted it
+    /// because it dialled a service with a local endpoint, and the endpoint
+    /// picked is elsewhere. Returns whether it was there.
+    pub fn release_app(&self, key: SockKey) -> bool {
+        if !self.counted(&key) {
+            return false;
+        }
+        self.forget(&[key]);
+        true
+    }
+
+    /// Makes SPLICE_SERVICES hold exactly `want`: service VIP:ports that
+    /// have a ready endpoint enrolled on this node. Entries a previous agent
+    /// left are replaced too, since the map is read back, not remembered.
+    pub fn set_services(&self, want: &StdHashMap<ServiceKey, ServiceInfo>) -> Result<()> {
+        let mut map = lock(&self.services);
+        let stale: Vec<ServiceKey> = map.keys().filter_map(Result::ok).filter(|k| !want.contains_key(k)).collect();
+        for key in stale {
+            match map.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("removing from splice_services"),
+            }
+        }
+        for (key, info) in want {
+            if map.get(key, 0).ok().as_ref() != Some(info) {
+                map.insert(*key, *info, 0).context("writing splice_services")?;
+            }
+        }
+        Ok(())
     }
 
     /// Removes every entry for these sockets (ones the kernel already

@@ -7,19 +7,45 @@ use prometheus_client::{
     registry::Registry,
 };
 
-/// Istio's TCP labels. `reporter` is "source" (outbound side) or
-/// "destination" (inbound side); unknown peers are "unknown".
+/// Istio's standard TCP labels, with the names, order and value conventions
+/// ztunnel uses (`src/proxy/metrics.rs` there), so Kiali, Grafana's Istio
+/// dashboards and recording rules read them unchanged:
+/// - `reporter` is "source" (the client's agent) or "destination";
+/// - anything not known is "unknown" (ztunnel's `DefaultedUnknown`);
+/// - principals are full SPIFFE IDs, `spiffe://<td>/ns/<ns>/sa/<sa>`;
+/// - `*_app`/`*_version` carry the canonical service and revision, as
+///   ztunnel fills them;
+/// - `destination_service` is the service hostname, with its name and
+///   namespace beside it, when the connection went to a service;
+/// - `response_flags` is "-" for a connection that was set up;
+/// - `connection_security_policy` is "mutual_tls" or "unknown".
+///
+/// Built by `proxy::conn_labels`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnLabels {
     pub reporter: &'static str,
     pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
     pub source_workload_namespace: String,
     pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
     pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
-    pub connection_security_policy: &'static str,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
     pub request_protocol: &'static str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,8 +104,16 @@ impl Default for Metrics {
         r.register("istio_tcp_sent_bytes", "Bytes sent from server to client", m.sent_bytes.clone());
         r.register("istio_tcp_received_bytes", "Bytes received from client by server", m.received_bytes.clone());
         r.register("sluice_config_reloads", "Config file reloads by result (ok, invalid)", m.config_reloads.clone());
-        r.register("sluice_auth_denials", "Connections denied by L4 policy", m.auth_denials.clone());
-        r.register("sluice_hbone_errors", "HBONE streams that did not get 200, by status", m.hbone_errors.clone());
+        r.register(
+            "sluice_auth_denials",
+            "Connections denied by L4 policy, at setup or when a new policy closed them",
+            m.auth_denials.clone(),
+        );
+        r.register(
+            "sluice_hbone_errors",
+            "HBONE streams that did not get 200, and outbound connections refused (e.g. no_healthy_upstream), by status",
+            m.hbone_errors.clone(),
+        );
         r.register("sluice_redirect_mode", "Capture mode in use (1 for the active mode)", m.redirect_mode.clone());
         r.register("sluice_enrolled_pods", "Pods enrolled on this node", m.enrolled_pods.clone());
         drop(r);

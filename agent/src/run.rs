@@ -126,6 +126,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 metrics.config_reloads.get_or_create(&ResultLabel { result: "ok" }).inc();
                 info!(generation = state.generation(), "config reloaded");
                 pods.sync(&state).await;
+                crate::proxy::revalidate(&ctx, &state);
             }
             _ = resync.tick() => pods.sync(&states.borrow().clone()).await,
             _ = rotate.tick() => pods.refresh_certs(),

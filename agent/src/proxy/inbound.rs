@@ -1,6 +1,10 @@
 //! 15008: HBONE from other agents. TLS proves the client's SPIFFE identity;
 //! each CONNECT stream is then authorized by L4 policy and dialled to the app
-//! inside this pod, with the client pod's IP as source.
+//! inside this pod, with the client pod's IP as source. The `:authority` is
+//! this pod's address and the app's port (for a service, the endpoint and
+//! target port the client's agent picked), so policy is checked against the
+//! port the app really serves. Each open stream is registered, so a policy
+//! that later denies it resets it (registry.rs).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -12,7 +16,12 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info_span, warn, Instrument};
 
-use super::{canonical_ip, conn_labels, connect_app, Ctx, PodCtx};
+use super::{
+    canonical_ip, conn_labels, connect_app,
+    registry::{self, Kind, Registered},
+    services::inbound_service,
+    Ctx, PodCtx, Security,
+};
 use crate::{
     identity::SpiffeId,
     metrics::{DenyLabels, StatusLabels},
@@ -70,7 +79,9 @@ struct InboundHandler {
 }
 
 impl Handler for InboundHandler {
-    async fn open(&self, req: &InboundRequest) -> Result<TcpStream, Refusal> {
+    type Guard = Registered;
+
+    async fn open(&self, req: &InboundRequest) -> Result<(TcpStream, Registered), Refusal> {
         let w = &self.pod.workload;
         if !w.ips.iter().any(|ip| canonical_ip(*ip) == canonical_ip(req.target.ip())) {
             return Err(Refusal::BadRequest(format!("{} is not an address of {}", req.target.ip(), w.uid)));
@@ -90,7 +101,10 @@ impl Handler for InboundHandler {
                 .inc();
             return Err(Refusal::Denied(policy));
         }
-        connect_app(&self.pod.netns, req.peer.ip(), req.target, self.pod.app_mark).await.map_err(Refusal::Unavailable)
+        let app = connect_app(&self.pod.netns, req.peer.ip(), req.target, self.pod.app_mark)
+            .await
+            .map_err(Refusal::Unavailable)?;
+        Ok((app, registry::register(Kind::Hbone, source, &w.uid, req.target)))
     }
 
     fn finished(&self, req: &InboundRequest, status: StatusCode, bytes: CopyResult) {
@@ -103,15 +117,16 @@ impl Handler for InboundHandler {
         }
         let state = self.ctx.state();
         let src = state.workload_by_ip(req.peer.ip());
-        let src_principal =
-            req.peer_identity.as_deref().and_then(|id| id.parse::<SpiffeId>().ok()).map(|id| id.principal());
+        let src_id = req.peer_identity.as_deref().and_then(|id| id.parse::<SpiffeId>().ok());
+        let service = inbound_service(&state, &self.pod.workload, req.target.port());
         let labels = conn_labels(
             "destination",
             src.as_deref(),
-            src_principal,
+            src_id.as_ref(),
             Some(&self.pod.workload),
-            Some(self.pod.id.principal()),
-            true,
+            Some(&self.pod.id),
+            service.as_deref(),
+            Security::MutualTls,
         );
         let mut guard = m.connection(labels);
         guard.client_to_server = bytes.stream_to_tcp;

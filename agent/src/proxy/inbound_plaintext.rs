@@ -1,6 +1,7 @@
 //! 15006: plain TCP from clients that are not in the mesh, captured on its
 //! way into the pod. Policy sees no identity here; a connection it denies is
-//! reset before a single byte reaches the app.
+//! reset before a single byte reaches the app, and one a later policy denies
+//! is reset on both sides (registry.rs).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -8,7 +9,12 @@ use anyhow::{Context, Result};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info_span, warn, Instrument};
 
-use super::{conn_labels, connect_app, Ctx, PodCtx};
+use super::{
+    conn_labels, connect_app,
+    registry::{self, Kind},
+    services::inbound_service,
+    Ctx, PodCtx, Security,
+};
 use crate::{
     metrics::DenyLabels,
     netns::original_dst,
@@ -51,10 +57,30 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodCtx, ctx: &Ctx
     let mut app = connect_app(&pod.netns, peer.ip(), target, pod.app_mark)
         .await
         .with_context(|| format!("connecting to the app at {target}"))?;
+    let mut registered = registry::register(Kind::Plaintext, source, &pod.workload.uid, target);
     let src = state.workload_by_ip(peer.ip());
-    let labels = conn_labels("destination", src.as_deref(), None, Some(&pod.workload), Some(pod.id.principal()), false);
+    let service = inbound_service(&state, &pod.workload, target.port());
+    let labels = conn_labels(
+        "destination",
+        src.as_deref(),
+        None,
+        Some(&pod.workload),
+        Some(&pod.id),
+        service.as_deref(),
+        Security::Unknown,
+    );
     let mut guard = ctx.metrics.connection(labels);
-    let result = tokio::io::copy_bidirectional(&mut client, &mut app).await;
+    let result = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut app) => r,
+        policy = registered.closed() => {
+            // Reset both sides. (The bytes moved so far go uncounted: tokio's
+            // copy reports them only when it completes.)
+            for s in [&client, &app] {
+                let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+            }
+            return Err(anyhow::anyhow!("closed: policy {policy} now denies this connection"));
+        }
+    };
     if let Ok((up, down)) = result {
         guard.client_to_server = up;
         guard.server_to_client = down;

@@ -8,6 +8,8 @@
 pub mod inbound;
 pub mod inbound_plaintext;
 pub mod outbound;
+mod registry;
+mod services;
 mod socket;
 pub mod splice;
 
@@ -28,10 +30,11 @@ use crate::{
     identity::{CertCache, SpiffeId},
     metrics::{ConnLabels, Metrics},
     netns::Netns,
-    state::{State, Workload},
+    state::{Service, State, Workload},
     tunnel::pool::Pool,
 };
 
+pub use registry::revalidate;
 pub use socket::{connect_app, listen_both};
 
 /// Node-wide: config state, certificates, the HBONE pool, metrics.
@@ -93,27 +96,77 @@ pub struct PodCtx {
     pub netns_cookie: u64,
 }
 
-/// Istio's labels for one connection. `src`/`dst` are the workloads when
-/// known; principals are SPIFFE principals, or "unknown".
+/// What `source_cluster`/`destination_cluster` say for a known workload:
+/// ztunnel's default cluster id (its `CLUSTER_ID`), which is also istiod's.
+/// Sluice serves one cluster.
+pub const CLUSTER_ID: &str = "Kubernetes";
+
+/// `connection_security_policy`, as ztunnel writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Security {
+    /// HBONE, and the same-node splice: there the agent holds both pods'
+    /// identities itself and authorizes with the source's verified SPIFFE
+    /// ID, and the bytes never leave the node, so the connection carries
+    /// what mTLS guarantees (authenticated peers, identity-based policy)
+    /// without a TLS layer to add; dashboards must not show it as plaintext.
+    MutualTls,
+    /// Plaintext: ztunnel reports "unknown" (not Envoy's "none") for both
+    /// its passthrough directions.
+    Unknown,
+}
+
+impl Security {
+    fn label(self) -> &'static str {
+        match self {
+            Security::MutualTls => "mutual_tls",
+            Security::Unknown => "unknown",
+        }
+    }
+}
+
+/// Istio's labels for one connection (see `metrics::ConnLabels` for the
+/// conventions). `src`/`dst` are the workloads when known; the principals
+/// are the identities actually in play (the source's verified certificate
+/// on the destination side), rendered `spiffe://...`; `service` is the
+/// service the client dialled, or the one the destination side found for
+/// the address it was asked for.
 pub fn conn_labels(
     reporter: &'static str,
     src: Option<&Workload>,
-    src_principal: Option<String>,
+    src_principal: Option<&SpiffeId>,
     dst: Option<&Workload>,
-    dst_principal: Option<String>,
-    mtls: bool,
+    dst_principal: Option<&SpiffeId>,
+    service: Option<&Service>,
+    security: Security,
 ) -> ConnLabels {
     let unknown = || "unknown".to_string();
+    let of = |w: Option<&Workload>, f: fn(&Workload) -> &str| w.map(|w| f(w).to_string()).unwrap_or_else(unknown);
+    let cluster = |w: Option<&Workload>| w.map(|_| CLUSTER_ID.to_string()).unwrap_or_else(unknown);
+    let principal = |id: Option<&SpiffeId>| id.map(ToString::to_string).unwrap_or_else(unknown);
     ConnLabels {
         reporter,
-        source_workload: src.map(|w| w.name.clone()).unwrap_or_else(unknown),
-        source_workload_namespace: src.map(|w| w.namespace.clone()).unwrap_or_else(unknown),
-        source_principal: src_principal.unwrap_or_else(unknown),
-        destination_workload: dst.map(|w| w.name.clone()).unwrap_or_else(unknown),
-        destination_workload_namespace: dst.map(|w| w.namespace.clone()).unwrap_or_else(unknown),
-        destination_principal: dst_principal.unwrap_or_else(unknown),
-        connection_security_policy: if mtls { "mutual_tls" } else { "none" },
+        source_workload: of(src, |w| &w.workload_name),
+        source_canonical_service: of(src, Workload::canonical_service),
+        source_canonical_revision: of(src, Workload::canonical_revision),
+        source_workload_namespace: of(src, |w| &w.namespace),
+        source_principal: principal(src_principal),
+        source_app: of(src, Workload::canonical_service),
+        source_version: of(src, Workload::canonical_revision),
+        source_cluster: cluster(src),
+        destination_service: service.map(|s| s.hostname.clone()).unwrap_or_else(unknown),
+        destination_service_namespace: service.map(|s| s.namespace.clone()).unwrap_or_else(unknown),
+        destination_service_name: service.map(|s| s.name.clone()).unwrap_or_else(unknown),
+        destination_workload: of(dst, |w| &w.workload_name),
+        destination_canonical_service: of(dst, Workload::canonical_service),
+        destination_canonical_revision: of(dst, Workload::canonical_revision),
+        destination_workload_namespace: of(dst, |w| &w.namespace),
+        destination_principal: principal(dst_principal),
+        destination_app: of(dst, Workload::canonical_service),
+        destination_version: of(dst, Workload::canonical_revision),
+        destination_cluster: cluster(dst),
         request_protocol: "tcp",
+        response_flags: "-",
+        connection_security_policy: security.label(),
     }
 }
 
@@ -122,5 +175,54 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
         v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Config;
+
+    #[test]
+    fn labels_follow_ztunnel() {
+        let config = Config::from_str_named(
+            r#"
+trustDomain: cluster.local
+ca: { dir: /ca }
+workloads:
+  - { uid: default/c-1, name: c-1, namespace: default, serviceAccount: sleep, workloadIps: [10.0.0.1], node: n1,
+      netns: /run/netns/c, workloadName: sleep, labels: { app: sleep, version: v1 },
+      services: { default/web.default.svc.cluster.local: {} } }
+services:
+  - { name: web, namespace: default, hostname: web.default.svc.cluster.local, vips: [10.96.0.1], ports: { 80: 80 } }
+"#,
+            "t.yaml",
+        )
+        .unwrap();
+        let state = State::from_config(&config, "n1").unwrap();
+        let w = state.workload_by_uid("default/c-1").unwrap();
+        let svc = state.service_by_vip("10.96.0.1".parse().unwrap()).unwrap();
+        let id = SpiffeId::new("cluster.local", "default", "sleep").unwrap();
+        let l = conn_labels("source", Some(&w), Some(&id), None, None, Some(&svc), Security::MutualTls);
+        assert_eq!(l.source_principal, "spiffe://cluster.local/ns/default/sa/sleep");
+        assert_eq!(
+            (l.source_workload.as_str(), l.source_app.as_str(), l.source_version.as_str()),
+            ("sleep", "sleep", "v1")
+        );
+        assert_eq!((l.source_canonical_service.as_str(), l.source_canonical_revision.as_str()), ("sleep", "v1"));
+        assert_eq!(l.source_cluster, CLUSTER_ID);
+        assert_eq!(
+            (
+                l.destination_service.as_str(),
+                l.destination_service_name.as_str(),
+                l.destination_service_namespace.as_str()
+            ),
+            ("web.default.svc.cluster.local", "web", "default")
+        );
+        assert_eq!((l.destination_workload.as_str(), l.destination_principal.as_str()), ("unknown", "unknown"));
+        assert_eq!((l.destination_cluster.as_str(), l.destination_app.as_str()), ("unknown", "unknown"));
+        assert_eq!((l.response_flags, l.request_protocol, l.connection_security_policy), ("-", "tcp", "mutual_tls"));
+        let plain = conn_labels("destination", None, None, Some(&w), Some(&id), None, Security::Unknown);
+        assert_eq!((plain.connection_security_policy, plain.destination_service.as_str()), ("unknown", "unknown"));
     }
 }

@@ -1,10 +1,14 @@
 //! 15001: connections the pod's apps open, after capture rewrote them here.
 //!
-//! The original destination decides the path: an enrolled (HBONE) workload
-//! on this node is spliced in the kernel when capture is eBPF (splice.rs),
-//! one elsewhere gets an HBONE stream to its agent's 15008, anything else (not enrolled, or
-//! not a known workload at all) is passed through as plain TCP, from inside
-//! the pod, with the agent mark so it is not captured again.
+//! The original destination decides the path. A service VIP is resolved
+//! first, to one ready endpoint and its target port (services.rs); from
+//! then on the endpoint is the destination, as if the app had dialled it.
+//! An enrolled (HBONE) workload on this node is spliced in the kernel when
+//! capture is eBPF (splice.rs), one elsewhere gets an HBONE stream to its
+//! agent's 15008, anything else (not enrolled, or not a known workload at
+//! all) is passed through as plain TCP, from inside the pod, with the agent
+//! mark so it is not captured again. A VIP with no endpoint to go to is
+//! reset.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -13,17 +17,21 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info_span, warn, Instrument};
 
-use super::{canonical_ip, conn_labels, splice::splice, Ctx, PodCtx};
+use super::{canonical_ip, conn_labels, services, splice::splice, Ctx, PodCtx, Security};
 use crate::{
+    bpf::sock_key,
     identity::SpiffeId,
     metrics::StatusLabels,
     netns::original_dst,
-    state::{Protocol, Workload},
+    state::{Protocol, Service, Workload},
     tls,
     tunnel::{client::Connection, copy_bidirectional, pool::PoolKey, HBONE_PORT},
 };
 
 pub async fn serve(listener: TcpListener, pod: Arc<PodCtx>, ctx: Arc<Ctx>) {
+    // Before the pod's first captured connection: sock_ops decides from
+    // this list whether a connection to a VIP may be spliced.
+    services::sync_splice(&ctx, &ctx.state());
     loop {
         let (app, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -33,7 +41,13 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodCtx>, ctx: Arc<Ctx>) {
             }
         };
         let (pod, ctx) = (pod.clone(), ctx.clone());
-        let span = info_span!("outbound", pod = %pod.workload.uid, src = %peer, dst = tracing::field::Empty);
+        let span = info_span!(
+            "outbound",
+            pod = %pod.workload.uid,
+            src = %peer,
+            dst = tracing::field::Empty,
+            endpoint = tracing::field::Empty
+        );
         tokio::spawn(
             async move {
                 let _active = ctx.track();
@@ -48,50 +62,102 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodCtx>, ctx: Arc<Ctx>) {
 
 async fn handle(app: TcpStream, peer: SocketAddr, pod: &PodCtx, ctx: &Ctx) -> Result<()> {
     let dst = original_dst(&app).context("reading the original destination (SO_ORIGINAL_DST)")?;
-    tracing::Span::current().record("dst", tracing::field::display(dst));
+    let span = tracing::Span::current();
+    span.record("dst", tracing::field::display(dst));
     let state = ctx.state();
-    match state.workload_by_ip(dst.ip()) {
-        Some(w) if w.protocol == Protocol::Hbone => match (&ctx.splice, ctx.local_pod(dst.ip())) {
+    services::sync_splice(ctx, &state);
+    let (target, service) = match state.service_by_vip(dst.ip()) {
+        None => (dst, None),
+        Some(svc) => match services::resolve(&svc, dst, &state) {
+            Ok(endpoint) => {
+                span.record("endpoint", tracing::field::display(endpoint));
+                (endpoint, Some(svc))
+            }
+            Err(why) => {
+                debug!(service = %svc.id(), port = dst.port(), reason = %why, "no healthy upstream; resetting");
+                release_app(&app, pod, ctx);
+                refuse(&app, ctx, "no_healthy_upstream");
+                return Ok(());
+            }
+        },
+    };
+    let service = service.as_deref();
+    match state.workload_by_ip(target.ip()) {
+        Some(w) if w.protocol == Protocol::Hbone => match (&ctx.splice, ctx.local_pod(target.ip())) {
             // IPv4 only: an IPv6 app socket in a sockmap lost its incoming
             // bytes on 6.18 in our tests (see sockops.rs), so IPv6 takes HBONE.
-            (Some(maps), Some(dst_pod)) if canonical_ip(dst.ip()).is_ipv4() => {
-                splice(app, peer, dst, pod, &dst_pod, maps, ctx).await
+            (Some(maps), Some(dst_pod)) if canonical_ip(target.ip()).is_ipv4() => {
+                splice(app, peer, target, pod, &dst_pod, maps, ctx, service).await
             }
-            _ => hbone(app, peer, dst, &w, pod, ctx).await,
+            _ => {
+                release_app(&app, pod, ctx);
+                hbone(app, peer, target, &w, pod, ctx, service).await
+            }
         },
-        other => passthrough(app, dst, other.as_deref(), pod, ctx).await,
+        other => {
+            release_app(&app, pod, ctx);
+            passthrough(app, target, other.as_deref(), pod, ctx, service).await
+        }
     }
 }
 
-async fn hbone(app: TcpStream, peer: SocketAddr, dst: SocketAddr, w: &Workload, pod: &PodCtx, ctx: &Ctx) -> Result<()> {
+/// A connection that will not be spliced must not keep its app socket in
+/// the sockmap: sock_ops admits a connection to a service VIP that has a
+/// local endpoint before the agent has picked one, and in a sockmap a
+/// blocking read() woken without data returns EAGAIN (README, "Limits").
+/// Taken out now, before the agent reads or writes a byte of it, the app's
+/// socket is plain TCP again.
+fn release_app(app: &TcpStream, pod: &PodCtx, ctx: &Ctx) {
+    let Some(maps) = &ctx.splice else { return };
+    let (Ok(local), Ok(remote)) = (app.local_addr(), app.peer_addr()) else { return };
+    if maps.release_app(sock_key(pod.netns_cookie, local, remote).peer()) {
+        debug!("not spliced: the app's socket left the sockmap");
+    }
+}
+
+/// Counts a refused outbound connection and resets the app's socket: the
+/// app must see a failed connection, not an EOF it could take for a
+/// complete (empty) response.
+fn refuse(app: &TcpStream, ctx: &Ctx, status: &str) {
+    ctx.metrics.hbone_errors.get_or_create(&StatusLabels { direction: "outbound", status: status.into() }).inc();
+    let _ = socket2::SockRef::from(app).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// An HBONE stream to `w`'s agent; `dst` (the pod address, or the service
+/// endpoint picked: `endpoint_ip:targetPort`) is the `:authority`, as
+/// ztunnel sends it.
+async fn hbone(
+    app: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    w: &Workload,
+    pod: &PodCtx,
+    ctx: &Ctx,
+    service: Option<&Service>,
+) -> Result<()> {
     let dst_id = ctx.spiffe_id(w)?;
     let key = PoolKey {
         src_identity: pod.id.to_string(),
         dst_identity: dst_id.to_string(),
         dst: SocketAddr::new(dst.ip(), HBONE_PORT),
     };
-    let refuse = |status: String| {
-        ctx.metrics.hbone_errors.get_or_create(&StatusLabels { direction: "outbound", status }).inc();
-        // Reset, not close: the app must see a failed connect, not an EOF
-        // it could take for a complete (empty) response.
-        let _ = socket2::SockRef::from(&app).set_linger(Some(std::time::Duration::ZERO));
-    };
     let conn = match ctx.pool.get(&key, || dial(pod, ctx, key.dst, dst_id.clone())).await {
         Ok(c) => c,
         Err(e) => {
-            refuse("connect_failed".into());
+            refuse(&app, ctx, "connect_failed");
             return Err(e);
         }
     };
     let stream = match conn.connect(dst, peer.ip()).await {
         Ok(s) => s,
         Err(e) => {
-            refuse(e.status().map(|s| s.as_u16().to_string()).unwrap_or_else(|| "stream_failed".into()));
+            let status = e.status().map(|s| s.as_u16().to_string()).unwrap_or_else(|| "stream_failed".into());
+            refuse(&app, ctx, &status);
             return Err(e).with_context(|| format!("HBONE CONNECT to {dst} via {}", key.dst));
         }
     };
     let labels =
-        conn_labels("source", Some(&pod.workload), Some(pod.id.principal()), Some(w), Some(dst_id.principal()), true);
+        conn_labels("source", Some(&pod.workload), Some(&pod.id), Some(w), Some(&dst_id), service, Security::MutualTls);
     let mut guard = ctx.metrics.connection(labels);
     let (bytes, outcome) = copy_bidirectional(app, stream.send, stream.recv).await;
     guard.client_to_server = bytes.tcp_to_stream;
@@ -112,14 +178,27 @@ async fn dial(pod: &PodCtx, ctx: &Ctx, to: SocketAddr, dst_id: SpiffeId) -> Resu
     Connection::handshake(tls).await.with_context(|| format!("HTTP/2 handshake with {to}"))
 }
 
-async fn passthrough(mut app: TcpStream, dst: SocketAddr, w: Option<&Workload>, pod: &PodCtx, ctx: &Ctx) -> Result<()> {
+/// Plain TCP to `dst` (a workload outside the mesh, a service endpoint
+/// outside it at `endpoint_ip:targetPort`, or an address nobody knows),
+/// from inside the pod, with the pod's own IP.
+async fn passthrough(
+    mut app: TcpStream,
+    dst: SocketAddr,
+    w: Option<&Workload>,
+    pod: &PodCtx,
+    ctx: &Ctx,
+    service: Option<&Service>,
+) -> Result<()> {
     let mut upstream = pod
         .netns
         .socket(dst, None, false)?
         .connect(dst)
         .await
         .with_context(|| format!("passthrough connect to {dst}"))?;
-    let labels = conn_labels("source", Some(&pod.workload), Some(pod.id.principal()), w, None, false);
+    // ztunnel names a known destination's identity even without mTLS.
+    let dst_id = w.and_then(|w| ctx.spiffe_id(w).ok());
+    let labels =
+        conn_labels("source", Some(&pod.workload), Some(&pod.id), w, dst_id.as_ref(), service, Security::Unknown);
     let mut guard = ctx.metrics.connection(labels);
     let result = tokio::io::copy_bidirectional(&mut app, &mut upstream).await;
     if let Ok((up, down)) = result {

@@ -38,3 +38,20 @@ pub async fn connect_app(netns: &Netns, client: IpAddr, target: SocketAddr, mark
         Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting to the app at {target}"))),
     }
 }
+
+/// Resets a connected TCP socket now, whoever else holds it (the keeper
+/// keeps copies of spliced sockets, so closing ours would not end it):
+/// `connect(AF_UNSPEC)` is `tcp_disconnect`, which sends the peer a RST and
+/// wakes our own readers and writers with ECONNRESET.
+pub(super) fn abort(fd: std::os::fd::RawFd) {
+    // SAFETY: a zeroed sockaddr with only the family set, and its length;
+    // `fd` is a socket the caller keeps open for this call.
+    let rc = unsafe {
+        let mut sa: libc::sockaddr = std::mem::zeroed();
+        sa.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        libc::connect(fd, &sa, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t)
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "resetting a socket (connect AF_UNSPEC)");
+    }
+}

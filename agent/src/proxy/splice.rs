@@ -13,10 +13,14 @@
 //!
 //! With a keeper (keeper.rs) holding copies of the agent's two sockets, a
 //! spliced connection outlives the agent, and the next agent adopts it.
+//!
+//! A connection to a service VIP whose picked endpoint is local comes here
+//! too, with the endpoint as `dst`: sock_ops counted its app socket because
+//! the VIP is in SPLICE_SERVICES.
 
 use std::{
     net::SocketAddr,
-    os::fd::{AsFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     sync::Arc,
 };
 
@@ -31,13 +35,19 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use super::{conn_labels, socket::APP_CONNECT_TIMEOUT, Ctx, PodCtx};
+use super::{
+    conn_labels,
+    registry::{self, Kind},
+    socket::{abort, APP_CONNECT_TIMEOUT},
+    Ctx, PodCtx, Security,
+};
 use crate::{
     bpf::{sock_key, SpliceMaps},
     keeper::Kept,
     metrics::{DenyLabels, StatusLabels},
     netns::socket_netns_cookie,
     policy::{authorize, Decision, Source},
+    state::Service,
 };
 
 /// The four sockets of one spliced connection, by their map keys.
@@ -76,6 +86,10 @@ impl Drop for Forget<'_> {
     }
 }
 
+/// `dst` is the destination app's address (a pod address, or the service
+/// endpoint picked, with its target port); `service` the service the app
+/// dialled, if it did.
+#[allow(clippy::too_many_arguments)]
 pub async fn splice(
     app: TcpStream,
     peer: SocketAddr,
@@ -84,6 +98,7 @@ pub async fn splice(
     dst_pod: &PodCtx,
     maps: &SpliceMaps,
     ctx: &Ctx,
+    service: Option<&Service>,
 ) -> Result<()> {
     let source = Source::authenticated(src.id.principal(), peer.ip());
     if let Decision::Deny { policy } = authorize(&ctx.state(), &dst_pod.workload, &source, dst.port()) {
@@ -112,8 +127,8 @@ pub async fn splice(
     let keys = Keys::of(&app, &upstream)?;
     let forget = Forget(maps, keys);
     arm(maps, &keys, &app, &upstream, [0, 0]);
-    let kept = keep(ctx, &app, &upstream, peer, dst);
-    carry(app, upstream, Some(src), Some(dst_pod), forget, kept, ctx).await
+    let kept = keep(ctx, &app, &upstream, peer, dst, service);
+    carry(app, upstream, Some(src), Some(dst_pod), service, forget, kept, ctx).await
 }
 
 /// Takes over a spliced connection a previous agent left with the keeper.
@@ -133,8 +148,15 @@ pub async fn adopt(kept: Kept, ctx: Arc<Ctx>) -> Result<()> {
     arm(maps, &keys, &app, &upstream, written);
     let pod = |key: &str| kept.meta[key].as_str().and_then(|ip| ip.parse().ok()).and_then(|ip| ctx.local_pod(ip));
     let (src, dst) = (pod("src_ip"), pod("dst_ip"));
+    let state = ctx.state();
+    let service = kept
+        .meta
+        .get("service")
+        .and_then(|s| s.as_str())
+        .and_then(|key| state.services().find(|svc| format!("{}/{}", svc.namespace, svc.hostname) == key).cloned());
     info!(id = %kept.id, "adopted a spliced connection from the keeper");
-    carry(app, upstream, src.as_deref(), dst.as_deref(), Forget(maps, keys), Some(kept.id), &ctx).await
+    let (src, dst, service) = (src.as_deref(), dst.as_deref(), service.as_deref());
+    carry(app, upstream, src, dst, service, Forget(maps, keys), Some(kept.id), &ctx).await
 }
 
 /// Puts the agent's two sockets in SOCK_PAIRS and routes each app end into
@@ -162,10 +184,20 @@ fn arm(maps: &SpliceMaps, k: &Keys, app: &TcpStream, upstream: &TcpStream, writt
 
 /// Gives the keeper copies of the two sockets, so the connection survives
 /// this agent; returns the id to release when it ends.
-fn keep(ctx: &Ctx, app: &TcpStream, upstream: &TcpStream, peer: SocketAddr, dst: SocketAddr) -> Option<String> {
+fn keep(
+    ctx: &Ctx,
+    app: &TcpStream,
+    upstream: &TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    service: Option<&Service>,
+) -> Option<String> {
     let keeper = ctx.keeper.as_ref()?;
     let id = format!("{peer}->{dst}:{}", upstream.local_addr().map(|a| a.port()).unwrap_or_default());
-    let meta = serde_json::json!({ "src_ip": peer.ip().to_string(), "dst_ip": dst.ip().to_string() });
+    let mut meta = serde_json::json!({ "src_ip": peer.ip().to_string(), "dst_ip": dst.ip().to_string() });
+    if let Some(svc) = service {
+        meta["service"] = format!("{}/{}", svc.namespace, svc.hostname).into();
+    }
     match keeper.hold(&id, meta, [app.as_fd(), upstream.as_fd()]) {
         Ok(()) => Some(id),
         Err(e) => {
@@ -177,12 +209,15 @@ fn keep(ctx: &Ctx, app: &TcpStream, upstream: &TcpStream, peer: SocketAddr, dst:
 
 /// Runs a spliced connection to its end: copies what the kernel has not
 /// taken over yet, passes half-closes on, and records the connection in the
-/// metrics with the bytes the kernel moved.
+/// metrics with the bytes the kernel moved. Registered (registry.rs) while
+/// it runs, so a policy that now denies it resets both apps.
+#[allow(clippy::too_many_arguments)]
 async fn carry(
     app: TcpStream,
     upstream: TcpStream,
     src: Option<&PodCtx>,
     dst: Option<&PodCtx>,
+    service: Option<&Service>,
     forget: Forget<'_>,
     kept: Option<String>,
     ctx: &Ctx,
@@ -191,18 +226,46 @@ async fn carry(
         conn_labels(
             reporter,
             src.map(|p| &*p.workload),
-            src.map(|p| p.id.principal()),
+            src.map(|p| &p.id),
             dst.map(|p| &*p.workload),
-            dst.map(|p| p.id.principal()),
-            true,
+            dst.map(|p| &p.id),
+            service,
+            Security::MutualTls,
         )
     };
     let (mut source_side, mut dest_side) =
         (ctx.metrics.connection(labels("source")), ctx.metrics.connection(labels("destination")));
+    let mut registered = match (src, dst, app.peer_addr(), upstream.peer_addr()) {
+        (Some(src), Some(dst), Ok(client), Ok(target)) => Some(registry::register(
+            Kind::Spliced,
+            Source::authenticated(src.id.principal(), client.ip()),
+            &dst.workload.uid,
+            target,
+        )),
+        _ => None,
+    };
     let (maps, k) = (forget.0, forget.1);
+    let (app_fd, up_fd) = (app.as_raw_fd(), upstream.as_raw_fd());
     let (app_r, app_w) = app.into_split();
     let (up_r, up_w) = upstream.into_split();
-    let (up, down) = tokio::join!(copy(app_r, up_w, maps, k.dst_agent), copy(up_r, app_w, maps, k.src_agent));
+    let both = async { tokio::join!(copy(app_r, up_w, maps, k.dst_agent), copy(up_r, app_w, maps, k.src_agent)) };
+    tokio::pin!(both);
+    let denied = async {
+        match &mut registered {
+            Some(r) => r.closed().await,
+            None => std::future::pending().await,
+        }
+    };
+    let (up, down) = tokio::select! {
+        done = &mut both => done,
+        policy = denied => {
+            // Both sockets are still open (inside `both`): reset the two
+            // apps. Works whoever else holds the sockets (the keeper).
+            abort(app_fd);
+            abort(up_fd);
+            (Err(anyhow::anyhow!("closed: policy {policy} now denies this connection")), Ok(()))
+        }
+    };
     let c2s = maps.written_so_far(&k.dst_agent) + maps.spliced(&k.src_app);
     let s2c = maps.written_so_far(&k.src_agent) + maps.spliced(&k.dst_app);
     for guard in [&mut source_side, &mut dest_side] {

@@ -46,13 +46,27 @@ pub async fn copy_bidirectional(
     send: SendStream<Bytes>,
     recv: RecvStream,
 ) -> (CopyResult, io::Result<()>) {
+    copy_bidirectional_until(tcp, send, recv, std::future::pending()).await
+}
+
+/// [`copy_bidirectional`], cut short when `stop` resolves (a new policy
+/// denies the connection): both sides are then reset as on an error, the
+/// TCP side with a RST and the stream with RST_STREAM CANCEL (h2 sends it
+/// when the stream's last handle is dropped while it is open), and the
+/// result is a `ConnectionReset` error.
+pub async fn copy_bidirectional_until(
+    tcp: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    stop: impl std::future::Future<Output = ()>,
+) -> (CopyResult, io::Result<()>) {
     keep_freed_buffers();
     let (mut rd, mut wr) = tcp.into_split();
     let (mut up_bytes, mut down_bytes) = (0u64, 0u64);
     let outcome = {
         let up = tcp_to_stream(&mut rd, send, &mut up_bytes);
         let down = stream_to_tcp(recv, &mut wr, &mut down_bytes);
-        tokio::pin!(up, down);
+        tokio::pin!(up, down, stop);
         let (mut up_done, mut down_done) = (false, false);
         // One direction ending cleanly is a half-close: keep the other going.
         // One direction failing ends both, or the other could wait forever.
@@ -60,6 +74,7 @@ pub async fn copy_bidirectional(
             tokio::select! {
                 r = &mut up, if !up_done => { up_done = true; if let Err(e) = r { break Err(e) } }
                 r = &mut down, if !down_done => { down_done = true; if let Err(e) = r { break Err(e) } }
+                () = &mut stop => break Err(io::Error::new(io::ErrorKind::ConnectionReset, "closed by the agent")),
             }
             if up_done && down_done {
                 break Ok(());

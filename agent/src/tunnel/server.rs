@@ -17,7 +17,7 @@ use tokio::{
 };
 use tracing::{debug, info_span, warn, Instrument};
 
-use super::{copy_bidirectional, settings, CopyResult};
+use super::{copy::copy_bidirectional_until, settings, CopyResult};
 
 /// What the server knows about one inbound stream when it asks the handler.
 #[derive(Debug, Clone)]
@@ -48,10 +48,25 @@ impl Refusal {
     }
 }
 
+/// Held by the server for as long as a stream it opened runs, and dropped
+/// when the stream ends, however it ends.
+pub trait StreamGuard: Send + 'static {
+    /// Resolves when the handler wants the stream gone (a new policy denies
+    /// it): both sides are then reset.
+    fn closed(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+impl StreamGuard for () {
+    async fn closed(&mut self) {
+        std::future::pending().await
+    }
+}
+
 /// The agent's side of each stream: authorize and dial, then account.
 pub trait Handler: Send + Sync + 'static {
+    type Guard: StreamGuard;
     /// Decides and, when allowed, connects to the app.
-    fn open(&self, req: &InboundRequest) -> impl Future<Output = Result<TcpStream, Refusal>> + Send;
+    fn open(&self, req: &InboundRequest) -> impl Future<Output = Result<(TcpStream, Self::Guard), Refusal>> + Send;
     /// Called once per stream that was answered, with what moved.
     fn finished(&self, req: &InboundRequest, status: StatusCode, bytes: CopyResult);
 }
@@ -107,7 +122,7 @@ async fn handle_stream<H: Handler>(
         Err(refusal) => return refuse(&mut respond, &refusal),
     };
     let inbound = InboundRequest { target, peer, peer_identity };
-    let upstream = match handler.open(&inbound).await {
+    let (upstream, mut guard) = match handler.open(&inbound).await {
         Ok(s) => s,
         Err(refusal) => {
             refuse(&mut respond, &refusal);
@@ -119,7 +134,7 @@ async fn handle_stream<H: Handler>(
         Ok(send) => send,
         Err(e) => return warn!(error = %e, "client went away before 200"),
     };
-    let (bytes, outcome) = copy_bidirectional(upstream, send, req.into_body()).await;
+    let (bytes, outcome) = copy_bidirectional_until(upstream, send, req.into_body(), guard.closed()).await;
     if let Err(e) = outcome {
         debug!(error = %e, "stream ended with an error");
     }

@@ -32,8 +32,9 @@ struct ToApp {
 }
 
 impl Handler for ToApp {
-    async fn open(&self, _: &InboundRequest) -> Result<TcpStream, Refusal> {
-        TcpStream::connect(self.app).await.map_err(Refusal::Unavailable)
+    type Guard = ();
+    async fn open(&self, _: &InboundRequest) -> Result<(TcpStream, ()), Refusal> {
+        Ok((TcpStream::connect(self.app).await.map_err(Refusal::Unavailable)?, ()))
     }
     fn finished(&self, _: &InboundRequest, _: StatusCode, _: CopyResult) {
         self.finished.fetch_add(1, Ordering::Relaxed);

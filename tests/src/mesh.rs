@@ -2,6 +2,7 @@
 //! every workload, and one real `sluice run` agent per node.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     path::{Path, PathBuf},
     process::Command,
@@ -19,6 +20,48 @@ pub struct MeshPod {
     pub namespace: String,
     pub service_account: String,
     pub enrolled: bool,
+    /// The pod's labels (`app`, `version`, ...), as Kubernetes has them.
+    pub labels: BTreeMap<String, String>,
+    /// Istio's workload name (a Deployment's pods share it); the agent uses
+    /// the pod name when this is `None`.
+    pub workload_name: Option<String>,
+    /// Services this pod is an endpoint of, by [`MeshService::key`], with
+    /// the target ports it serves them on where they differ from the
+    /// service's (service port → target port).
+    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+}
+
+/// One service in the config, in ztunnel's local-config shape.
+#[derive(Clone, Debug)]
+pub struct MeshService {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    /// ClusterIPs, e.g. "10.96.0.10" and "fd96::10".
+    pub vips: Vec<String>,
+    /// Service port → target port.
+    pub ports: BTreeMap<u16, u16>,
+    /// `internalTrafficPolicy: Local` (only endpoints on the client's node).
+    pub local_only: bool,
+}
+
+impl MeshService {
+    /// A `Cluster` service with the usual hostname `<name>.<ns>.svc.cluster.local`.
+    pub fn new(name: &str, namespace: &str, vips: &[&str], ports: &[(u16, u16)]) -> MeshService {
+        MeshService {
+            name: name.into(),
+            namespace: namespace.into(),
+            hostname: format!("{name}.{namespace}.svc.cluster.local"),
+            vips: vips.iter().map(|v| v.to_string()).collect(),
+            ports: ports.iter().copied().collect(),
+            local_only: false,
+        }
+    }
+
+    /// How workloads name the service in their `services` map.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
 }
 
 impl MeshPod {
@@ -33,6 +76,7 @@ pub struct Mesh {
     pub dir: tempdir::Dir,
     pub trust_domain: String,
     pub pods: Vec<MeshPod>,
+    pub services: Vec<MeshService>,
     pub policies_yaml: String,
     pub cert_ttl: String,
     prefix: String,
@@ -77,6 +121,7 @@ impl Mesh {
             dir,
             trust_domain: trust_domain.into(),
             pods: Vec::new(),
+            services: Vec::new(),
             policies_yaml: String::new(),
             cert_ttl: "24h".into(),
             prefix: topo.prefix().to_owned(),
@@ -90,9 +135,43 @@ impl Mesh {
             namespace: namespace.into(),
             service_account: service_account.into(),
             enrolled,
+            labels: BTreeMap::new(),
+            workload_name: None,
+            services: BTreeMap::new(),
         };
         self.pods.push(p.clone());
         p
+    }
+
+    /// The config entry of the pod called `name`.
+    pub fn pod_mut(&mut self, name: &str) -> &mut MeshPod {
+        self.pods.iter_mut().find(|p| p.pod.name() == name).unwrap_or_else(|| panic!("no pod {name} in the mesh"))
+    }
+
+    /// Sets a pod's labels and Istio workload name.
+    pub fn label(&mut self, pod: &str, workload_name: &str, labels: &[(&str, &str)]) {
+        let p = self.pod_mut(pod);
+        p.workload_name = Some(workload_name.into());
+        p.labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    }
+
+    /// Adds a service; returns its key for [`Self::add_endpoint`].
+    pub fn add_service(&mut self, service: MeshService) -> String {
+        let key = service.key();
+        self.services.push(service);
+        key
+    }
+
+    /// Makes `pod` an endpoint of the service `key`, on the service's
+    /// target ports except where `target_ports` (service port → target
+    /// port) says otherwise.
+    pub fn add_endpoint(&mut self, pod: &str, key: &str, target_ports: &[(u16, u16)]) {
+        self.pod_mut(pod).services.insert(key.into(), target_ports.iter().copied().collect());
+    }
+
+    /// Takes `pod` out of the service `key`'s endpoints.
+    pub fn remove_endpoint(&mut self, pod: &str, key: &str) {
+        self.pod_mut(pod).services.remove(key);
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -126,6 +205,35 @@ impl Mesh {
                 netns = p.pod.netns_path().display(),
                 cg = p.pod.cgroup_path().display(),
             );
+            if let Some(name) = &p.workload_name {
+                let _ = writeln!(y, "    workloadName: {name}");
+            }
+            if !p.labels.is_empty() {
+                let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k:?}: {v:?}")).collect();
+                let _ = writeln!(y, "    labels: {{{}}}", labels.join(", "));
+            }
+            if !p.services.is_empty() {
+                y.push_str("    services:\n");
+                for (key, ports) in &p.services {
+                    let _ = writeln!(y, "      {key:?}: {}", port_map(ports));
+                }
+            }
+        }
+        if !self.services.is_empty() {
+            y.push_str("services:\n");
+            for s in &self.services {
+                let vips: Vec<String> = s.vips.iter().map(|v| format!("{v:?}")).collect();
+                let _ = writeln!(
+                    y,
+                    "  - name: {}\n    namespace: {}\n    hostname: {}\n    vips: [{}]\n    ports: {}\n    internalTrafficPolicy: {}",
+                    s.name,
+                    s.namespace,
+                    s.hostname,
+                    vips.join(", "),
+                    port_map(&s.ports),
+                    if s.local_only { "Local" } else { "Cluster" },
+                );
+            }
         }
         if self.policies_yaml.is_empty() {
             y.push_str("policies: []\n");
@@ -187,6 +295,12 @@ impl Mesh {
         args.extend_from_slice(extra_args);
         Agent::start_env(node, &pins, &args, env)
     }
+}
+
+/// `{80: 8080, 443: 8443}`.
+fn port_map(ports: &BTreeMap<u16, u16>) -> String {
+    let pairs: Vec<String> = ports.iter().map(|(p, t)| format!("{p}: {t}")).collect();
+    format!("{{{}}}", pairs.join(", "))
 }
 
 pub fn write_atomic(path: &Path, text: &str) -> Result<()> {

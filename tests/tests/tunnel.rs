@@ -130,8 +130,8 @@ fn cross_node_100mb_byte_exact_with_real_client_ip() -> Result<()> {
             "istio_tcp_connections_closed_total",
             &[
                 "reporter=\"destination\"",
-                "source_principal=\"cluster.local/ns/default/sa/sleep\"",
-                "destination_principal=\"cluster.local/ns/default/sa/httpbin\"",
+                "source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\"",
+                "destination_principal=\"spiffe://cluster.local/ns/default/sa/httpbin\"",
             ],
         );
         evidence(&format!("[{mode}] node1 counted {src_bytes} bytes sent by a1; node2 counted {dst_conns} mTLS connections from sleep to httpbin"));
@@ -227,7 +227,7 @@ fn unenrolled_pods_reach_enrolled_and_plain_pods() -> Result<()> {
             metric_sum(
                 &m1,
                 "istio_tcp_connections_opened_total",
-                &["reporter=\"destination\"", "connection_security_policy=\"none\""]
+                &["reporter=\"destination\"", "connection_security_policy=\"unknown\""]
             ) >= 1,
             "15006 path not taken:\n{m1}"
         );
@@ -246,7 +246,7 @@ fn unenrolled_pods_reach_enrolled_and_plain_pods() -> Result<()> {
             metric_sum(
                 &m2,
                 "istio_tcp_connections_opened_total",
-                &["reporter=\"source\"", "destination_workload=\"u1\"", "connection_security_policy=\"none\""]
+                &["reporter=\"source\"", "destination_workload=\"u1\"", "connection_security_policy=\"unknown\""]
             ) >= 1,
             "passthrough not counted:\n{m2}"
         );

@@ -345,64 +345,60 @@ fn problems_list<'v>(problems: &mut Problems, value: &'v Value, at: &str) -> &'v
 /// becomes an empty source, which matches any peer (what a DENY needs; an
 /// ALLOW rule with problems never matches anyway).
 fn source(value: &Value, at: &str, namespace: &str, problems: &mut Problems) -> RuleSource {
-    let Some(inner) = wrapped(value, at, "source", problems) else {
-        return RuleSource::default();
-    };
-    let at = format!("{at}.source");
     let mut out = RuleSource::default();
-    let mut constrained = false;
-    for (key, field) in inner {
-        let field_at = format!("{at}.{key}");
-        if is_empty_value(field) {
-            continue;
-        }
-        constrained = true;
-        match key.as_str() {
-            "principals" => out.principals = problems.take(principals(field, &field_at)),
-            "notPrincipals" => out.not_principals = problems.take(principals(field, &field_at)),
-            "namespaces" => out.namespaces = problems.take(strings(field, &field_at)),
-            "notNamespaces" => out.not_namespaces = problems.take(strings(field, &field_at)),
-            "ipBlocks" => out.ip_blocks = problems.take(ip_blocks(field, &field_at)),
-            "notIpBlocks" => out.not_ip_blocks = problems.take(ip_blocks(field, &field_at)),
-            "serviceAccounts" => out.service_accounts = problems.take(service_accounts(field, &field_at, namespace)),
-            "notServiceAccounts" => {
-                out.not_service_accounts = problems.take(service_accounts(field, &field_at, namespace))
-            }
-            k if HTTP_SOURCE_FIELDS.contains(&k) => problems.not_l4(field_at),
-            _ => problems.not_l4(format!("{field_at} (unknown field)")),
-        }
-    }
-    if !constrained {
-        problems.unreadable(format!("{at}: empty; Istio requires at least one field in a source"));
-    }
+    each_field(value, at, "source", "a source", problems, |key, field, field_at, problems| match key {
+        "principals" => out.principals = problems.take(principals(field, field_at)),
+        "notPrincipals" => out.not_principals = problems.take(principals(field, field_at)),
+        "namespaces" => out.namespaces = problems.take(strings(field, field_at)),
+        "notNamespaces" => out.not_namespaces = problems.take(strings(field, field_at)),
+        "ipBlocks" => out.ip_blocks = problems.take(ip_blocks(field, field_at)),
+        "notIpBlocks" => out.not_ip_blocks = problems.take(ip_blocks(field, field_at)),
+        "serviceAccounts" => out.service_accounts = problems.take(service_accounts(field, field_at, namespace)),
+        "notServiceAccounts" => out.not_service_accounts = problems.take(service_accounts(field, field_at, namespace)),
+        k if HTTP_SOURCE_FIELDS.contains(&k) => problems.not_l4(field_at.to_owned()),
+        _ => problems.not_l4(format!("{field_at} (unknown field)")),
+    });
     out
 }
 
 /// One `to` entry; an unreadable one becomes an empty operation (any port).
 fn operation(value: &Value, at: &str, problems: &mut Problems) -> Operation {
-    let Some(inner) = wrapped(value, at, "operation", problems) else {
-        return Operation::default();
-    };
-    let at = format!("{at}.operation");
     let mut out = Operation::default();
+    each_field(value, at, "operation", "an operation", problems, |key, field, field_at, problems| match key {
+        "ports" => out.ports = problems.take(ports(field, field_at)),
+        "notPorts" => out.not_ports = problems.take(ports(field, field_at)),
+        k if HTTP_OPERATION_FIELDS.contains(&k) => problems.not_l4(field_at.to_owned()),
+        _ => problems.not_l4(format!("{field_at} (unknown field)")),
+    });
+    out
+}
+
+/// Calls `f` for each non-empty field of a `{<name>: {...}}` entry, with the
+/// field's path; an entry with no field at all is unreadable, since Istio
+/// requires at least one.
+fn each_field(
+    value: &Value,
+    at: &str,
+    name: &str,
+    what: &str,
+    problems: &mut Problems,
+    mut f: impl FnMut(&str, &Value, &str, &mut Problems),
+) {
+    let Some(inner) = wrapped(value, at, name, problems) else {
+        return;
+    };
+    let at = format!("{at}.{name}");
     let mut constrained = false;
     for (key, field) in inner {
-        let field_at = format!("{at}.{key}");
         if is_empty_value(field) {
             continue;
         }
         constrained = true;
-        match key.as_str() {
-            "ports" => out.ports = problems.take(ports(field, &field_at)),
-            "notPorts" => out.not_ports = problems.take(ports(field, &field_at)),
-            k if HTTP_OPERATION_FIELDS.contains(&k) => problems.not_l4(field_at),
-            _ => problems.not_l4(format!("{field_at} (unknown field)")),
-        }
+        f(key, field, &format!("{at}.{key}"), problems);
     }
     if !constrained {
-        problems.unreadable(format!("{at}: empty; Istio requires at least one field in an operation"));
+        problems.unreadable(format!("{at}: empty; Istio requires at least one field in {what}"));
     }
-    out
 }
 
 /// `{<name>: {...}}`, the shape of `from` and `to` entries.

@@ -24,7 +24,7 @@ pub use error::{ConfigError, FieldError};
 pub use service::{Endpoint, NoEndpoint, Service, ServiceConfig, TrafficPolicy};
 pub use snapshot::{Inventory, Mesh, State};
 pub use watch::{ConfigWatcher, POLL_INTERVAL};
-pub use workload::{Protocol, Workload, METRIC_LABELS};
+pub use workload::{Protocol, Workload};
 
 #[cfg(test)]
 mod config_tests;

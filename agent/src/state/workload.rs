@@ -36,10 +36,8 @@ pub struct Workload {
     pub protocol: Protocol,
     pub netns: Option<PathBuf>,
     pub cgroup: Option<PathBuf>,
-    /// The pod's labels: all of them for pods on this node (policy and
-    /// peer-authentication selectors match on them), only the ones metrics
-    /// use for pods elsewhere (see `crate::kube`), to keep a 10,000-pod
-    /// cluster small in memory.
+    /// The pod's labels: policy and peer-authentication selectors match on
+    /// them, and the canonical service and revision come from them.
     pub labels: BTreeMap<String, String>,
     /// Istio's workload name (a Deployment's pods share it); the pod name
     /// when nothing better is known.
@@ -67,16 +65,6 @@ impl Workload {
         keys.iter().find_map(|k| self.labels.get(*k)).map(String::as_str)
     }
 
-    /// Istio's `app` label value, or "unknown".
-    pub fn app(&self) -> &str {
-        self.label(&["app", "app.kubernetes.io/name"]).unwrap_or("unknown")
-    }
-
-    /// Istio's `version` label value, or "unknown".
-    pub fn version(&self) -> &str {
-        self.label(&["version", "app.kubernetes.io/version"]).unwrap_or("unknown")
-    }
-
     /// Istio's canonical service: the `service.istio.io/canonical-name`
     /// label, then `app.kubernetes.io/name`, then `app`, then the workload
     /// name, in that order (as istiod and ztunnel derive it).
@@ -89,13 +77,3 @@ impl Workload {
         self.label(&["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"]).unwrap_or("latest")
     }
 }
-
-/// The labels Istio's telemetry reads: what a workload on another node keeps.
-pub const METRIC_LABELS: &[&str] = &[
-    "app",
-    "version",
-    "app.kubernetes.io/name",
-    "app.kubernetes.io/version",
-    "service.istio.io/canonical-name",
-    "service.istio.io/canonical-revision",
-];

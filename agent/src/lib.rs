@@ -5,6 +5,7 @@ pub mod bpf;
 pub mod identity;
 pub mod inpod;
 pub mod keeper;
+pub mod kubernetes;
 pub mod metrics;
 pub mod netns;
 pub mod policy;

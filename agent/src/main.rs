@@ -66,6 +66,12 @@ struct RunArgs {
     /// The local config file (YAML; see README). Required unless --cgroup.
     #[arg(long, required_unless_present = "cgroups")]
     config: Option<PathBuf>,
+    /// Discover pods, services and Istio policies from the API server this
+    /// kubeconfig points at. In a pod with a service account the in-cluster
+    /// credentials are used without it. The config file then holds only
+    /// trustDomain, ca and rootNamespace.
+    #[arg(long, conflicts_with = "cgroups")]
+    kubeconfig: Option<PathBuf>,
     /// This node's name: the agent enrolls the workloads whose `node` is this.
     #[arg(long, required_unless_present = "cgroups")]
     node: Option<String>,
@@ -146,6 +152,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             let opts = RunOptions {
                 config: args.config.context("--config is required")?,
+                kubeconfig: args.kubeconfig,
                 node: args.node.context("--node is required")?,
                 redirect: args.redirect,
                 admin: args.admin,

@@ -4,14 +4,17 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use http::StatusCode;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::watch,
+};
 use tracing::{error, info, warn, Instrument};
 
 use crate::{
@@ -20,10 +23,11 @@ use crate::{
     identity::{Ca, CertCache},
     inpod::Pods,
     keeper::Keeper,
+    kubernetes,
     metrics::{Metrics, ModeLabel, ResultLabel},
     proxy::{splice, Ctx},
     redirect::{ebpf::EbpfRedirect, iptables::IptablesRedirect, probe, Mode, Redirect},
-    state::ConfigWatcher,
+    state::{Config, ConfigWatcher, State},
     tunnel::pool::Pool,
 };
 
@@ -38,6 +42,9 @@ pub enum RedirectChoice {
 
 pub struct RunOptions {
     pub config: PathBuf,
+    /// Discover from the API server this kubeconfig points at (else
+    /// in-cluster credentials when present, else the config file).
+    pub kubeconfig: Option<PathBuf>,
     pub node: String,
     pub redirect: RedirectChoice,
     pub admin: SocketAddr,
@@ -65,11 +72,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let metrics = Arc::new(Metrics::default());
 
-    let m = metrics.clone();
-    let (mut states, _watcher) = ConfigWatcher::spawn(&opts.config, &opts.node, move |_| {
-        m.config_reloads.get_or_create(&ResultLabel { result: "invalid" }).inc();
-    })
-    .with_context(|| format!("loading the config {}", opts.config.display()))?;
+    let (mut states, source) = tokio::select! {
+        r = open_source(&opts, &metrics) => r?,
+        _ = term.recv() => return Ok(()),
+        _ = int.recv() => return Ok(()),
+    };
     let state = states.borrow().clone();
     let ca = Ca::load(&state.ca().dir).with_context(|| format!("loading the CA from {}", state.ca().dir.display()))?;
     let roots = Arc::new(ca.roots());
@@ -103,7 +110,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     });
     let pods = Pods::new(ctx.clone(), redirect);
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    serve_endpoints(&opts, &ctx, &pods, &ready, &mode).await?;
+    serve_endpoints(&opts, &ctx, &pods, &ready, &mode, &source).await?;
 
     pods.sync(&state).await;
     adopt_spliced(&ctx);
@@ -120,11 +127,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         tokio::select! {
             changed = states.changed() => {
                 if changed.is_err() {
-                    break "config watcher ended";
+                    break "state source ended";
                 }
                 let state = states.borrow_and_update().clone();
                 metrics.config_reloads.get_or_create(&ResultLabel { result: "ok" }).inc();
-                info!(generation = state.generation(), "config reloaded");
+                info!(generation = state.generation(), "state changed");
                 pods.sync(&state).await;
                 crate::proxy::revalidate(&ctx, &state);
             }
@@ -150,6 +157,70 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         PinRoot::new(&opts.pin_root).remove()?;
     }
     Ok(())
+}
+
+/// Where workloads, services and policies come from.
+enum Source {
+    /// The config file, polled for changes (the handle keeps it alive).
+    File(#[allow(dead_code)] tokio::task::JoinHandle<()>),
+    Kubernetes(Arc<kubernetes::Status>),
+}
+
+/// Where in-cluster credentials are mounted.
+const IN_CLUSTER_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+/// Picks and starts the source. `--kubeconfig` means the API server, as do
+/// in-cluster credentials unless the config file lists workloads itself
+/// (a file written for the local mode is not silently ignored).
+async fn open_source(opts: &RunOptions, metrics: &Arc<Metrics>) -> Result<(watch::Receiver<Arc<State>>, Source)> {
+    let file = opts.config.display().to_string();
+    let config = Config::load(&opts.config).with_context(|| format!("loading the config {file}"))?;
+    let listed = config.inventory_sections();
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() && Path::new(IN_CLUSTER_TOKEN).exists();
+    let client_config = match (&opts.kubeconfig, in_cluster) {
+        (Some(path), _) => {
+            if !listed.is_empty() {
+                bail!(
+                    "{file}: with --kubeconfig the API server is the source of workloads and policies; remove {} from the file (it may hold only trustDomain, ca and rootNamespace)",
+                    listed.join(", ")
+                );
+            }
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
+            Some(
+                kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+                    .await
+                    .with_context(|| format!("using the kubeconfig {}", path.display()))?,
+            )
+        }
+        (None, true) if listed.is_empty() => {
+            Some(kube::Config::incluster().context("reading the in-cluster service account credentials")?)
+        }
+        (None, true) => {
+            warn!(config = %file, sections = ?listed, "in-cluster credentials found, but the config file lists its own workloads; using the file");
+            None
+        }
+        (None, false) => None,
+    };
+    let Some(client_config) = client_config else {
+        let m = metrics.clone();
+        let (states, watcher) = ConfigWatcher::spawn(&opts.config, &opts.node, move |_| {
+            m.config_reloads.get_or_create(&ResultLabel { result: "invalid" }).inc();
+        })
+        .with_context(|| format!("loading the config {file}"))?;
+        return Ok((states, Source::File(watcher)));
+    };
+    info!(api_server = %client_config.cluster_url, node = %opts.node, "discovering workloads from the Kubernetes API");
+    let client = kube::Client::try_from(client_config).context("creating the Kubernetes client")?;
+    let cgroup_mount = crate::inpod::discover::cgroup2_mount().context("finding the cgroup v2 mount")?;
+    let options = kubernetes::Options {
+        mesh: config.mesh(),
+        node: opts.node.clone(),
+        proc_root: PathBuf::from("/proc"),
+        cgroup_mount,
+    };
+    let (states, status) = kubernetes::start(client, options).await?;
+    Ok((states, Source::Kubernetes(status)))
 }
 
 /// Takes over the spliced connections a previous agent left with the
@@ -226,6 +297,7 @@ async fn serve_endpoints(
     pods: &Arc<Pods>,
     ready: &Arc<std::sync::atomic::AtomicBool>,
     mode: &str,
+    source: &Source,
 ) -> Result<()> {
     let metrics = ctx.metrics.clone();
     let route: Route = Arc::new(move |path| match path {
@@ -249,6 +321,11 @@ async fn serve_endpoints(
     let (ctx, pods, mode, node, redirect) =
         (ctx.clone(), pods.clone(), mode.to_owned(), opts.node.clone(), opts.redirect);
     let (loopback_bypass, keeper) = (opts.loopback_bypass, opts.keeper.clone());
+    let kube_status = match source {
+        Source::File(_) => None,
+        Source::Kubernetes(status) => Some(status.clone()),
+    };
+    let config_file = opts.config.clone();
     let route: Route = Arc::new(move |path| match path {
         "/config_dump" => {
             let state = ctx.state();
@@ -262,6 +339,10 @@ async fn serve_endpoints(
                     "keeper": ctx.keeper.as_ref().and(keeper.as_ref()),
                     "loopbackBypass": loopback_bypass,
                 },
+                "source": match &kube_status {
+                    None => serde_json::json!({ "file": config_file }),
+                    Some(status) => serde_json::json!({ "kubernetes": status.dump() }),
+                },
                 "trustDomain": state.trust_domain(),
                 "configGeneration": state.generation(),
                 "pods": pods.dump(),
@@ -271,6 +352,10 @@ async fn serve_endpoints(
                 "workloads": state.workloads().map(|w| serde_json::json!({
                     "uid": w.uid, "namespace": w.namespace, "serviceAccount": w.service_account,
                     "ips": w.ips, "node": w.node, "protocol": format!("{:?}", w.protocol),
+                })).collect::<Vec<_>>(),
+                "services": state.services().map(|s| serde_json::json!({
+                    "name": s.id(), "vips": s.vips, "ports": s.ports,
+                    "endpoints": s.endpoints.iter().filter(|e| e.ready).count(),
                 })).collect::<Vec<_>>(),
             });
             (StatusCode::OK, "application/json", serde_json::to_string_pretty(&dump).unwrap_or_default())

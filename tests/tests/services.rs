@@ -561,7 +561,7 @@ fn endpoints_change_under_traffic(f: &mut Fixture) -> Result<String> {
 fn new_policy_closes_open_connections(f: &mut Fixture) -> Result<String> {
     f.srv.drain();
     let denials = |node: &Node| -> Result<u64> {
-        Ok(metric_sum(&metrics(node)?, "sluice_auth_denials_total", &["policy=\"deny-sleep\""]))
+        Ok(metric_sum(&metrics(node)?, "sluice_auth_denials_total", &["policy=\"default/deny-sleep\""]))
     };
     let before = (denials(&f.n1)?, denials(&f.n2)?);
     let switched_before = if f.mode == "ebpf" { counter(&f.ag1.counters()?, "splice_switched") } else { 0 };

@@ -323,7 +323,8 @@ fn same_node_policy_deny_never_reaches_the_app() -> Result<()> {
     let reached = matches!(srv.next_line(Duration::from_millis(500)), Ok(Some(_)));
     ensure!(!reached, "a denied client must never reach the app");
     let m = http_get(&f.node, 15020, "/metrics")?;
-    let denials = metric_sum(&m, "sluice_auth_denials_total", &["policy=\"no-sleep\"", "reporter=\"destination\""]);
+    let denials =
+        metric_sum(&m, "sluice_auth_denials_total", &["policy=\"default/no-sleep\"", "reporter=\"destination\""]);
     ensure!(denials >= 1, "the denial must be counted:\n{m}");
     ensure!(counter(&agent.counters()?, "splice_switched") == 0, "a denied connection must not be spliced");
     evidence(&format!("same node: DENY for sa sleep stopped a1 -> a2 before the app ({denials} denial counted)"));

@@ -189,7 +189,8 @@ fn policy_deny_then_allow_after_config_edit_without_restart() -> Result<()> {
 
         let denied = send(&f.a1, &addr, 64 << 10, Duration::from_secs(10))?;
         assert!(!denied.ok && denied.bytes_verified == 0, "DENY must stop the connection: {denied:?}");
-        let denials = metric_sum(&metrics(&f.n2)?, "sluice_auth_denials_total", &["policy=\"sleep-to-httpbin\""]);
+        let denials =
+            metric_sum(&metrics(&f.n2)?, "sluice_auth_denials_total", &["policy=\"default/sleep-to-httpbin\""]);
         assert!(denials >= 1, "the denial must be counted");
         // Another principal is not matched by the DENY rule.
         send_verified(&f.a2, &addr, 64 << 10, T)?;

@@ -226,6 +226,17 @@ pub fn scan_proc(proc_root: &Path, cgroup_mount: &Path) -> io::Result<HashMap<St
     Ok(found)
 }
 
+/// Whether `pod`'s process is still alive and in that pod: a cheap check
+/// (one small file) that keeps a found netns path from outliving its pid.
+pub fn still_in_pod(proc_root: &Path, pod: &FoundPod) -> bool {
+    let dir = proc_root.join(pod.pid.to_string());
+    let Some(file) = read_bounded(&dir.join("cgroup"), MAX_CGROUP_FILE) else { return false };
+    let in_pod = v2_path(&file).and_then(pod_uid_from_cgroup_path).is_some_and(|(uid, _)| uid == pod.uid);
+    let alive = read_bounded(&dir.join("stat"), MAX_STAT_FILE)
+        .is_some_and(|stat| !matches!(proc_state(&stat), None | Some(b'Z' | b'X' | b'x')));
+    in_pod && alive
+}
+
 /// Finds the pod-level cgroup directory for `uid` anywhere under `root` (the
 /// cgroup v2 mount, or a narrower --cgroup-root), in either naming scheme,
 /// without a /proc scan (kubelet creates it before any container starts).

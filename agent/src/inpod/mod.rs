@@ -47,6 +47,21 @@ pub struct PodDump {
     pub cert_not_after: Option<String>,
 }
 
+/// Whether a pod enrolled as `old` can stay as it is when it now reads `new`:
+/// what its listeners, capture and certificate were built from is the same.
+/// Labels and names may change under an enrolled pod (the proxies read them
+/// from the current state), and re-enrolling for them would cut its
+/// connections.
+fn same_enrollment(new: &Workload, old: &Workload) -> bool {
+    new.uid == old.uid
+        && new.namespace == old.namespace
+        && new.service_account == old.service_account
+        && new.ips == old.ips
+        && new.netns == old.netns
+        && new.cgroup == old.cgroup
+        && new.protocol == old.protocol
+}
+
 impl Pods {
     pub fn new(ctx: Arc<Ctx>, redirect: Arc<dyn Redirect>) -> Arc<Pods> {
         Arc::new(Pods { ctx, redirect, running: Mutex::default() })
@@ -67,7 +82,7 @@ impl Pods {
             let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
             running
                 .iter()
-                .filter(|(uid, r)| wanted.get(*uid).is_none_or(|w| **w != *r.pod.workload))
+                .filter(|(uid, r)| wanted.get(*uid).is_none_or(|w| !same_enrollment(w, &r.pod.workload)))
                 .map(|(uid, _)| uid.clone())
                 .collect()
         };

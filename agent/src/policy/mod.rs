@@ -19,7 +19,7 @@ mod istio_tests;
 mod tests;
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::state::names;
@@ -114,15 +114,12 @@ pub fn authorize_conn(state: &State, conn: &Conn<'_>) -> Decision {
     }
 }
 
-/// The entry point the proxies call today; prefer [`authorize_conn`].
-///
-/// It does not know which of `dst`'s addresses the client reached, so
-/// `destination.ip` is evaluated against the workload's first address. A
-/// DENY is reported by the policy's bare name, as before, so that the
-/// `policy` label of `sluice_auth_denials_total` keeps its values until the
-/// call sites move to [`authorize_conn`] (which reports `<namespace>/<name>`).
-pub fn authorize(state: &State, dst: &Workload, src: &Source, dst_port: u16) -> Decision {
-    let ip = dst.ips.first().copied().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+/// The tests' shorthand for [`authorize_conn`]: `destination.ip` is the
+/// workload's first address, and a DENY is reported by the policy's bare
+/// name.
+#[cfg(test)]
+pub(crate) fn authorize(state: &State, dst: &Workload, src: &Source, dst_port: u16) -> Decision {
+    let ip = dst.ips.first().copied().unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
     let conn = Conn { src, dst, dst_addr: SocketAddr::new(ip, dst_port) };
     match evaluate(state, &conn) {
         Verdict::Allow => Decision::Allow,

@@ -25,7 +25,7 @@ use super::{
 use crate::{
     identity::SpiffeId,
     metrics::{DenyLabels, StatusLabels},
-    policy::{authorize, Decision, Source},
+    policy::{authorize_conn, Conn, Decision, Source},
     tls,
     tunnel::{
         server::{serve_connection, Handler, InboundRequest, Refusal},
@@ -93,7 +93,9 @@ impl Handler for InboundHandler {
             None => Source::plaintext(req.peer.ip()),
         };
         let state = self.ctx.state();
-        if let Decision::Deny { policy } = authorize(&state, w, &source, req.target.port()) {
+        let w = self.pod.current(&state);
+        if let Decision::Deny { policy } = authorize_conn(&state, &Conn { src: &source, dst: &w, dst_addr: req.target })
+        {
             self.ctx
                 .metrics
                 .auth_denials
@@ -118,12 +120,13 @@ impl Handler for InboundHandler {
         let state = self.ctx.state();
         let src = state.workload_by_ip(req.peer.ip());
         let src_id = req.peer_identity.as_deref().and_then(|id| id.parse::<SpiffeId>().ok());
-        let service = inbound_service(&state, &self.pod.workload, req.target.port());
+        let dst = self.pod.current(&state);
+        let service = inbound_service(&state, &dst, req.target.port());
         let labels = conn_labels(
             "destination",
             src.as_deref(),
             src_id.as_ref(),
-            Some(&self.pod.workload),
+            Some(&dst),
             Some(&self.pod.id),
             service.as_deref(),
             Security::MutualTls,

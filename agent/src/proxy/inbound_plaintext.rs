@@ -18,7 +18,7 @@ use super::{
 use crate::{
     metrics::DenyLabels,
     netns::original_dst,
-    policy::{authorize, Decision, Source},
+    policy::{authorize_conn, plaintext_allowed, Conn, Decision, Source},
 };
 
 pub async fn serve(listener: TcpListener, pod: Arc<PodCtx>, ctx: Arc<Ctx>) {
@@ -48,7 +48,13 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodCtx, ctx: &Ctx
     let target = original_dst(&client).context("reading the original destination (SO_ORIGINAL_DST)")?;
     let state = ctx.state();
     let source = Source::plaintext(peer.ip());
-    if let Decision::Deny { policy } = authorize(&state, &pod.workload, &source, target.port()) {
+    let dst = pod.current(&state);
+    // PeerAuthentication STRICT: no plaintext at all, whatever the policy.
+    let decision = match plaintext_allowed(&state, &dst, target.port()) {
+        Err(why) => Decision::Deny { policy: why },
+        Ok(()) => authorize_conn(&state, &Conn { src: &source, dst: &dst, dst_addr: target }),
+    };
+    if let Decision::Deny { policy } = decision {
         ctx.metrics.auth_denials.get_or_create(&DenyLabels { reporter: "destination", policy: policy.clone() }).inc();
         let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
         debug!(%target, %policy, "denied");
@@ -59,12 +65,12 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodCtx, ctx: &Ctx
         .with_context(|| format!("connecting to the app at {target}"))?;
     let mut registered = registry::register(Kind::Plaintext, source, &pod.workload.uid, target);
     let src = state.workload_by_ip(peer.ip());
-    let service = inbound_service(&state, &pod.workload, target.port());
+    let service = inbound_service(&state, &dst, target.port());
     let labels = conn_labels(
         "destination",
         src.as_deref(),
         None,
-        Some(&pod.workload),
+        Some(&dst),
         Some(&pod.id),
         service.as_deref(),
         Security::Unknown,

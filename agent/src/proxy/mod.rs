@@ -96,6 +96,19 @@ pub struct PodCtx {
     pub netns_cookie: u64,
 }
 
+impl PodCtx {
+    /// The pod as `state` knows it now. Labels (which policy selectors and
+    /// metrics read) can change without the pod being re-enrolled; what the
+    /// enrollment was built from (identity, addresses, netns) cannot, so the
+    /// enrolled definition stands in when the state no longer has the pod.
+    pub fn current(&self, state: &State) -> Arc<Workload> {
+        state
+            .workload_by_uid(&self.workload.uid)
+            .filter(|w| w.namespace == self.workload.namespace && w.service_account == self.workload.service_account)
+            .unwrap_or_else(|| self.workload.clone())
+    }
+}
+
 /// What `source_cluster`/`destination_cluster` say for a known workload:
 /// ztunnel's default cluster id (its `CLUSTER_ID`), which is also istiod's.
 /// Sluice serves one cluster.

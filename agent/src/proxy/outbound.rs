@@ -156,8 +156,8 @@ async fn hbone(
             return Err(e).with_context(|| format!("HBONE CONNECT to {dst} via {}", key.dst));
         }
     };
-    let labels =
-        conn_labels("source", Some(&pod.workload), Some(&pod.id), Some(w), Some(&dst_id), service, Security::MutualTls);
+    let src = pod.current(&ctx.state());
+    let labels = conn_labels("source", Some(&src), Some(&pod.id), Some(w), Some(&dst_id), service, Security::MutualTls);
     let mut guard = ctx.metrics.connection(labels);
     let (bytes, outcome) = copy_bidirectional(app, stream.send, stream.recv).await;
     guard.client_to_server = bytes.tcp_to_stream;
@@ -197,8 +197,8 @@ async fn passthrough(
         .with_context(|| format!("passthrough connect to {dst}"))?;
     // ztunnel names a known destination's identity even without mTLS.
     let dst_id = w.and_then(|w| ctx.spiffe_id(w).ok());
-    let labels =
-        conn_labels("source", Some(&pod.workload), Some(&pod.id), w, dst_id.as_ref(), service, Security::Unknown);
+    let src = pod.current(&ctx.state());
+    let labels = conn_labels("source", Some(&src), Some(&pod.id), w, dst_id.as_ref(), service, Security::Unknown);
     let mut guard = ctx.metrics.connection(labels);
     let result = tokio::io::copy_bidirectional(&mut app, &mut upstream).await;
     if let Ok((up, down)) = result {

@@ -27,7 +27,7 @@ use tracing::info;
 use super::Ctx;
 use crate::{
     metrics::DenyLabels,
-    policy::{authorize, Decision, Source},
+    policy::{authorize_conn, plaintext_allowed, Conn, Decision, Source},
     state::State,
 };
 
@@ -119,7 +119,16 @@ pub fn revalidate(ctx: &Ctx, state: &State) {
         // A workload that left the state is not judged here: its pod's
         // removal ends its connections.
         let Some(w) = state.workload_by_uid(&entry.dst_uid) else { continue };
-        let Decision::Deny { policy } = authorize(state, &w, &entry.source, entry.dst.port()) else { continue };
+        let conn = Conn { src: &entry.source, dst: &w, dst_addr: entry.dst };
+        let strict = match entry.kind {
+            Kind::Plaintext => plaintext_allowed(state, &w, entry.dst.port()).err(),
+            _ => None,
+        };
+        let decision = match strict {
+            Some(why) => Decision::Deny { policy: why },
+            None => authorize_conn(state, &conn),
+        };
+        let Decision::Deny { policy } = decision else { continue };
         ctx.metrics.auth_denials.get_or_create(&DenyLabels { reporter: "destination", policy: policy.clone() }).inc();
         info!(
             kind = ?entry.kind,

@@ -46,7 +46,7 @@ use crate::{
     keeper::Kept,
     metrics::{DenyLabels, StatusLabels},
     netns::socket_netns_cookie,
-    policy::{authorize, Decision, Source},
+    policy::{authorize_conn, Conn, Decision, Source},
     state::Service,
 };
 
@@ -101,7 +101,10 @@ pub async fn splice(
     service: Option<&Service>,
 ) -> Result<()> {
     let source = Source::authenticated(src.id.principal(), peer.ip());
-    if let Decision::Deny { policy } = authorize(&ctx.state(), &dst_pod.workload, &source, dst.port()) {
+    let state = ctx.state();
+    let dst_workload = dst_pod.current(&state);
+    if let Decision::Deny { policy } = authorize_conn(&state, &Conn { src: &source, dst: &dst_workload, dst_addr: dst })
+    {
         ctx.metrics.auth_denials.get_or_create(&DenyLabels { reporter: "destination", policy: policy.clone() }).inc();
         reset(&app);
         anyhow::bail!("denied by policy {policy}");
@@ -222,12 +225,14 @@ async fn carry(
     kept: Option<String>,
     ctx: &Ctx,
 ) -> Result<()> {
+    let state = ctx.state();
+    let (src_w, dst_w) = (src.map(|p| p.current(&state)), dst.map(|p| p.current(&state)));
     let labels = |reporter| {
         conn_labels(
             reporter,
-            src.map(|p| &*p.workload),
+            src_w.as_deref(),
             src.map(|p| &p.id),
-            dst.map(|p| &*p.workload),
+            dst_w.as_deref(),
             dst.map(|p| &p.id),
             service,
             Security::MutualTls,

@@ -143,6 +143,31 @@ impl Config {
         }
     }
 
+    /// The mesh-wide settings, whatever the workload source.
+    pub fn mesh(&self) -> super::Mesh {
+        super::Mesh {
+            trust_domain: self.trust_domain.clone(),
+            ca: self.ca.clone(),
+            root_namespace: self.root_namespace.clone(),
+        }
+    }
+
+    /// The inventory sections the file fills (`workloads`, `services`,
+    /// `policies`, `peerAuthentications`): with a Kubernetes source these
+    /// must be empty, since the API server is then the only source.
+    pub fn inventory_sections(&self) -> Vec<&'static str> {
+        [
+            ("workloads", self.workloads.is_empty()),
+            ("services", self.services.is_empty()),
+            ("policies", self.policies.is_empty()),
+            ("peerAuthentications", self.peer_authentications.is_empty()),
+        ]
+        .into_iter()
+        .filter(|(_, empty)| !empty)
+        .map(|(name, _)| name)
+        .collect()
+    }
+
     pub(crate) fn check(&self, node: Option<&str>) -> Result<(), ConfigError> {
         let errors = validate::check(self, node);
         if errors.is_empty() {

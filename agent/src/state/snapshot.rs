@@ -37,7 +37,7 @@ pub struct Mesh {
 
 /// Everything a source (the file, or the Kubernetes API) knows, before
 /// indexing.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Inventory {
     pub workloads: Vec<Workload>,
     pub services: Vec<Service>,
@@ -100,11 +100,7 @@ impl State {
                 }
             })
             .collect();
-        let mesh = Mesh {
-            trust_domain: config.trust_domain.clone(),
-            ca: config.ca.clone(),
-            root_namespace: config.root_namespace.clone(),
-        };
+        let mesh = config.mesh();
         let inventory = Inventory {
             workloads,
             services,

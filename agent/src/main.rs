@@ -72,6 +72,10 @@ struct RunArgs {
     /// trustDomain, ca and rootNamespace.
     #[arg(long, conflicts_with = "cgroups")]
     kubeconfig: Option<PathBuf>,
+    /// Where the host's /proc is (in a DaemonSet without hostPID, a hostPath
+    /// mount): running pods are found there by their cgroup.
+    #[arg(long, default_value = "/proc")]
+    proc_root: PathBuf,
     /// This node's name: the agent enrolls the workloads whose `node` is this.
     #[arg(long, required_unless_present = "cgroups")]
     node: Option<String>,
@@ -153,6 +157,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             let opts = RunOptions {
                 config: args.config.context("--config is required")?,
                 kubeconfig: args.kubeconfig,
+                proc_root: args.proc_root,
                 node: args.node.context("--node is required")?,
                 redirect: args.redirect,
                 admin: args.admin,

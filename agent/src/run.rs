@@ -45,6 +45,8 @@ pub struct RunOptions {
     /// Discover from the API server this kubeconfig points at (else
     /// in-cluster credentials when present, else the config file).
     pub kubeconfig: Option<PathBuf>,
+    /// The host's /proc, scanned for pods already running.
+    pub proc_root: PathBuf,
     pub node: String,
     pub redirect: RedirectChoice,
     pub admin: SocketAddr,
@@ -216,7 +218,7 @@ async fn open_source(opts: &RunOptions, metrics: &Arc<Metrics>) -> Result<(watch
     let options = kubernetes::Options {
         mesh: config.mesh(),
         node: opts.node.clone(),
-        proc_root: PathBuf::from("/proc"),
+        proc_root: opts.proc_root.clone(),
         cgroup_mount,
     };
     let (states, status) = kubernetes::start(client, options).await?;

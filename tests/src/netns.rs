@@ -99,3 +99,21 @@ pub(crate) fn sysctl(netns: &str, settings: &[&str]) -> Result<()> {
     exec_in_ok(netns, &args).with_context(|| format!("sysctl in netns {netns}"))?;
     Ok(())
 }
+
+/// A TCP listener bound inside the named netns (on a short-lived thread
+/// that joins it, so this process's own netns is untouched): how a test
+/// serves something, such as the fake API server, where only the agents'
+/// namespaces can reach it.
+pub fn listen_in(netns: &str, addr: std::net::SocketAddr) -> Result<std::net::TcpListener> {
+    let path = netns_path(netns);
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<std::net::TcpListener> {
+            let ns = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("entering netns {netns}"))?;
+            std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr} in netns {netns}"))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread binding {addr} in netns {netns} panicked"))?
+    })
+}

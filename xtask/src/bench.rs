@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 
 use crate::{build_bins, exec, setup, step, target_dir, workspace};
 
-const KNOWN: &[&str] = &["tunnel", "redirect"];
+const KNOWN: &[&str] = &["tunnel", "redirect", "discovery"];
 
 pub fn run(what: &str, extra: &[String]) -> Result<()> {
     if !KNOWN.contains(&what) {

@@ -42,7 +42,7 @@ enum Task {
     /// Build in release mode and run a benchmark (as root), e.g. `tunnel`:
     /// direct vs through Sluice, printed as a table with targets.
     Bench {
-        /// Which benchmark: tunnel (HBONE vs direct) or redirect (iptables vs eBPF vs direct).
+        /// Which benchmark: tunnel (HBONE vs direct), redirect (iptables vs eBPF vs direct) or discovery (Kubernetes discovery at scale).
         what: String,
         /// Extra arguments for sluice-bench (after `--`), e.g. `--quick`.
         #[arg(last = true)]

@@ -264,7 +264,7 @@ pub async fn start(client: Client, opts: Options) -> Result<(watch::Receiver<Arc
         local: None,
         status: status.clone(),
         logged: HashSet::new(),
-        inventory: None,
+        published: None,
         generation: 0,
     };
     let state = builder
@@ -332,8 +332,32 @@ struct Builder {
     /// Problems already logged (they are logged again once they go away
     /// and come back).
     logged: HashSet<Problem>,
-    inventory: Option<Inventory>,
+    /// [`fingerprint`] of the last inventory published.
+    published: Option<u64>,
     generation: u64,
+}
+
+/// A hash of everything in `inventory`, to tell a rebuild that changed
+/// nothing (a pod's status heartbeat, a resourceVersion bump) from one that
+/// did, without keeping a second copy of a 10,000-pod inventory around. A
+/// 64-bit SipHash collision would hold back one update until the next
+/// change; at one rebuild per change that is not a practical risk.
+fn fingerprint(inventory: &Inventory) -> u64 {
+    use std::hash::Hasher;
+    struct HashWriter(std::collections::hash_map::DefaultHasher);
+    impl std::io::Write for HashWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.write(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut w = HashWriter(Default::default());
+    // Serializing plain data into a hasher cannot fail.
+    let _ = serde_json::to_writer(&mut w, inventory);
+    w.0.finish()
 }
 
 impl Builder {
@@ -392,13 +416,14 @@ impl Builder {
         }
         *self.status.unresolved.lock().unwrap_or_else(|p| p.into_inner()) = unresolved;
 
-        if self.inventory.as_ref() == Some(&built.inventory) {
+        let print = fingerprint(&built.inventory);
+        if self.published == Some(print) {
             return Ok(None);
         }
-        if self.inventory.is_some() {
+        if self.published.is_some() {
             self.generation += 1;
         }
-        self.inventory = Some(built.inventory.clone());
+        self.published = Some(print);
         Ok(Some(State::from_inventory(self.opts.mesh.clone(), node, built.inventory).with_generation(self.generation)))
     }
 }

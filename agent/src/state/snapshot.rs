@@ -37,7 +37,7 @@ pub struct Mesh {
 
 /// Everything a source (the file, or the Kubernetes API) knows, before
 /// indexing.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Inventory {
     pub workloads: Vec<Workload>,
     pub services: Vec<Service>,

@@ -3,6 +3,7 @@
 
 pub mod clients;
 pub mod common;
+pub mod discovery;
 pub mod measure;
 pub mod procstat;
 pub mod redirect;

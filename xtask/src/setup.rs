@@ -22,6 +22,8 @@ const PACKAGES: &[&str] = &[
     "tcpdump",
     "iperf3",
     "curl",
+    // The reference CNI plugins (bridge, host-local, loopback) the CNI chain tests run with.
+    "containernetworking-plugins",
     // cargo xtask vm-test: the kernel matrix under qemu, with a busybox initramfs
     "qemu-system-x86",
     "busybox-static",

@@ -28,28 +28,47 @@ pub fn is_enrolled(pod: &BTreeMap<String, String>, namespace: Option<&BTreeMap<S
     opts_in(pod) || namespace.is_some_and(opts_in)
 }
 
-/// Istio's workload name: a Deployment's pods (owned by a ReplicaSet named
-/// `<deployment>-<pod-template-hash>`) share the Deployment's name; a Job
-/// created by a CronJob (`<cronjob>-<digits>`) gives the CronJob's; any
-/// other controller its own name; a bare pod its own.
+/// Istio's workload name, as istiod gives it to ztunnel (`workloadNameAndType`
+/// over `GetDeployMetaFromPod`): for a pod whose name was generated, a
+/// Deployment's pods (owned by a ReplicaSet named
+/// `<deployment>-<pod-template-hash>`) share the Deployment's name, a Job's
+/// pods take the Job's, and a Job created by a CronJob
+/// (`<cronjob>-<8 to 10 digits>`) gives the CronJob's. Every other pod is
+/// its own workload: a StatefulSet's or DaemonSet's, a bare ReplicaSet's, a
+/// static pod (whose controller is its Node, and whose name is not
+/// generated), a bare pod.
 pub fn workload_name(meta: &ObjectMeta) -> String {
     let pod_name = meta.name.clone().unwrap_or_default();
+    if meta.generate_name.as_deref().unwrap_or("").is_empty() {
+        return pod_name;
+    }
     let Some(owner) = meta.owner_references.as_ref().and_then(|o| o.iter().find(|o| o.controller == Some(true))) else {
         return pod_name;
     };
     let labels = super::objects::labels(meta);
-    match owner.kind.as_str() {
-        "ReplicaSet" => match labels.get("pod-template-hash") {
-            Some(hash) => owner.name.strip_suffix(&format!("-{hash}")).unwrap_or(&owner.name).to_string(),
-            None => owner.name.clone(),
+    let name = match owner.kind.as_str() {
+        "ReplicaSet" => match labels.get("pod-template-hash").filter(|h| !h.is_empty()) {
+            Some(hash) if owner.name.ends_with(hash.as_str()) => {
+                owner.name.strip_suffix(&format!("-{hash}")).unwrap_or(&owner.name)
+            }
+            _ => return pod_name,
         },
         "Job" => match owner.name.rsplit_once('-') {
-            Some((cron, suffix)) if !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit()) => {
-                cron.to_string()
+            Some((cron, digits))
+                if !cron.is_empty()
+                    && (8..=10).contains(&digits.len())
+                    && digits.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                cron
             }
-            _ => owner.name.clone(),
+            _ => &owner.name,
         },
-        _ => owner.name.clone(),
+        _ => return pod_name,
+    };
+    if name.is_empty() {
+        pod_name
+    } else {
+        name.to_string()
     }
 }
 
@@ -79,6 +98,7 @@ mod tests {
     fn owned(pod: &str, kind: &str, owner: &str, l: &[(&str, &str)]) -> ObjectMeta {
         ObjectMeta {
             name: Some(pod.into()),
+            generate_name: Some(format!("{owner}-")),
             labels: Some(labels(l)),
             owner_references: Some(vec![OwnerReference {
                 kind: kind.into(),
@@ -92,12 +112,29 @@ mod tests {
 
     #[test]
     fn workload_names_like_istio() {
-        let m = owned("web-5d9c-abcde", "ReplicaSet", "web-5d9c", &[("pod-template-hash", "5d9c")]);
-        assert_eq!(workload_name(&m), "web");
-        assert_eq!(workload_name(&owned("r-x", "ReplicaSet", "rs-plain", &[])), "rs-plain");
-        assert_eq!(workload_name(&owned("db-0", "StatefulSet", "db", &[])), "db");
+        let hash = [("pod-template-hash", "5d9c")];
+        assert_eq!(workload_name(&owned("web-5d9c-abcde", "ReplicaSet", "web-5d9c", &hash)), "web");
+        // A ReplicaSet of its own, or one whose name does not end in the hash.
+        assert_eq!(workload_name(&owned("rs-plain-x", "ReplicaSet", "rs-plain", &[])), "rs-plain-x");
+        assert_eq!(workload_name(&owned("rs-x", "ReplicaSet", "rs", &hash)), "rs-x");
+        assert_eq!(workload_name(&owned("r-x", "ReplicaSet", "r", &[("pod-template-hash", "")])), "r-x");
+        // StatefulSet and DaemonSet pods are their own workloads in ambient.
+        assert_eq!(workload_name(&owned("db-0", "StatefulSet", "db", &[])), "db-0");
+        assert_eq!(workload_name(&owned("agent-x7k2p", "DaemonSet", "agent", &[])), "agent-x7k2p");
+        // Jobs: a CronJob's suffix is 8 to 10 digits, anything else is the Job's own name.
         assert_eq!(workload_name(&owned("j", "Job", "backup-28123456", &[])), "backup");
+        assert_eq!(workload_name(&owned("j", "Job", "backup-2812345678", &[])), "backup");
+        assert_eq!(workload_name(&owned("j", "Job", "db-migrate-1", &[])), "db-migrate-1");
+        assert_eq!(workload_name(&owned("j", "Job", "x-28123456789", &[])), "x-28123456789");
+        assert_eq!(workload_name(&owned("j", "Job", "-28123456", &[])), "-28123456");
         assert_eq!(workload_name(&owned("j", "Job", "migrate", &[])), "migrate");
+        // A static (mirror) pod: its controller is the Node, its name not generated.
+        let mut mirror = owned("kube-proxy-node1", "Node", "node1", &[]);
+        mirror.generate_name = None;
+        assert_eq!(workload_name(&mirror), "kube-proxy-node1");
+        let mut named = owned("web-5d9c-abcde", "ReplicaSet", "web-5d9c", &hash);
+        named.generate_name = Some(String::new());
+        assert_eq!(workload_name(&named), "web-5d9c-abcde", "an empty generateName is no generated name");
         let bare = ObjectMeta { name: Some("solo".into()), ..Default::default() };
         assert_eq!(workload_name(&bare), "solo");
     }

@@ -5,10 +5,17 @@
 //! Objects come from the API server and are checked like any input: a pod
 //! with an address that does not parse, or a name that is not a DNS label,
 //! is left out with a [`Problem`] naming it, and never breaks the others.
+//!
+//! The stores list objects in no particular order; the inventory is the same
+//! whatever the order (the builder publishes only when its fingerprint
+//! changes, and which copy of a doubly-listed address wins must not flip).
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 use crate::inpod::discover::FoundPod;
 use crate::policy::istio::{authorization_policy_from_istio, peer_authentication_from_istio};
@@ -50,19 +57,19 @@ pub struct Built {
 /// The Kubernetes cluster domain service hostnames are built under.
 const CLUSTER_DOMAIN: &str = "cluster.local";
 
-fn object(kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+fn object(kind: &str, meta: &ObjectMeta) -> String {
     match &meta.namespace {
         Some(ns) => format!("{kind} {ns}/{}", meta.name.as_deref().unwrap_or("?")),
         None => format!("{kind} {}", meta.name.as_deref().unwrap_or("?")),
     }
 }
 
-fn problem(
-    kind: &str,
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    message: String,
-    fatal: bool,
-) -> Problem {
+/// `Some` only for a non-empty string.
+fn non_empty(s: &Option<String>) -> Option<&String> {
+    s.as_ref().filter(|s| !s.is_empty())
+}
+
+fn problem(kind: &str, meta: &ObjectMeta, message: String, fatal: bool) -> Problem {
     Problem {
         object: object(kind, meta),
         resource_version: meta.resource_version.clone().unwrap_or_default(),
@@ -114,8 +121,10 @@ impl<'a> Build<'a> {
         if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
             return None;
         }
-        let node = spec.node_name.clone()?;
-        let (Some(uid), Some(name), Some(namespace)) = (&meta.uid, &meta.name, &meta.namespace) else {
+        let node = non_empty(&spec.node_name)?.clone();
+        let (Some(uid), Some(name), Some(namespace)) =
+            (non_empty(&meta.uid), non_empty(&meta.name), non_empty(&meta.namespace))
+        else {
             self.problems.push(problem("Pod", meta, "metadata: uid, name or namespace missing".into(), true));
             return None;
         };
@@ -129,16 +138,21 @@ impl<'a> Build<'a> {
             return None;
         }
         let mut ips = Vec::new();
-        let written = status.pod_ips.iter().flatten().filter_map(|p| p.ip.as_deref()).chain(status.pod_ip.as_deref());
-        for ip in written {
+        let listed: Vec<&str> = status.pod_ips.iter().flatten().filter_map(|p| p.ip.as_deref()).collect();
+        // podIP repeats podIPs[0] (on any real API server): read only when it says more.
+        let primary = status.pod_ip.as_deref().filter(|ip| !listed.contains(ip));
+        let written =
+            listed.iter().copied().enumerate().map(|(i, ip)| (Some(i), ip)).chain(primary.map(|ip| (None, ip)));
+        for (i, ip) in written {
             match ip.parse::<IpAddr>() {
                 Ok(ip) if !ips.contains(&ip.to_canonical()) => ips.push(ip.to_canonical()),
                 Ok(_) => {}
                 Err(_) => {
+                    let field = i.map_or("status.podIP".into(), |i| format!("status.podIPs[{i}].ip"));
                     self.problems.push(problem(
                         "Pod",
                         meta,
-                        format!("status.podIPs: {ip:?} is not an IP address; ignored"),
+                        format!("{field}: {ip:?} is not an IP address; ignored"),
                         false,
                     ));
                 }
@@ -165,28 +179,40 @@ impl<'a> Build<'a> {
         })
     }
 
-    fn service(&mut self, svc: &Service, by_ip: &HashMap<IpAddr, &Workload>) -> Option<state::Service> {
+    fn service(
+        &mut self,
+        svc: &Service,
+        by_ip: &HashMap<IpAddr, &Workload>,
+        slices: &HashMap<(&str, &str), Vec<&EndpointSlice>>,
+    ) -> Option<state::Service> {
         let meta = &svc.metadata;
         let spec = svc.spec.as_ref()?;
         let (Some(name), Some(namespace)) = (&meta.name, &meta.namespace) else { return None };
         if spec.type_.as_deref() == Some("ExternalName") {
             return None;
         }
-        let written = spec.cluster_ips.iter().flatten().map(String::as_str).chain(spec.cluster_ip.as_deref());
+        let listed: Vec<&str> = spec.cluster_ips.iter().flatten().map(String::as_str).collect();
+        // clusterIP repeats clusterIPs[0]: read only when it says more.
+        let primary = spec.cluster_ip.as_deref().filter(|ip| !listed.contains(ip));
+        let written =
+            listed.iter().copied().enumerate().map(|(i, ip)| (Some(i), ip)).chain(primary.map(|ip| (None, ip)));
         let mut vips = Vec::new();
-        for ip in written {
+        for (i, ip) in written {
             if ip.is_empty() || ip == "None" {
                 continue;
             }
             match ip.parse::<IpAddr>() {
                 Ok(ip) if !vips.contains(&ip.to_canonical()) => vips.push(ip.to_canonical()),
                 Ok(_) => {}
-                Err(_) => self.problems.push(problem(
-                    "Service",
-                    meta,
-                    format!("spec.clusterIPs: {ip:?} is not an IP address; ignored"),
-                    false,
-                )),
+                Err(_) => {
+                    let field = i.map_or("spec.clusterIP".into(), |i| format!("spec.clusterIPs[{i}]"));
+                    self.problems.push(problem(
+                        "Service",
+                        meta,
+                        format!("{field}: {ip:?} is not an IP address; ignored"),
+                        false,
+                    ))
+                }
             }
         }
         // Headless: clients resolve and reach the pods' own addresses.
@@ -204,18 +230,17 @@ impl<'a> Build<'a> {
                 None => self.problems.push(problem(
                     "Service",
                     meta,
-                    format!("spec.ports[{i}].port: {:?} is not a port; ignored", p.port),
+                    match p.port {
+                        Some(n) => format!("spec.ports[{i}].port: {n} is not a port; ignored"),
+                        None => format!("spec.ports[{i}].port: missing; ignored"),
+                    },
                     false,
                 )),
             }
         }
         let mut endpoints: Vec<Endpoint> = Vec::new();
-        let slices = self.stores.slices.iter().filter(|s| {
-            s.metadata.namespace.as_deref() == Some(namespace)
-                && objects::labels(&s.metadata).get("kubernetes.io/service-name") == Some(name)
-                && matches!(s.address_type.as_deref(), Some("IPv4" | "IPv6"))
-        });
-        for slice in slices {
+        let mut seen = HashSet::new();
+        for slice in slices.get(&(namespace.as_str(), name.as_str())).into_iter().flatten() {
             let target_ports: BTreeMap<u16, u16> = ports
                 .iter()
                 .filter_map(|(port, pname)| {
@@ -227,21 +252,24 @@ impl<'a> Build<'a> {
                     Some((*port, target))
                 })
                 .collect();
-            for e in slice.endpoints.iter().flatten() {
+            for (i, e) in slice.endpoints.iter().flatten().enumerate() {
                 // The API says: a missing `ready` means ready.
                 let ready = e.conditions.as_ref().and_then(|c| c.ready) != Some(false);
-                for addr in e.addresses.iter().flatten() {
+                // "No semantics are defined for additional addresses beyond
+                // the first, and kube-proxy does not look at them."
+                for addr in e.addresses.iter().flatten().take(1) {
                     let Ok(ip) = addr.parse::<IpAddr>().map(|ip| ip.to_canonical()) else {
                         self.problems.push(problem(
                             "EndpointSlice",
                             &slice.metadata,
-                            format!("endpoints: {addr:?} is not an IP address; ignored"),
+                            format!("endpoints[{i}].addresses[0]: {addr:?} is not an IP address; ignored"),
                             false,
                         ));
                         continue;
                     };
-                    // During a rollout one address can be in two slices.
-                    if endpoints.iter().any(|x| x.ip == ip) {
+                    // During a rollout one address can be in two slices: the
+                    // first slice by name has it.
+                    if !seen.insert(ip) {
                         continue;
                     }
                     let workload = by_ip.get(&ip);
@@ -270,11 +298,79 @@ impl<'a> Build<'a> {
     }
 }
 
+/// Each service's address slices (FQDN slices are not addresses), by name so
+/// that an address listed twice is always taken from the same one.
+fn slices_by_service(stores: &Stores) -> HashMap<(&str, &str), Vec<&EndpointSlice>> {
+    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for s in &stores.slices {
+        if !matches!(s.address_type.as_deref(), Some("IPv4" | "IPv6")) {
+            continue;
+        }
+        let (Some(namespace), Some(service)) =
+            (s.metadata.namespace.as_deref(), objects::labels(&s.metadata).get("kubernetes.io/service-name"))
+        else {
+            continue;
+        };
+        by_service.entry((namespace, service.as_str())).or_default().push(s);
+    }
+    for slices in by_service.values_mut() {
+        slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    }
+    by_service
+}
+
+/// When pods claim one address (a reused address, the old pod not gone yet;
+/// or a node writing another's address into its pods' status), one keeps it,
+/// always the same: a pod not being deleted, then one on this node (its
+/// status was written by this node's kubelet), then the oldest, then by uid.
+/// The others lose it, and are left out if it was their only one.
+fn settle_addresses(found: Vec<(Workload, &Pod)>, node: &str, problems: &mut Vec<Problem>) -> Vec<Workload> {
+    type Rank<'a> = (bool, bool, Option<&'a Time>, &'a str);
+    fn rank<'a>((w, p): &'a (Workload, &Pod), node: &str) -> Rank<'a> {
+        let meta = &p.metadata;
+        (meta.deletion_timestamp.is_some(), !w.is_on_node(node), meta.creation_timestamp.as_ref(), &w.uid)
+    }
+    let mut owner: HashMap<IpAddr, usize> = HashMap::new();
+    for (i, f) in found.iter().enumerate() {
+        for ip in &f.0.ips {
+            match owner.entry(*ip) {
+                Entry::Vacant(e) => {
+                    e.insert(i);
+                }
+                Entry::Occupied(mut e) => {
+                    if rank(f, node) < rank(&found[*e.get()], node) {
+                        e.insert(i);
+                    }
+                }
+            }
+        }
+    }
+    let mut lost: Vec<(usize, IpAddr)> = Vec::new();
+    for (i, f) in found.iter().enumerate() {
+        for ip in &f.0.ips {
+            let keeper = owner[ip];
+            if keeper != i {
+                lost.push((i, *ip));
+                let left = f.0.ips.iter().filter(|ip| owner[*ip] == i).count();
+                let message = format!(
+                    "status.podIPs: {ip} is also the address of {}, which keeps it; {}",
+                    object("Pod", &found[keeper].1.metadata),
+                    if left == 0 { "the pod is left out" } else { "ignored here" },
+                );
+                problems.push(problem("Pod", &f.1.metadata, message, left == 0));
+            }
+        }
+    }
+    let mut workloads: Vec<Workload> = found.into_iter().map(|(w, _)| w).collect();
+    for (i, ip) in lost {
+        workloads[i].ips.retain(|x| *x != ip);
+    }
+    workloads.retain(|w| !w.ips.is_empty());
+    workloads
+}
+
 /// Istio breaks ties between policies by age, oldest first.
-fn by_age<T>(
-    items: &[Arc<T>],
-    meta: impl Fn(&T) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> Vec<&Arc<T>> {
+fn by_age<T>(items: &[Arc<T>], meta: impl Fn(&T) -> &ObjectMeta) -> Vec<&Arc<T>> {
     let mut sorted: Vec<&Arc<T>> = items.iter().collect();
     sorted.sort_by(|a, b| {
         let (a, b) = (meta(a), meta(b));
@@ -312,18 +408,25 @@ pub fn local_enrolled(stores: &Stores, node: &str) -> Vec<String> {
 pub fn build(stores: &Stores, node: &str, local: &HashMap<String, FoundPod>) -> Built {
     let mut b = Build::new(stores, node);
     let pods: Vec<&Arc<Pod>> = b.pods().collect();
-    let mut workloads: Vec<Workload> = Vec::with_capacity(pods.len());
+    let mut found: Vec<(Workload, &Pod)> = Vec::with_capacity(pods.len());
     let mut seen = HashSet::new();
     for pod in pods {
         if let Some(w) = b.workload(pod, local) {
             if seen.insert(w.uid.clone()) {
-                workloads.push(w);
+                found.push((w, pod));
             }
         }
     }
+    // The stores list in no particular order: sort what is built, so that a
+    // rebuild from the same objects is the same inventory.
+    found.sort_by(|a, b| a.0.uid.cmp(&b.0.uid));
+    let workloads = settle_addresses(found, node, &mut b.problems);
     let by_ip: HashMap<IpAddr, &Workload> =
         workloads.iter().flat_map(|w| w.ips.iter().map(move |ip| (*ip, w))).collect();
-    let services: Vec<state::Service> = stores.services.iter().filter_map(|s| b.service(s, &by_ip)).collect();
+    let slices = slices_by_service(stores);
+    let mut services: Vec<state::Service> =
+        stores.services.iter().filter_map(|s| b.service(s, &by_ip, &slices)).collect();
+    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
     let mut policies = Vec::new();
     for ap in by_age(&stores.authorization_policies, |p| &p.metadata) {
@@ -356,6 +459,10 @@ pub fn build(stores: &Stores, node: &str, local: &HashMap<String, FoundPod>) -> 
         }
     }
     let mut peer_authentications = Vec::new();
+    // The stand-ins for unreadable ones go first: of two namespace-wide
+    // policies the first wins, and an older PERMISSIVE one must not win over
+    // the STRICT that stands for one that cannot be read.
+    let mut fail_closed = Vec::new();
     for pa in by_age(&stores.peer_authentications, |p| &p.metadata) {
         let meta = &pa.metadata;
         let (ns, name) = (meta.namespace.as_deref().unwrap_or(""), meta.name.as_deref().unwrap_or(""));
@@ -368,7 +475,7 @@ pub fn build(stores: &Stores, node: &str, local: &HashMap<String, FoundPod>) -> 
                     format!("{e}; enforced as STRICT for its namespace until fixed"),
                     true,
                 ));
-                peer_authentications.push(state::PeerAuthentication {
+                fail_closed.push(state::PeerAuthentication {
                     name: name.to_string(),
                     namespace: ns.to_string(),
                     selector: None,
@@ -379,5 +486,7 @@ pub fn build(stores: &Stores, node: &str, local: &HashMap<String, FoundPod>) -> 
             Err(e) => b.problems.push(problem("PeerAuthentication", meta, format!("{e}; ignored"), true)),
         }
     }
+    fail_closed.extend(peer_authentications);
+    let peer_authentications = fail_closed;
     Built { inventory: Inventory { workloads, services, policies, peer_authentications }, problems: b.problems }
 }

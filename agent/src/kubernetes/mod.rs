@@ -22,6 +22,8 @@
 
 mod enroll;
 mod inventory;
+#[cfg(test)]
+mod inventory_tests;
 mod local;
 pub mod objects;
 

@@ -213,7 +213,8 @@ pub fn trim(meta: &mut ObjectMeta, keep_labels: Option<&[&str]>) {
     meta.annotations = None;
     meta.managed_fields = None;
     meta.finalizers = None;
-    meta.generate_name = None;
+    // generateName stays: a pod is named after its controller only when its
+    // own name was generated (`enroll::workload_name`).
     meta.self_link = None;
     meta.deletion_grace_period_seconds = None;
     meta.generation = None;

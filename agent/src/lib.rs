@@ -2,6 +2,7 @@
 //! through these modules.
 pub mod admin;
 pub mod bpf;
+pub mod cni;
 pub mod identity;
 pub mod inpod;
 pub mod keeper;

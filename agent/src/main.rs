@@ -72,6 +72,13 @@ struct RunArgs {
     /// trustDomain, ca and rootNamespace.
     #[arg(long, conflicts_with = "cgroups")]
     kubeconfig: Option<PathBuf>,
+    /// The Unix socket the CNI plugin (`sluice-cni`) reports pods on.
+    #[arg(long, default_value = sluice_cni::protocol::DEFAULT_SOCKET)]
+    cni_socket: PathBuf,
+    /// Look for pods' cgroups under this directory only (default: anywhere
+    /// under the cgroup v2 mount).
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
     /// Where the host's /proc is (in a DaemonSet without hostPID, a hostPath
     /// mount): running pods are found there by their cgroup.
     #[arg(long, default_value = "/proc")]
@@ -158,6 +165,8 @@ fn dispatch(cli: Cli) -> Result<()> {
                 config: args.config.context("--config is required")?,
                 kubeconfig: args.kubeconfig,
                 proc_root: args.proc_root,
+                cni_socket: args.cni_socket,
+                cgroup_root: args.cgroup_root,
                 node: args.node.context("--node is required")?,
                 redirect: args.redirect,
                 admin: args.admin,

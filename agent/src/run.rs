@@ -20,6 +20,7 @@ use tracing::{error, info, warn, Instrument};
 use crate::{
     admin::{self, Route},
     bpf::{Datapath, DatapathCollector, PinRoot, SpliceMaps},
+    cni::{self, CniServer},
     identity::{Ca, CertCache},
     inpod::Pods,
     keeper::Keeper,
@@ -47,6 +48,10 @@ pub struct RunOptions {
     pub kubeconfig: Option<PathBuf>,
     /// The host's /proc, scanned for pods already running.
     pub proc_root: PathBuf,
+    /// Where the CNI plugin reaches the agent.
+    pub cni_socket: PathBuf,
+    /// Where pods' cgroups are looked for (default: the cgroup v2 mount).
+    pub cgroup_root: Option<PathBuf>,
     pub node: String,
     pub redirect: RedirectChoice,
     pub admin: SocketAddr,
@@ -113,6 +118,20 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let pods = Pods::new(ctx.clone(), redirect);
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     serve_endpoints(&opts, &ctx, &pods, &ready, &mode, &source).await?;
+    let cni = CniServer {
+        pods: pods.clone(),
+        states: states.clone(),
+        hints: match &source {
+            Source::Kubernetes(_, hints) => Some(hints.clone()),
+            Source::File(_) => None,
+        },
+        ready: ready.clone(),
+        cgroup_root: match &opts.cgroup_root {
+            Some(root) => root.clone(),
+            None => crate::inpod::discover::cgroup2_mount().context("finding the cgroup v2 mount")?,
+        },
+    };
+    let _cni_socket = cni::serve(&opts.cni_socket, Arc::new(cni))?;
 
     pods.sync(&state).await;
     adopt_spliced(&ctx);
@@ -165,7 +184,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 enum Source {
     /// The config file, polled for changes (the handle keeps it alive).
     File(#[allow(dead_code)] tokio::task::JoinHandle<()>),
-    Kubernetes(Arc<kubernetes::Status>),
+    Kubernetes(Arc<kubernetes::Status>, Arc<kubernetes::Hints>),
 }
 
 /// Where in-cluster credentials are mounted.
@@ -219,10 +238,13 @@ async fn open_source(opts: &RunOptions, metrics: &Arc<Metrics>) -> Result<(watch
         mesh: config.mesh(),
         node: opts.node.clone(),
         proc_root: opts.proc_root.clone(),
-        cgroup_mount,
+        cgroup_mount: match &opts.cgroup_root {
+            Some(root) => root.clone(),
+            None => cgroup_mount,
+        },
     };
-    let (states, status) = kubernetes::start(client, options).await?;
-    Ok((states, Source::Kubernetes(status)))
+    let started = kubernetes::start(client, options).await?;
+    Ok((started.states, Source::Kubernetes(started.status, started.hints)))
 }
 
 /// Takes over the spliced connections a previous agent left with the
@@ -325,7 +347,7 @@ async fn serve_endpoints(
     let (loopback_bypass, keeper) = (opts.loopback_bypass, opts.keeper.clone());
     let kube_status = match source {
         Source::File(_) => None,
-        Source::Kubernetes(status) => Some(status.clone()),
+        Source::Kubernetes(status, _) => Some(status.clone()),
     };
     let config_file = opts.config.clone();
     let route: Route = Arc::new(move |path| match path {

@@ -25,6 +25,11 @@ pub struct Agent {
     child: Option<ChildGuard>,
     cgroup: PathBuf,
     pub pin_root: PathBuf,
+    /// The CNI socket this agent serves (`--cni-socket`); one per agent,
+    /// never the node default, so tests leave /var/run/sluice alone.
+    pub cni_socket: Option<PathBuf>,
+    /// The harness chose `cni_socket` (so it removes it).
+    cni_socket_ours: bool,
 }
 
 struct AgentPlace {
@@ -86,9 +91,25 @@ impl Agent {
         let here = AgentPlace { netns: place.netns_name().to_owned(), cgroup: cgroup.clone() };
         let mut cmd = Command::new(agent_bin());
         cmd.args(args).arg("--pin-root").arg(pin_root);
+        let serves_cni = args.first() == Some(&"run") && !args.contains(&"--cgroup");
+        let (cni_socket, cni_socket_ours) = match args.iter().position(|a| *a == "--cni-socket") {
+            Some(i) => (args.get(i + 1).map(PathBuf::from), false),
+            None if serves_cni => {
+                let path = std::env::temp_dir().join(format!("sluice-cni-{}-{n}.sock", std::process::id()));
+                cmd.arg("--cni-socket").arg(&path);
+                (Some(path), true)
+            }
+            None => (None, false),
+        };
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         cmd.envs(env.iter().copied());
-        let mut agent = Agent { child: Some(crate::spawn_in(&here, cmd)?), cgroup, pin_root: pin_root.to_owned() };
+        let mut agent = Agent {
+            child: Some(crate::spawn_in(&here, cmd)?),
+            cgroup,
+            pin_root: pin_root.to_owned(),
+            cni_socket,
+            cni_socket_ours,
+        };
         let child = agent.child.as_mut().expect("just set");
         if let Err(e) = child.wait_for_line("READY", Duration::from_secs(20)) {
             bail!("agent did not become ready: {e:#}\nstderr:\n{}", child.stderr_text());
@@ -131,6 +152,10 @@ impl Drop for Agent {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill();
+        }
+        // A killed agent leaves its socket file behind.
+        if let (Some(path), true) = (&self.cni_socket, self.cni_socket_ours) {
+            let _ = std::fs::remove_file(path);
         }
         // The cgroup can only go once its last process is reaped.
         for _ in 0..50 {

@@ -53,6 +53,12 @@ pub struct FoundPod {
     pub cgroup: PathBuf,
 }
 
+/// `uid` in canonical form (lowercase, dashes) if it is UUID-shaped with
+/// dashes, as `K8S_POD_UID` and `metadata.uid` are.
+pub fn canonical_pod_uid(uid: &str) -> Option<String> {
+    canonical_uid(uid, b'-')
+}
+
 /// `s` as a canonical pod UID if it is UUID-shaped (8-4-4-4-12 hex digits)
 /// with `sep` between the groups; lowercased, with dashes.
 fn canonical_uid(s: &str, sep: u8) -> Option<String> {

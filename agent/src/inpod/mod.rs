@@ -36,6 +36,9 @@ pub struct Pods {
     ctx: Arc<Ctx>,
     redirect: Arc<dyn Redirect>,
     running: Mutex<BTreeMap<String, Running>>,
+    /// Why a pod's last enrollment failed, until it succeeds or the pod
+    /// goes: the CNI plugin's answer names it.
+    failures: Mutex<BTreeMap<String, String>>,
 }
 
 #[derive(Serialize)]
@@ -64,7 +67,7 @@ fn same_enrollment(new: &Workload, old: &Workload) -> bool {
 
 impl Pods {
     pub fn new(ctx: Arc<Ctx>, redirect: Arc<dyn Redirect>) -> Arc<Pods> {
-        Arc::new(Pods { ctx, redirect, running: Mutex::default() })
+        Arc::new(Pods { ctx, redirect, running: Mutex::default(), failures: Mutex::default() })
     }
 
     /// Brings the running pods in line with `state`: every local HBONE
@@ -89,15 +92,22 @@ impl Pods {
         for uid in stale {
             self.remove(&uid).await;
         }
-        for (uid, w) in wanted {
-            if self.is_enrolled(&uid) {
+        for (uid, w) in &wanted {
+            if self.is_enrolled(uid) {
                 continue;
             }
-            if let Err(e) = self.enroll(w).await {
-                // One bad pod must not keep the others from being served.
-                warn!(pod = %uid, error = format!("{e:#}"), "enrolling pod failed; will retry");
+            match self.enroll(w.clone()).await {
+                Ok(()) => {
+                    self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(uid);
+                }
+                Err(e) => {
+                    // One bad pod must not keep the others from being served.
+                    warn!(pod = %uid, error = format!("{e:#}"), "enrolling pod failed; will retry");
+                    self.failures.lock().unwrap_or_else(|e| e.into_inner()).insert(uid.clone(), format!("{e:#}"));
+                }
             }
         }
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).retain(|uid, _| wanted.contains_key(uid));
         self.ctx.metrics.enrolled_pods.set(self.running.lock().unwrap_or_else(|e| e.into_inner()).len() as i64);
     }
 
@@ -250,6 +260,11 @@ impl Pods {
                 warn!(%id, error = %e, "renewing the workload certificate failed");
             }
         }
+    }
+
+    /// Why enrolling `uid` failed last, if it did and is still failing.
+    pub fn enroll_failure(&self, uid: &str) -> Option<String> {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).get(uid).cloned()
     }
 
     pub fn is_enrolled(&self, uid: &str) -> bool {

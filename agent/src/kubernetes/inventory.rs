@@ -18,10 +18,12 @@ use std::sync::Arc;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 use crate::inpod::discover::FoundPod;
+
 use crate::policy::istio::{authorization_policy_from_istio, peer_authentication_from_istio};
 use crate::state::{self, names, Endpoint, Inventory, Protocol, TrafficPolicy, Workload};
 
 use super::enroll;
+use super::local::Hint;
 use super::objects::{self, AuthorizationPolicy, EndpointSlice, Namespace, PeerAuthentication, Pod, Service};
 
 /// A snapshot of every store.
@@ -83,6 +85,16 @@ struct Build<'a> {
     node: &'a str,
     ns_labels: HashMap<&'a str, &'a BTreeMap<String, String>>,
     problems: Vec<Problem>,
+    cni: Cni<'a>,
+}
+
+/// What the CNI plugin reported about this node's pods.
+#[derive(Clone, Copy, Default)]
+pub struct Cni<'a> {
+    /// At ADD, before the API server has the pod's addresses.
+    pub hints: Option<&'a HashMap<String, Hint>>,
+    /// Deleted (their sandbox is gone) while the API server still lists them.
+    pub removed: Option<&'a HashSet<String>>,
 }
 
 impl<'a> Build<'a> {
@@ -92,7 +104,7 @@ impl<'a> Build<'a> {
             .iter()
             .filter_map(|n| Some((n.metadata.name.as_deref()?, objects::labels(&n.metadata))))
             .collect();
-        Build { stores, node, ns_labels, problems: Vec::new() }
+        Build { stores, node, ns_labels, problems: Vec::new(), cni: Cni::default() }
     }
 
     /// Every pod once: this node's from the local store (full labels), the
@@ -128,6 +140,10 @@ impl<'a> Build<'a> {
             self.problems.push(problem("Pod", meta, "metadata: uid, name or namespace missing".into(), true));
             return None;
         };
+        let on_node = node == self.node;
+        if on_node && self.cni.removed.is_some_and(|r| r.contains(uid)) {
+            return None;
+        }
         let service_account = spec.service_account_name.clone().unwrap_or_else(|| "default".into());
         let checked =
             names::check_dns_label(namespace).map_err(|e| format!("metadata.namespace: {e}")).and_then(|()| {
@@ -156,6 +172,11 @@ impl<'a> Build<'a> {
                         false,
                     ));
                 }
+            }
+        }
+        if ips.is_empty() && on_node {
+            if let Some(hint) = self.cni.hints.and_then(|h| h.get(uid)) {
+                ips = hint.ips.iter().map(IpAddr::to_canonical).collect();
             }
         }
         if ips.is_empty() {
@@ -406,7 +427,14 @@ pub fn local_enrolled(stores: &Stores, node: &str) -> Vec<String> {
 /// netns and cgroup were found; an enrolled local pod not in it is listed
 /// without them (and enrolling it waits until it is found).
 pub fn build(stores: &Stores, node: &str, local: &HashMap<String, FoundPod>) -> Built {
+    build_with(stores, node, local, Cni::default())
+}
+
+/// [`build`], with what the CNI plugin reported: addresses for pods the API
+/// server has none for yet, and pods whose sandbox is gone.
+pub fn build_with(stores: &Stores, node: &str, local: &HashMap<String, FoundPod>, cni: Cni<'_>) -> Built {
     let mut b = Build::new(stores, node);
+    b.cni = cni;
     let pods: Vec<&Arc<Pod>> = b.pods().collect();
     let mut found: Vec<(Workload, &Pod)> = Vec::with_capacity(pods.len());
     let mut seen = HashSet::new();

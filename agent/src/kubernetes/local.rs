@@ -7,13 +7,111 @@
 //! for as long as that process is still in the pod, so the workload the
 //! agent enrolled does not change under it on every rebuild. A scan runs
 //! only when an enrolled pod is not found yet or its process has gone.
+//!
+//! [`Hints`] are what the CNI plugin reported (`crate::cni`): a pod's netns
+//! path, cgroup and addresses at ADD, before any of its processes exist.
+//! A hint wins over the scan; a DEL turns it into a tombstone, so a pod
+//! being torn down is not enrolled again from a stale scan while the API
+//! server still lists it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
+use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use crate::inpod::discover::{self, FoundPod};
+
+/// What the CNI plugin said about one pod at ADD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hint {
+    pub netns: PathBuf,
+    pub cgroup: Option<PathBuf>,
+    /// From the runtime's prevResult: the API server does not have them yet
+    /// at ADD time.
+    pub ips: Vec<IpAddr>,
+    pub container_id: String,
+}
+
+#[derive(Default)]
+struct HintSet {
+    by_uid: HashMap<String, Hint>,
+    /// Pods the plugin has deleted; dropped once the API no longer lists them.
+    removed: HashSet<String>,
+}
+
+/// The CNI plugin's reports, shared by the CNI server and the builder.
+pub struct Hints {
+    set: Mutex<HintSet>,
+    changed: Arc<Notify>,
+}
+
+impl Hints {
+    pub(super) fn new(changed: Arc<Notify>) -> Hints {
+        Hints { set: Mutex::default(), changed }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut HintSet) -> R) -> R {
+        let r = f(&mut self.set.lock().unwrap_or_else(|p| p.into_inner()));
+        self.changed.notify_one();
+        r
+    }
+
+    pub fn add(&self, uid: String, hint: Hint) {
+        self.with(|s| {
+            s.removed.remove(&uid);
+            s.by_uid.insert(uid, hint);
+        });
+    }
+
+    pub fn remove(&self, uid: &str) {
+        self.with(|s| {
+            s.by_uid.remove(uid);
+            s.removed.insert(uid.to_string());
+        });
+    }
+
+    /// The pod a container id was added for (DEL may carry no pod uid).
+    pub fn uid_of_container(&self, container_id: &str) -> Option<String> {
+        let s = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        s.by_uid
+            .iter()
+            .find(|(_, h)| !container_id.is_empty() && h.container_id == container_id)
+            .map(|(u, _)| u.clone())
+    }
+
+    /// CNI GC: removes the pods whose container is not in `valid`; returns them.
+    pub fn retain_containers(&self, valid: &HashSet<&str>) -> Vec<String> {
+        self.with(|s| {
+            let stale: Vec<String> = s
+                .by_uid
+                .iter()
+                .filter(|(_, h)| !valid.contains(h.container_id.as_str()))
+                .map(|(u, _)| u.clone())
+                .collect();
+            for uid in &stale {
+                s.by_uid.remove(uid);
+                s.removed.insert(uid.clone());
+            }
+            stale
+        })
+    }
+
+    /// (hints, tombstones) as they are now.
+    pub(super) fn snapshot(&self) -> (HashMap<String, Hint>, HashSet<String>) {
+        let s = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        (s.by_uid.clone(), s.removed.clone())
+    }
+
+    /// Forgets the tombstones of pods the API server no longer lists, so the
+    /// set does not grow with every pod the node has ever run.
+    pub(super) fn forget_removed(&self, listed: &HashSet<&str>) {
+        let mut s = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        s.removed.retain(|uid| listed.contains(uid.as_str()));
+    }
+}
 
 pub struct LocalPods {
     proc_root: PathBuf,
@@ -27,11 +125,32 @@ impl LocalPods {
         LocalPods { proc_root, cgroup_mount, found: HashMap::new(), scans: 0 }
     }
 
-    /// Resolves `wanted` (pod uids); forgets pods no longer wanted. Returns
-    /// the uids still not found.
-    pub fn resolve(&mut self, wanted: &[String]) -> Vec<String> {
+    /// Resolves `wanted` (pod uids), from `hints` first, then from `/proc`;
+    /// forgets pods no longer wanted. Returns the uids still not found.
+    pub fn resolve(&mut self, wanted: &[String], hints: &HashMap<String, Hint>) -> Vec<String> {
         self.found.retain(|uid, _| wanted.contains(uid));
-        self.found.retain(|_, f| discover::still_in_pod(&self.proc_root, f));
+        // A hint has no process to check (pid 0); it lasts until the DEL.
+        self.found.retain(|uid, f| {
+            if f.pid == 0 {
+                hints.contains_key(uid)
+            } else {
+                discover::still_in_pod(&self.proc_root, f)
+            }
+        });
+        for uid in wanted {
+            let Some(hint) = hints.get(uid) else { continue };
+            if self.found.get(uid).is_some_and(|f| f.pid == 0 && f.netns == hint.netns) {
+                continue;
+            }
+            let cgroup = hint.cgroup.clone().or_else(|| discover::find_pod_cgroup(&self.cgroup_mount, uid));
+            match cgroup {
+                Some(cgroup) => {
+                    let netns = hint.netns.clone();
+                    self.found.insert(uid.clone(), FoundPod { uid: uid.clone(), pid: 0, netns, cgroup });
+                }
+                None => debug!(pod_uid = %uid, "CNI reported the pod, but its cgroup is not there yet"),
+            }
+        }
         let missing = |found: &HashMap<String, FoundPod>| -> Vec<String> {
             wanted.iter().filter(|u| !found.contains_key(*u)).cloned().collect()
         };

@@ -28,7 +28,8 @@ mod local;
 pub mod objects;
 
 pub use enroll::{is_enrolled, workload_name, ISTIO_MODE, SLUICE_MODE};
-pub use inventory::{build, local_enrolled, Built, Problem, Stores};
+pub use inventory::{build, build_with, local_enrolled, Built, Cni, Problem, Stores};
+pub use local::{Hint, Hints};
 
 use std::collections::HashSet;
 use std::fmt::Debug;
@@ -181,8 +182,17 @@ impl Watched {
 /// Istio's CRDs, found absent), with the first state. Waits as long as it
 /// takes, saying what it waits for every [`WAITING_LOG`]; the caller races
 /// it against shutdown signals.
-pub async fn start(client: Client, opts: Options) -> Result<(watch::Receiver<Arc<State>>, Arc<Status>)> {
+/// A running Kubernetes source.
+pub struct Started {
+    pub states: watch::Receiver<Arc<State>>,
+    pub status: Arc<Status>,
+    /// Where the CNI server reports pods.
+    pub hints: Arc<Hints>,
+}
+
+pub async fn start(client: Client, opts: Options) -> Result<Started> {
     let notify = Arc::new(Notify::new());
+    let hints = Arc::new(Hints::new(notify.clone()));
     let mut resources = Vec::new();
     let node_selector = format!("spec.nodeName={}", opts.node);
     let watched = Watched {
@@ -268,6 +278,7 @@ pub async fn start(client: Client, opts: Options) -> Result<(watch::Receiver<Arc
         logged: HashSet::new(),
         published: None,
         generation: 0,
+        hints: hints.clone(),
     };
     let state = builder
         .rebuild()
@@ -276,7 +287,7 @@ pub async fn start(client: Client, opts: Options) -> Result<(watch::Receiver<Arc
     release_freed_memory();
     let (tx, rx) = watch::channel(Arc::new(state));
     tokio::spawn(builder.run(tx, notify));
-    Ok((rx, status))
+    Ok(Started { states: rx, status, hints })
 }
 
 fn status(all: &mut Vec<Arc<ResourceStatus>>, resource: &'static str, crd: bool) -> Arc<ResourceStatus> {
@@ -338,6 +349,7 @@ struct Builder {
     /// [`fingerprint`] of the last inventory published.
     published: Option<u64>,
     generation: u64,
+    hints: Arc<Hints>,
 }
 
 /// Hands memory freed after the initial lists back to the kernel. Those
@@ -407,13 +419,18 @@ impl Builder {
     fn rebuild(&mut self) -> Result<Option<State>> {
         let stores = self.watched.snapshot();
         let node = &self.opts.node;
-        let wanted = local_enrolled(&stores, node);
+        let (hints, removed) = self.hints.snapshot();
+        let listed: HashSet<&str> = stores.local_pods.iter().filter_map(|p| p.metadata.uid.as_deref()).collect();
+        self.hints.forget_removed(&listed);
+        let mut wanted = local_enrolled(&stores, node);
+        wanted.retain(|uid| !removed.contains(uid));
         let local = self
             .local
             .get_or_insert_with(|| LocalPods::new(self.opts.proc_root.clone(), self.opts.cgroup_mount.clone()));
-        let unresolved = local.resolve(&wanted);
+        let unresolved = local.resolve(&wanted, &hints);
         self.status.proc_scans.store(local.scans(), Ordering::Relaxed);
-        let built = build(&stores, node, local.found());
+        let cni = Cni { hints: Some(&hints), removed: Some(&removed) };
+        let built = build_with(&stores, node, local.found(), cni);
         self.status.rebuilds.fetch_add(1, Ordering::Relaxed);
 
         let current: HashSet<Problem> = built.problems.into_iter().collect();

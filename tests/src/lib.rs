@@ -35,6 +35,7 @@ pub mod bench;
 pub mod capture;
 pub mod cgroup;
 pub mod fake_api;
+pub mod kube_mesh;
 pub mod mesh;
 pub mod names;
 pub mod netns;

@@ -18,6 +18,15 @@ fn main() {
     }
     println!("cargo:rerun-if-changed={}", workspace.join("agent-common/src").display());
     println!("cargo:rerun-if-changed=build/ebpf.rs");
+    println!("cargo:rerun-if-changed=proto");
+
+    // Istio's certificate API, compiled in pure Rust (protox) so that no
+    // protoc has to be installed; well-known types map to prost-types.
+    if let Err(msg) = compile_protos(&manifest_dir) {
+        println!("cargo:warning={msg}");
+        eprintln!("error: {msg}");
+        std::process::exit(1);
+    }
 
     let target_dir = env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
     match ebpf::build(&workspace, &target_dir) {
@@ -28,4 +37,15 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+fn compile_protos(manifest_dir: &std::path::Path) -> Result<(), String> {
+    let proto_dir = manifest_dir.join("proto");
+    let fds = protox::compile([proto_dir.join("ca.proto")], [&proto_dir])
+        .map_err(|e| format!("compiling {}: {e}", proto_dir.join("ca.proto").display()))?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)
+        .map_err(|e| format!("generating Rust from {}: {e}", proto_dir.display()))
 }

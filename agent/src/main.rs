@@ -59,6 +59,46 @@ enum CaCmd {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Serve Istio's certificate API (istio.v1.auth.IstioCertificateService)
+    /// over gRPC and TLS: the only process that holds the CA key. Callers
+    /// are authenticated by TokenReview; see README "Trust model".
+    Serve(Box<CaServeArgs>),
+}
+
+#[derive(clap::Args)]
+struct CaServeArgs {
+    /// The CA directory (root-cert.pem, ca-key.pem, optional cert-chain.pem).
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long, default_value = sluice::identity::service::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// The API server for TokenReviews and pod lookups (default: in-cluster
+    /// credentials).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// The node agents' service account, `<namespace>/<name>`: only it may
+    /// ask for identities of pods on its own node.
+    #[arg(long, default_value = sluice::identity::service::DEFAULT_AGENT_SERVICE_ACCOUNT)]
+    agent_service_account: String,
+    /// Token audience required in the TokenReview (repeatable).
+    #[arg(long = "audience", default_values_t = [sluice::identity::service::DEFAULT_AUDIENCE.to_string()])]
+    audiences: Vec<String>,
+    /// Longest certificate lifetime granted; longer requests are refused.
+    #[arg(long, default_value = "168h", value_parser = parse_duration)]
+    max_ttl: Duration,
+    /// Lifetime for requests that ask for none.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    default_ttl: Duration,
+    /// Extra DNS name or IP for the service's TLS certificate (repeatable),
+    /// besides sluice-ca.sluice-system.svc and its short forms, localhost.
+    #[arg(long = "san")]
+    sans: Vec<String>,
+}
+
+fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    sluice::state::duration::parse(s)
 }
 
 #[derive(clap::Args)]
@@ -185,6 +225,20 @@ fn dispatch(cli: Cli) -> Result<()> {
             sluice::identity::Ca::init(&dir).with_context(|| format!("creating a CA in {}", dir.display()))?;
             println!("wrote {}/root-cert.pem and {}/ca-key.pem", dir.display(), dir.display());
             Ok(())
+        }
+        Cmd::Ca { cmd: CaCmd::Serve(args) } => {
+            let opts = sluice::identity::service::ServeOptions {
+                dir: args.dir,
+                listen: args.listen,
+                kubeconfig: args.kubeconfig,
+                trust_domain: args.trust_domain,
+                agent_service_account: args.agent_service_account,
+                audiences: args.audiences,
+                max_ttl: args.max_ttl,
+                default_ttl: args.default_ttl,
+                sans: args.sans,
+            };
+            tokio::runtime::Runtime::new()?.block_on(sluice::identity::service::serve(opts))
         }
         Cmd::Keeper { socket } => sluice::keeper::serve(&socket),
         Cmd::Inspect { pin_root, json } => {

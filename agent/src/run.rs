@@ -21,7 +21,6 @@ use crate::{
     admin::{self, Route},
     bpf::{Datapath, DatapathCollector, PinRoot, SpliceMaps},
     cni::{self, CniServer},
-    identity::{Ca, CertCache},
     inpod::Pods,
     keeper::Keeper,
     kubernetes,
@@ -85,9 +84,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         _ = int.recv() => return Ok(()),
     };
     let state = states.borrow().clone();
-    let ca = Ca::load(&state.ca().dir).with_context(|| format!("loading the CA from {}", state.ca().dir.display()))?;
-    let roots = Arc::new(ca.roots());
-    let certs = Arc::new(CertCache::new(Arc::new(ca), state.ca().cert_ttl));
+    // Local signing (ca.dir) or a CA service (ca.address): the file's `ca:`
+    // section decides, read once at start.
+    let ca_section = Config::load(&opts.config).with_context(|| format!("loading {}", opts.config.display()))?.ca;
+    let (certs, roots) = crate::identity::open_certs(&ca_section)?;
+    if let Some(collector) = certs.collector() {
+        metrics.register_collector(Box::new(collector));
+    }
 
     let redirect = choose_redirect(&opts)?;
     let mode = redirect.mode().to_string();
@@ -371,6 +374,7 @@ async fn serve_endpoints(
                 "configGeneration": state.generation(),
                 "pods": pods.dump(),
                 "certificates": ctx.certs.ids().iter().map(|id| id.to_string()).collect::<Vec<_>>(),
+                "ca": ctx.certs.dump(),
                 "pool": ctx.pool.stats(),
                 "activeConnections": ctx.active.load(Ordering::Relaxed),
                 "workloads": state.workloads().map(|w| serde_json::json!({

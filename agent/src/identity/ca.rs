@@ -17,7 +17,7 @@ use std::{
 
 use rcgen::{
     BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::{
     client::verify_server_cert_signed_by_trust_anchor,
@@ -42,6 +42,36 @@ pub const CERT_CHAIN_FILE: &str = "cert-chain.pem";
 pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 const SAN_OID: &[u64] = &[2, 5, 29, 17];
+
+/// A certificate the CA signed, before any private key is attached.
+#[derive(Debug, Clone)]
+pub struct SignedLeaf {
+    /// The leaf, then the intermediates up to (not including) the root.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub serial: [u8; 16],
+    pub issued_at: SystemTime,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl SignedLeaf {
+    /// The serial as the hex string `openssl x509 -serial` prints.
+    pub fn serial_hex(&self) -> String {
+        self.serial.iter().map(|b| format!("{b:02X}")).collect()
+    }
+}
+
+/// 128 random bits from the system CSPRNG (through rustls' ring provider),
+/// top bit clear so the DER INTEGER stays positive and 16 bytes long.
+fn random_serial() -> Result<[u8; 16], String> {
+    let mut serial = [0u8; 16];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut serial)
+        .map_err(|_| "the system random number generator failed".to_string())?;
+    serial[0] = (serial[0] & 0x7f) | 0x01;
+    Ok(serial)
+}
 
 pub struct Ca {
     roots: Vec<CertificateDer<'static>>,
@@ -149,22 +179,27 @@ impl Ca {
     }
 
     /// Issues a certificate for `id`, valid for `ttl` but never past the CA.
+    /// The key is made here: this is the local-signing path (`ca.dir`).
     pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<WorkloadCert, CaError> {
         let fail = |reason: String| CaError::Issue { id: id.to_string(), reason };
-        let issued_at = SystemTime::now();
-        if issued_at >= self.not_after {
-            return Err(fail(format!("the CA certificate expired at {}", display(self.not_after))));
-        }
-        let wanted = issued_at.checked_add(ttl).unwrap_or(self.not_after);
-        let not_after = validity::truncate_to_secs(wanted.min(self.not_after));
-        if not_after <= issued_at {
-            return Err(fail(format!("a lifetime of {ttl:?} is too short; certificates count whole seconds")));
-        }
-        let not_before = validity::truncate_to_secs(issued_at.checked_sub(CLOCK_SKEW).unwrap_or(UNIX_EPOCH));
-
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(format!("key generation: {e}")))?;
-        // rcgen derives the serial from a hash of the fresh key, so serials
-        // are unique without a counter.
+        let signed = self.sign(id, ttl, &key)?;
+        Ok(WorkloadCert {
+            id: id.clone(),
+            chain: signed.chain,
+            key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            not_before: signed.not_before,
+            not_after: signed.not_after,
+            issued_at: signed.issued_at,
+        })
+    }
+
+    /// Signs `public_key` (a CSR's) into a workload certificate for `id`,
+    /// valid for `ttl` but never past the CA. The identity goes only in a
+    /// critical URI SAN, as Istio issues them; the serial is random.
+    pub fn sign(&self, id: &SpiffeId, ttl: Duration, public_key: &impl PublicKeyData) -> Result<SignedLeaf, CaError> {
+        let fail = |reason: String| CaError::Issue { id: id.to_string(), reason };
+        let (issued_at, not_before, not_after) = self.window(ttl).map_err(fail)?;
         let mut params = CertificateParams::default();
         // Empty subject, identity only in the SAN, as Istio issues them.
         params.distinguished_name = DistinguishedName::new();
@@ -173,25 +208,84 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         params.custom_extensions = vec![uri_san(id)];
+        let serial = random_serial().map_err(fail)?;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        validity::set_validity(&mut params, not_before, not_after);
+        let cert = params.signed_by(public_key, &self.issuer, &self.key).map_err(|e| fail(format!("signing: {e}")))?;
+        Ok(self.leaf(cert.der().clone(), serial, issued_at, not_before, not_after))
+    }
+
+    /// A TLS server certificate for the CA service itself: `names` as DNS
+    /// or IP SANs (the first DNS name also as CN), serverAuth only.
+    pub fn issue_server(&self, names: &[String], ttl: Duration) -> Result<(SignedLeaf, KeyPair), CaError> {
+        let what = names.first().cloned().unwrap_or_default();
+        let fail = |reason: String| CaError::Issue { id: what.clone(), reason };
+        let (issued_at, not_before, not_after) = self.window(ttl).map_err(fail)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| fail(format!("key generation: {e}")))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::OrganizationName, "sluice");
+        if let Some(dns) = names.iter().find(|n| n.parse::<std::net::IpAddr>().is_err()) {
+            params.distinguished_name.push(DnType::CommonName, dns.as_str());
+        }
+        for name in names {
+            let san = match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    name.as_str().try_into().map_err(|e| fail(format!("{name:?} is not a DNS name: {e}")))?,
+                ),
+            };
+            params.subject_alt_names.push(san);
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let serial = random_serial().map_err(fail)?;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
         validity::set_validity(&mut params, not_before, not_after);
         let cert = params.signed_by(&key, &self.issuer, &self.key).map_err(|e| fail(format!("signing: {e}")))?;
+        Ok((self.leaf(cert.der().clone(), serial, issued_at, not_before, not_after), key))
+    }
 
+    /// Now, and the validity window of a leaf asked to live `ttl`: backdated
+    /// by [`CLOCK_SKEW`], cut at the CA's own expiry, whole seconds.
+    fn window(&self, ttl: Duration) -> Result<(SystemTime, SystemTime, SystemTime), String> {
+        let issued_at = SystemTime::now();
+        if issued_at >= self.not_after {
+            return Err(format!("the CA certificate expired at {}", display(self.not_after)));
+        }
+        let wanted = issued_at.checked_add(ttl).unwrap_or(self.not_after);
+        let not_after = validity::truncate_to_secs(wanted.min(self.not_after));
+        if not_after <= issued_at {
+            return Err(format!("a lifetime of {ttl:?} is too short; certificates count whole seconds"));
+        }
+        let not_before = validity::truncate_to_secs(issued_at.checked_sub(CLOCK_SKEW).unwrap_or(UNIX_EPOCH));
+        Ok((issued_at, not_before, not_after))
+    }
+
+    fn leaf(
+        &self,
+        der: CertificateDer<'static>,
+        serial: [u8; 16],
+        issued_at: SystemTime,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> SignedLeaf {
         let mut chain = Vec::with_capacity(1 + self.intermediates.len());
-        chain.push(cert.der().clone());
+        chain.push(der);
         chain.extend(self.intermediates.iter().cloned());
-        Ok(WorkloadCert {
-            id: id.clone(),
-            chain,
-            key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            not_before,
-            not_after,
-            issued_at,
-        })
+        SignedLeaf { chain, serial, issued_at, not_before, not_after }
     }
 
     /// Trust anchors for verifying peers: every root in `root-cert.pem`.
     pub fn roots(&self) -> RootCertStore {
         self.root_store.clone()
+    }
+
+    /// The roots of `root-cert.pem`, in file order.
+    pub fn root_certs(&self) -> &[CertificateDer<'static>] {
+        &self.roots
     }
 
     /// `root-cert.pem` as PEM, for distribution to peers and for `inspect`.

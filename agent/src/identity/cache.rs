@@ -1,5 +1,9 @@
 //! Workload certificates, issued on first use and renewed at half-life.
 //!
+//! Two sources: the local CA (`ca.dir`: this process holds the CA key and
+//! signs in `get`), or a CA service (`ca.address`: keys are made here, CSRs
+//! go to the service, see `remote`).
+//!
 //! Rotation never touches a live connection: a TLS session keeps the
 //! certificate it was established with, and the resolvers in `tls` ask this
 //! cache again on every handshake, so new sessions get the fresh one.
@@ -10,27 +14,46 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::{Ca, CaError, SpiffeId, WorkloadCert};
+use super::{
+    remote::{CaCollector, Remote},
+    Ca, CaClient, CaError, SpiffeId, WorkloadCert,
+};
 
 pub struct CertCache {
-    ca: Arc<Ca>,
+    source: Source,
     ttl: Duration,
-    certs: RwLock<HashMap<SpiffeId, Arc<WorkloadCert>>>,
+}
+
+enum Source {
+    Local { ca: Arc<Ca>, certs: RwLock<HashMap<SpiffeId, Arc<WorkloadCert>>> },
+    Remote(Arc<Remote>),
 }
 
 impl CertCache {
+    /// Signs locally with `ca`.
     pub fn new(ca: Arc<Ca>, ttl: Duration) -> Self {
-        Self { ca, ttl, certs: RwLock::new(HashMap::new()) }
+        Self { source: Source::Local { ca, certs: RwLock::new(HashMap::new()) }, ttl }
+    }
+
+    /// Asks the CA service behind `client`; starts the renewal driver on
+    /// the current tokio runtime (a multi-thread one: a first `get` for an
+    /// identity blocks its thread until the CA answers).
+    pub fn remote(client: Arc<CaClient>, ttl: Duration) -> Self {
+        Self { source: Source::Remote(Remote::start(client)), ttl }
     }
 
     /// The current certificate for `id`, issuing one if there is none or the
-    /// cached one is past its half-life.
+    /// cached one is past its half-life (remote: renewed in the background).
     ///
     /// If renewal fails while the old certificate is still valid, the old one
     /// is returned: a CA hiccup should shorten nobody's connectivity.
     pub fn get(&self, id: &SpiffeId) -> Result<Arc<WorkloadCert>, CaError> {
+        let (ca, certs) = match &self.source {
+            Source::Remote(remote) => return remote.get(id),
+            Source::Local { ca, certs } => (ca, certs),
+        };
         let now = SystemTime::now();
-        let current = self.read().get(id).cloned();
+        let current = read(certs).get(id).cloned();
         if let Some(cert) = &current {
             if now < cert.refresh_at() {
                 return Ok(cert.clone());
@@ -39,7 +62,7 @@ impl CertCache {
         // Signing happens outside the lock so that one slow issuance (RSA CA
         // keys take milliseconds) does not stall handshakes of every other
         // workload. Racing callers may each issue; the later-expiring wins.
-        let fresh = match self.ca.issue(id, self.ttl) {
+        let fresh = match ca.issue(id, self.ttl) {
             Ok(fresh) => Arc::new(fresh),
             Err(e) => match current {
                 Some(cert) if !cert.is_expired_at(now) => {
@@ -50,7 +73,7 @@ impl CertCache {
             },
         };
         tracing::debug!(%id, not_after = ?fresh.not_after, "issued workload certificate");
-        let mut certs = self.write();
+        let mut certs = write(certs);
         let slot = certs.entry(id.clone()).or_insert_with(|| fresh.clone());
         if slot.not_after < fresh.not_after {
             *slot = fresh;
@@ -61,43 +84,92 @@ impl CertCache {
     /// Drops the certificate of a workload that has left the node. A `get`
     /// racing with this may re-add it; that costs one certificate, not trust.
     pub fn forget(&self, id: &SpiffeId) -> bool {
-        self.write().remove(id).is_some()
+        match &self.source {
+            Source::Local { certs, .. } => write(certs).remove(id).is_some(),
+            Source::Remote(remote) => remote.forget(id),
+        }
     }
 
     /// The cached certificate, without issuing or renewing one.
     pub fn peek(&self, id: &SpiffeId) -> Option<Arc<WorkloadCert>> {
-        self.read().get(id).cloned()
+        match &self.source {
+            Source::Local { certs, .. } => read(certs).get(id).cloned(),
+            Source::Remote(remote) => remote.peek(id),
+        }
     }
 
     /// Identities with a cached certificate, sorted for stable output.
     pub fn ids(&self) -> Vec<SpiffeId> {
-        let mut ids: Vec<_> = self.read().keys().cloned().collect();
-        ids.sort();
-        ids
+        match &self.source {
+            Source::Local { certs, .. } => {
+                let mut ids: Vec<_> = read(certs).keys().cloned().collect();
+                ids.sort();
+                ids
+            }
+            Source::Remote(remote) => remote.ids(),
+        }
     }
 
-    pub fn ca(&self) -> &Arc<Ca> {
-        &self.ca
+    /// The local CA, when this cache signs itself.
+    pub fn ca(&self) -> Option<&Arc<Ca>> {
+        match &self.source {
+            Source::Local { ca, .. } => Some(ca),
+            Source::Remote(_) => None,
+        }
+    }
+
+    /// The CA service client, when certificates come from one.
+    pub fn client(&self) -> Option<&Arc<CaClient>> {
+        match &self.source {
+            Source::Local { .. } => None,
+            Source::Remote(remote) => Some(remote.client()),
+        }
     }
 
     pub fn ttl(&self) -> Duration {
         self.ttl
     }
 
-    // The map is consistent after any panic (each update is one insert or
-    // remove), so a poisoned lock is safe to keep using.
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<SpiffeId, Arc<WorkloadCert>>> {
-        self.certs.read().unwrap_or_else(PoisonError::into_inner)
+    /// Where certificates come from and how that is going, for
+    /// `/config_dump`: the CA service's address, requests ok and failed,
+    /// the last error, and each identity's expiry and renewal time.
+    pub fn dump(&self) -> serde_json::Value {
+        match &self.source {
+            Source::Local { .. } => serde_json::json!({ "mode": "local", "certTtl": format!("{:?}", self.ttl) }),
+            Source::Remote(remote) => {
+                let mut dump = remote.dump();
+                dump["certTtl"] = format!("{:?}", self.ttl).into();
+                dump
+            }
+        }
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<SpiffeId, Arc<WorkloadCert>>> {
-        self.certs.write().unwrap_or_else(PoisonError::into_inner)
+    /// The CA request metrics (remote only) for the agent's registry.
+    pub fn collector(&self) -> Option<CaCollector> {
+        match &self.source {
+            Source::Local { .. } => None,
+            Source::Remote(remote) => Some(CaCollector(remote.stats.clone())),
+        }
     }
+}
+
+// The map is consistent after any panic (each update is one insert or
+// remove), so a poisoned lock is safe to keep using.
+fn read(
+    certs: &RwLock<HashMap<SpiffeId, Arc<WorkloadCert>>>,
+) -> std::sync::RwLockReadGuard<'_, HashMap<SpiffeId, Arc<WorkloadCert>>> {
+    certs.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write(
+    certs: &RwLock<HashMap<SpiffeId, Arc<WorkloadCert>>>,
+) -> std::sync::RwLockWriteGuard<'_, HashMap<SpiffeId, Arc<WorkloadCert>>> {
+    certs.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl std::fmt::Debug for CertCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertCache").field("ttl", &self.ttl).field("certs", &self.read().len()).finish_non_exhaustive()
+        f.debug_struct("CertCache").field("ttl", &self.ttl).field("certs", &self.ids().len()).finish_non_exhaustive()
     }
 }
 

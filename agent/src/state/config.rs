@@ -25,7 +25,7 @@ pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
     pub trust_domain: String,
-    pub ca: CaConfig,
+    pub ca: CaSection,
     #[serde(default)]
     pub workloads: Vec<WorkloadConfig>,
     /// Istio's root namespace: policies there apply to the whole mesh.
@@ -43,6 +43,59 @@ pub struct Config {
     pub(crate) origin: String,
 }
 
+/// The file's `ca:` section: where workload certificates come from. Either
+/// `dir` (this agent holds the CA key and signs itself: the embedded default
+/// and the demo) or `address` + `rootCert` + `tokenFile` (a CA service that
+/// speaks Istio's certificate API: `sluice ca serve`, or istiod; the agent
+/// holds no CA key). The two are mutually exclusive.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CaSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// `https://host[:port]` of the CA service (port 15012 when omitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Trust for the CA service's TLS certificate and for the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_cert: Option<PathBuf>,
+    /// The service-account token sent with each CSR (a projected token with
+    /// audience `istio-ca`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    #[serde(
+        default = "default_cert_ttl",
+        deserialize_with = "duration::deserialize",
+        serialize_with = "duration::serialize"
+    )]
+    pub cert_ttl: Duration,
+}
+
+/// Where certificates come from, once the section is validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaSource {
+    Local { dir: PathBuf },
+    Remote { address: String, root_cert: PathBuf, token_file: PathBuf },
+}
+
+impl CaSection {
+    /// The source this section names (`validate` has checked that it names
+    /// exactly one, completely).
+    pub fn source(&self) -> Option<CaSource> {
+        match (&self.dir, &self.address, &self.root_cert, &self.token_file) {
+            (Some(dir), None, None, None) => Some(CaSource::Local { dir: dir.clone() }),
+            (None, Some(address), Some(root_cert), Some(token_file)) => Some(CaSource::Remote {
+                address: address.clone(),
+                root_cert: root_cert.clone(),
+                token_file: token_file.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The CA settings the state carries. With a CA service, `dir` is empty:
+/// the agent has no CA directory.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CaConfig {
@@ -147,7 +200,7 @@ impl Config {
     pub fn mesh(&self) -> super::Mesh {
         super::Mesh {
             trust_domain: self.trust_domain.clone(),
-            ca: self.ca.clone(),
+            ca: CaConfig { dir: self.ca.dir.clone().unwrap_or_default(), cert_ttl: self.ca.cert_ttl },
             root_namespace: self.root_namespace.clone(),
         }
     }

@@ -64,7 +64,7 @@ fn second_workload(fields: &str) -> String {
 fn example_parses() {
     let config = parse(EXAMPLE).unwrap();
     assert_eq!(config.trust_domain, "cluster.local");
-    assert_eq!(config.ca.dir, Path::new("/var/lib/sluice/ca"));
+    assert_eq!(config.ca.dir.as_deref(), Some(Path::new("/var/lib/sluice/ca")));
     assert_eq!(config.ca.cert_ttl, Duration::from_secs(86_400));
     let w = &config.workloads[0];
     assert_eq!(w.uid, "default/client");

@@ -18,7 +18,7 @@ mod watch;
 mod workload;
 
 pub use authz::{Action, AuthorizationPolicy, MtlsMode, Operation, PeerAuthentication, Rule, RuleSource, Selector};
-pub use config::{CaConfig, Config, WorkloadConfig, DEFAULT_CERT_TTL, DEFAULT_ROOT_NAMESPACE};
+pub use config::{CaConfig, CaSection, CaSource, Config, WorkloadConfig, DEFAULT_CERT_TTL, DEFAULT_ROOT_NAMESPACE};
 pub use diff::StateDiff;
 pub use error::{ConfigError, FieldError};
 pub use service::{Endpoint, NoEndpoint, Service, ServiceConfig, TrafficPolicy};

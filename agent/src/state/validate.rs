@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::config::{CaConfig, Config, WorkloadConfig};
+use super::config::{CaSection, Config, WorkloadConfig};
 use super::error::FieldError;
 use super::names;
 use super::workload::Protocol;
@@ -31,8 +31,44 @@ pub(crate) fn check(config: &Config, node: Option<&str>) -> Vec<FieldError> {
     errors
 }
 
-fn check_ca(ca: &CaConfig, errors: &mut Vec<FieldError>) {
-    check_absolute("ca.dir", &ca.dir, errors);
+fn check_ca(ca: &CaSection, errors: &mut Vec<FieldError>) {
+    let remote_fields = [
+        ("ca.address", ca.address.is_some()),
+        ("ca.rootCert", ca.root_cert.is_some()),
+        ("ca.tokenFile", ca.token_file.is_some()),
+    ];
+    match (&ca.dir, &ca.address) {
+        (Some(_), Some(_)) => errors.push(FieldError::new(
+            "ca",
+            "ca.dir and ca.address are mutually exclusive: dir signs locally with the CA key, address asks a CA \
+             service (which holds the key); set one",
+        )),
+        (None, None) => errors.push(FieldError::new(
+            "ca",
+            "set either ca.dir (sign locally with the CA key there) or ca.address with ca.rootCert and ca.tokenFile \
+             (ask a CA service)",
+        )),
+        (Some(dir), None) => {
+            check_absolute("ca.dir", dir, errors);
+            for (field, set) in &remote_fields[1..] {
+                if *set {
+                    errors
+                        .push(FieldError::new(*field, "only used with ca.address; with ca.dir the agent signs itself"));
+                }
+            }
+        }
+        (None, Some(address)) => {
+            if let Err(reason) = crate::identity::client::parse_address(address) {
+                errors.push(FieldError::new("ca.address", reason));
+            }
+            for (field, value) in [("ca.rootCert", &ca.root_cert), ("ca.tokenFile", &ca.token_file)] {
+                match value {
+                    Some(path) => check_absolute(field, path, errors),
+                    None => errors.push(FieldError::new(field, "required with ca.address")),
+                }
+            }
+        }
+    }
     // X.509 validity has one-second resolution, so anything shorter cannot be
     // expressed in a certificate.
     if ca.cert_ttl < Duration::from_secs(1) {
@@ -152,5 +188,58 @@ fn check_absolute(path: &str, value: &Path, errors: &mut Vec<FieldError>) {
 pub(super) fn push_err(errors: &mut Vec<FieldError>, path: String, result: Result<(), String>) {
     if let Err(reason) = result {
         errors.push(FieldError::new(path, reason));
+    }
+}
+
+#[cfg(test)]
+mod ca_section_tests {
+    use crate::state::{CaSource, Config};
+
+    fn errors(ca: &str) -> String {
+        let text = format!("trustDomain: td\nca: {ca}\n");
+        match Config::from_str_named(&text, "t.yaml") {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn dir_or_address_never_both_nor_neither() {
+        let both = errors("{ dir: /ca, address: 'https://ca:15012', rootCert: /r.pem, tokenFile: /t }");
+        assert!(both.contains("mutually exclusive"), "{both}");
+        assert!(errors("{ certTtl: 1h }").contains("set either ca.dir"));
+        assert_eq!(errors("{ dir: /ca }"), "");
+        assert_eq!(
+            errors("{ address: 'https://sluice-ca.sluice-system.svc:15012', rootCert: /r.pem, tokenFile: /t }"),
+            ""
+        );
+    }
+
+    #[test]
+    fn address_needs_its_files_and_https() {
+        let e = errors("{ address: 'https://ca' }");
+        assert!(
+            e.contains("ca.rootCert") && e.contains("ca.tokenFile") && e.contains("required with ca.address"),
+            "{e}"
+        );
+        assert!(errors("{ address: 'http://ca:1', rootCert: /r, tokenFile: /t }").contains("https://"));
+        assert!(errors("{ address: 'https://ca', rootCert: r.pem, tokenFile: /t }").contains("absolute"));
+        let stray = errors("{ dir: /ca, tokenFile: /t }");
+        assert!(stray.contains("ca.tokenFile") && stray.contains("only used with ca.address"), "{stray}");
+    }
+
+    #[test]
+    fn source_reads_back() {
+        let text = "trustDomain: td\nca: { address: 'https://ca:1', rootCert: /r.pem, tokenFile: /t }\n";
+        let config = Config::from_str_named(text, "t.yaml").unwrap();
+        assert_eq!(
+            config.ca.source(),
+            Some(CaSource::Remote {
+                address: "https://ca:1".into(),
+                root_cert: "/r.pem".into(),
+                token_file: "/t".into()
+            })
+        );
+        assert!(config.mesh().ca.dir.as_os_str().is_empty());
     }
 }

@@ -28,14 +28,26 @@
 //!   empty   10.96.0.13:80 -> e2:8082, but not ready
 //!   flip    10.96.0.14:80 -> e2:8083, then e3:8084 and back across a dropped watch and a 410
 //!   moving  10.96.0.15:80 -> e2:8085, moved to e3:8086 while a transfer runs
+//! ```
 //!
 //! Only `web` has e2:8080 and e3:8081 as target ports, so the destination
 //! side's guess of the service (by endpoint and target port) is exact.
-//! ```
-//!
 //! Every pod but `late` runs (a pause process and its servers) before the
 //! agents start, so each is found by the agents' `/proc` scan, and Istio's
 //! CRDs are absent when the agents start and installed once they are up.
+//!
+//! Enrollment is judged per exchange on the wire: plaintext when the client
+//! pod's own SYN to the app port crosses between the nodes, HBONE when
+//! payload moves on the server pod's 15008. The time each label change took
+//! to show is reported (`EVIDENCE:` lines), with the exchanges that failed
+//! on the way and those whose app answered on the wire although they went
+//! over HBONE (the reply to the agent's transparent connection escaping the
+//! pod: the return path was not, or no longer, in place).
+//!
+//! Knobs for debugging: `SLUICE_K8S_SCENARIOS=a,b` runs only those
+//! scenarios (on the same fixture), `SLUICE_K8S_TRACE=1` prints every
+//! enrollment exchange, `SLUICE_K8S_AGENT_LOGS=1` prints both agents' logs
+//! at the end (with `RUST_LOG` passed on to them).
 
 use std::{
     collections::BTreeMap,

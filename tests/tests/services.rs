@@ -30,6 +30,7 @@ use anyhow::{bail, ensure, Context, Result};
 use sluice_tests::{
     capture::{Capture, Pcap, WireReport, HBONE_PORT},
     evidence,
+    kube_mesh::ISTIO_TCP_LABELS,
     mesh::{http_get, metric_sum, Mesh, MeshService},
     pattern, peer_bin, require_root, spawn_in,
     traffic::{echo_server, send, send_verified},
@@ -48,33 +49,6 @@ const MOVING: &str = "10.96.0.15:80";
 const MIXED: &str = "10.96.0.16:80";
 const VIPS: [&str; 8] =
     ["10.96.0.10", "fd96::10", "10.96.0.11", "10.96.0.12", "10.96.0.13", "10.96.0.14", "10.96.0.15", "10.96.0.16"];
-
-/// Istio's standard TCP metric labels, as ztunnel writes them.
-const ISTIO_TCP_LABELS: [&str; 23] = [
-    "reporter",
-    "source_workload",
-    "source_canonical_service",
-    "source_canonical_revision",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "source_version",
-    "source_cluster",
-    "destination_service",
-    "destination_service_namespace",
-    "destination_service_name",
-    "destination_workload",
-    "destination_canonical_service",
-    "destination_canonical_revision",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_app",
-    "destination_version",
-    "destination_cluster",
-    "request_protocol",
-    "response_flags",
-    "connection_security_policy",
-];
 
 /// The echo servers, each printing `PEER <addr>` per connection.
 struct Servers {

@@ -240,6 +240,58 @@ impl Node {
     }
 }
 
+impl Node {
+    /// A pod as kubelet hands it to the CNI chain: netns
+    /// `<prefix>-<node>-<name>` with nothing in it yet, a UID, and cgroup
+    /// `<node cg>/pod<uid>` (kubelet creates it before calling the runtime).
+    /// Its interface and address come from the chain; the netns and cgroup
+    /// are removed with the topology.
+    pub fn add_cni_pod(&self, name: &str) -> Result<CniPod> {
+        crate::names::validate("pod", name, 24)?;
+        let topo = &self.topo;
+        if lock(&topo.state).torn_down {
+            bail!("topology {} was torn down", topo.prefix);
+        }
+        let ns = format!("{}-{}-{name}", topo.prefix, self.info.name);
+        topo.add_netns(&ns)?;
+        netns::exec_in_ok(&ns, &["ip", "link", "set", "lo", "up"])?;
+        let uid = pod_uid(&topo.prefix, &self.info.name, name);
+        let cgroup = self.info.cgroup.join(format!("pod{uid}"));
+        cgroup::create(&cgroup)?;
+        let info = CniPodInfo { name: name.into(), node: self.info.name.clone(), uid, netns: ns, cgroup };
+        Ok(CniPod { info: Arc::new(info), registry: topo.registry.clone() })
+    }
+}
+
+struct CniPodInfo {
+    name: String,
+    node: String,
+    uid: String,
+    netns: String,
+    cgroup: PathBuf,
+}
+
+/// A pod whose network the CNI chain sets up ([`Node::add_cni_pod`]).
+#[derive(Clone)]
+pub struct CniPod {
+    info: Arc<CniPodInfo>,
+    registry: Arc<Registry>,
+}
+
+impl CniPod {
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+    pub fn node_name(&self) -> &str {
+        &self.info.node
+    }
+    pub fn uid(&self) -> &str {
+        &self.info.uid
+    }
+}
+
+place_methods!(CniPod, |p: &CniPod| p.registry.clone());
+
 place_methods!(Node, |n: &Node| n.topo.registry.clone());
 
 /// A simulated pod (its own netns and cgroup). Cheap to clone.

@@ -156,7 +156,9 @@ impl CaClient {
         let answer = tokio::time::timeout(REQUEST_TIMEOUT + Duration::from_secs(1), client.create_certificate(request))
             .await
             .map_err(|_| fail(format!("the CA at {} did not answer within {REQUEST_TIMEOUT:?}", self.address)))?
-            .map_err(|status| fail(format!("the CA at {} refused: {}", self.address, describe_status(&status))))?
+            .map_err(|status| {
+                fail(format!("the request to the CA at {} failed: {}", self.address, describe_status(&status)))
+            })?
             .into_inner();
         self.check_answer(id, &key, answer.cert_chain).map_err(|reason| {
             fail(format!("the CA at {} answered with an unusable certificate: {reason}", self.address))

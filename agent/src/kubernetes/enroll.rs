@@ -9,6 +9,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 pub const ISTIO_MODE: &str = "istio.io/dataplane-mode";
 /// Sluice's: `enabled` enrolls (namespace or pod), `disabled` opts a pod out.
 pub const SLUICE_MODE: &str = "sluice.io/mode";
+/// Set by Istio's sidecar injector on the pods it injected.
+pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+
+/// A pod with an Istio sidecar already has mTLS and policy from it; as
+/// istio-cni does, ambient capture leaves it alone (during a migration,
+/// a namespace labelled ambient still holds pods not yet restarted).
+pub fn has_sidecar(meta: &ObjectMeta) -> bool {
+    meta.annotations.as_ref().is_some_and(|a| a.contains_key(SIDECAR_STATUS))
+}
 
 fn opts_in(labels: &BTreeMap<String, String>) -> bool {
     labels.get(ISTIO_MODE).is_some_and(|v| v == "ambient") || labels.get(SLUICE_MODE).is_some_and(|v| v == "enabled")

@@ -183,7 +183,8 @@ impl<'a> Build<'a> {
             return None;
         }
         let labels = objects::labels(meta);
-        let enrolled = enroll::is_enrolled(labels, self.ns_labels.get(namespace.as_str()).copied());
+        let enrolled =
+            !enroll::has_sidecar(meta) && enroll::is_enrolled(labels, self.ns_labels.get(namespace.as_str()).copied());
         let found = (enrolled && node == self.node).then(|| local.get(uid)).flatten();
         Some(Workload {
             uid: uid.clone(),
@@ -417,7 +418,7 @@ pub fn local_enrolled(stores: &Stores, node: &str) -> Vec<String> {
         .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
         .filter(|p| {
             let ns = p.metadata.namespace.as_deref().and_then(|n| b.ns_labels.get(n)).copied();
-            enroll::is_enrolled(objects::labels(&p.metadata), ns)
+            !enroll::has_sidecar(&p.metadata) && enroll::is_enrolled(objects::labels(&p.metadata), ns)
         })
         .filter_map(|p| p.metadata.uid.clone())
         .collect()

@@ -1067,3 +1067,24 @@ fn policies_are_ordered_oldest_first() {
     assert_eq!(names, ["earlier", "later"]);
     assert!(b.problems.is_empty(), "{:?}", b.problems);
 }
+
+#[test]
+fn pods_with_an_istio_sidecar_are_not_captured_again() {
+    let mut pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "legacy", "namespace": "shop", "uid": "3f2e3d4c-5b6a-4789-8abc-def012345678",
+            "annotations": {"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}", "other": "x"}},
+        "spec": {"nodeName": "node-a", "serviceAccountName": "legacy"},
+        "status": {"phase": "Running", "podIPs": [{"ip": "10.1.0.9"}]},
+    }))
+    .unwrap();
+    super::objects::trim(&mut pod.metadata, None);
+    assert_eq!(pod.metadata.annotations.as_ref().map(|a| a.len()), Some(1), "only the sidecar mark is kept");
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "shop", "labels": {"istio.io/dataplane-mode": "ambient"}}}))
+    .unwrap();
+    let stores = Stores { local_pods: vec![Arc::new(pod)], namespaces: vec![Arc::new(ns)], ..Default::default() };
+    let built = super::build(&stores, "node-a", &Default::default());
+    let w = built.inventory.workloads.iter().find(|w| w.name == "legacy").expect("the pod is known");
+    assert_eq!(w.protocol, crate::state::Protocol::Tcp, "a sidecar pod in an ambient namespace is not enrolled");
+    assert!(super::local_enrolled(&stores, "node-a").is_empty());
+}

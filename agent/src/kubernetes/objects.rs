@@ -210,7 +210,14 @@ pub const REMOTE_POD_LABELS: &[&str] = &[
 
 /// Drops the metadata nothing reads. `keep_labels`: `None` keeps all.
 pub fn trim(meta: &mut ObjectMeta, keep_labels: Option<&[&str]>) {
-    meta.annotations = None;
+    // Only the sidecar injector's mark is read: a pod that already has a
+    // sidecar is not captured again (see `enroll::has_sidecar`).
+    if let Some(a) = meta.annotations.as_mut() {
+        a.retain(|k, _| k == super::enroll::SIDECAR_STATUS);
+    }
+    if meta.annotations.as_ref().is_some_and(|a| a.is_empty()) {
+        meta.annotations = None;
+    }
     meta.managed_fields = None;
     meta.finalizers = None;
     // generateName stays: a pod is named after its controller only when its

@@ -290,4 +290,42 @@ mod tests {
         assert_eq!(token_identity(&format!("a.{}.c", b64(r#"{"sub":"alice"}"#)), "cluster.local"), None);
         assert_eq!(token_identity("a.!!!.c", "cluster.local"), None);
     }
+
+    /// The answer is used only if it is exactly what was asked for.
+    #[test]
+    fn answers_are_checked() {
+        use crate::identity::{testutil, Ca};
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _guard = rt.enter();
+        let (dir, ca) = testutil::new_ca();
+        let (_other_dir, rogue) = testutil::new_ca();
+        let settings = ClientSettings {
+            address: "https://127.0.0.1:1".into(),
+            root_cert: dir.path().join(super::super::ROOT_CERT_FILE),
+            token_file: dir.path().join("token"),
+            ttl: Duration::from_secs(600),
+        };
+        let client = CaClient::new(&settings).unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
+        let other: SpiffeId = "spiffe://cluster.local/ns/default/sa/db".parse().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let pems = |ca: &Ca, id: &SpiffeId, key: &rcgen::KeyPair| -> Vec<String> {
+            let signed = ca.sign(id, Duration::from_secs(600), key).unwrap();
+            let mut out: Vec<String> = signed.chain.iter().map(|c| files::to_pem("CERTIFICATE", c)).collect();
+            out.push(ca.root_pem());
+            out
+        };
+        let cert = client.check_answer(&id, &key, pems(&ca, &id, &key)).unwrap();
+        assert_eq!(cert.id, id);
+        assert_eq!(cert.chain.len(), 1, "the root is dropped");
+        let wrong_id = client.check_answer(&id, &key, pems(&ca, &other, &key)).unwrap_err();
+        assert!(wrong_id.contains("not the spiffe://cluster.local/ns/default/sa/web requested"), "{wrong_id}");
+        let foreign = client.check_answer(&id, &key, pems(&rogue, &id, &key)).unwrap_err();
+        assert!(foreign.contains("does not chain to the configured root"), "{foreign}");
+        let another_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let swapped = client.check_answer(&id, &key, pems(&ca, &id, &another_key)).unwrap_err();
+        assert!(swapped.contains("different public key"), "{swapped}");
+        assert!(client.check_answer(&id, &key, vec![]).unwrap_err().contains("empty"));
+        assert!(client.check_answer(&id, &key, vec!["garbage".into()]).is_err());
+    }
 }

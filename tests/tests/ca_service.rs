@@ -589,6 +589,26 @@ fn traffic(f: &Fixture, to: &Pod, bytes: u64) -> Result<()> {
     Ok(())
 }
 
+/// Whether `pod` is enrolled on `node` and holds a leaf.
+fn enrolled(node: &Node, pod: &Pod) -> Result<bool> {
+    let dump = config_dump(node)?;
+    let uid = format!("default/{}", pod.name());
+    Ok(dump["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|p| p["uid"] == uid.as_str() && p["cert_not_after"].is_string()))
+}
+
+/// mTLS connections the destination agent on `node` has closed.
+fn mtls_connections(node: &Node) -> Result<u64> {
+    Ok(metric_sum(
+        &http_get(node, 15020, "/metrics")?,
+        "istio_tcp_connections_closed_total",
+        &["reporter=\"destination\"", "connection_security_policy=\"mutual_tls\""],
+    ))
+}
+
 fn ca_failures(node: &Node) -> Result<u64> {
     Ok(metric_sum(&http_get(node, 15020, "/metrics")?, "sluice_ca_requests_total", &["result=\"error\""]))
 }
@@ -665,6 +685,7 @@ fn agents_get_leaves_from_the_ca_and_mtls_works_across_nodes() -> Result<()> {
     let (ag1, ag2) = (f.start_agent(&f.n1)?, f.start_agent(&f.n2)?);
 
     traffic(&f, &f.b1, 8 << 20)?;
+    ensure!(mtls_connections(&f.n2)? >= 1, "node2 saw no mTLS connection");
     evidence("a1 (node1) -> b1 (node2): 8 MiB echoed byte-exact over HBONE with CA-service leaves");
 
     // Each agent's leaf came from the CA and names its pod's identity.
@@ -743,7 +764,9 @@ fn ca_down_longer_than_a_rotation_interval() -> Result<()> {
     }
     ensure!(now_secs() + 2 < expiry, "the test overslept: the certificates expire while the CA is down");
     // A destination not used before: a new TLS handshake on the old leaves.
+    let mtls_before = mtls_connections(&f.n2)?;
     traffic(&f, &f.b2, 1 << 20)?;
+    ensure!(mtls_connections(&f.n2)? > mtls_before, "the connection to b2 was not mTLS");
     let failures_down = ca_failures(&f.n1)? + ca_failures(&f.n2)?;
     ensure!(failures_down > failures_before, "the failure metric did not move: {failures_before} -> {failures_down}");
     let dump = config_dump(&f.n1)?;
@@ -785,9 +808,47 @@ fn ca_down_longer_than_a_rotation_interval() -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     // Again a new handshake, which the old leaves could not pass any more.
+    let mtls_before = mtls_connections(&f.n2)?;
     traffic(&f, &f.b3, 1 << 20)?;
+    ensure!(mtls_connections(&f.n2)? > mtls_before, "the connection to b3 was not mTLS");
     let dump = config_dump(&f.n2)?;
     ensure!(dump["ca"]["consecutiveFailures"] == 0, "{}", dump["ca"]);
+    drop((ag1, ag2));
+    Ok(())
+}
+
+#[test]
+fn agents_started_before_the_ca_catch_up() -> Result<()> {
+    require_root!(Ok(()));
+    let f = Fixture::new("calate", "1h")?;
+    // No CA yet: the agents still come up (nothing to serve without a leaf,
+    // but no pod may hold the rest hostage), and keep asking.
+    let started = Instant::now();
+    let (ag1, ag2) = (f.start_agent(&f.n1)?, f.start_agent(&f.n2)?);
+    let ready_in = started.elapsed();
+    ensure!(ready_in < Duration::from_secs(10), "agents took {ready_in:?} to become ready with the CA down");
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(ca_failures(&f.n1)? > 0, "node1's agent did not count the unreachable CA");
+    let _ca = f.start_ca()?;
+    let back = Instant::now();
+    let deadline = back + Duration::from_secs(20);
+    // Enrolled (capture in place, leaf issued) on both nodes, then traffic.
+    while !(enrolled(&f.n1, &f.a1)? && enrolled(&f.n2, &f.b1)?) {
+        ensure!(
+            Instant::now() < deadline,
+            "pods not enrolled 20 s after the CA came up:\n{}",
+            http_get(&f.n1, 15000, "/config_dump")?
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let enrolled_in = back.elapsed();
+    traffic(&f, &f.b1, 1 << 20)?;
+    ensure!(mtls_connections(&f.n2)? >= 1, "the traffic did not arrive over mTLS");
+    evidence(&format!(
+        "agents ready in {:.2}s with the CA down; pods enrolled with leaves {:.1}s after the CA came up, then mTLS traffic",
+        ready_in.as_secs_f64(),
+        enrolled_in.as_secs_f64()
+    ));
     drop((ag1, ag2));
     Ok(())
 }

@@ -27,6 +27,7 @@ const FIRST_WAIT: Duration = super::client::REQUEST_TIMEOUT.saturating_add(Durat
 const TICK: Duration = Duration::from_millis(500);
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const BACKOFF_NO_CERT: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 struct Slot {
@@ -109,6 +110,17 @@ impl Remote {
                 None => {
                     slots.insert(id.clone(), Slot::default());
                     self.wake.notify_one();
+                    // The CA is failing right now: do not hold this caller
+                    // (say, the agent enrolling pod after pod) for a request
+                    // timeout each; the driver asks in the background.
+                    let last = self.stats.last.lock().unwrap_or_else(PoisonError::into_inner);
+                    if last.consecutive_failures > 0 {
+                        let error = last.error.clone().unwrap_or_default();
+                        return Err(CaError::Issue {
+                            id: id.to_string(),
+                            reason: format!("the CA is failing ({error}); requested in the background"),
+                        });
+                    }
                 }
             }
         }
@@ -283,12 +295,15 @@ impl Remote {
 
 /// Exponential from 0.5 s, at most 30 s, and at most a quarter of what is
 /// left of the current certificate (so a CA that comes back is asked again
-/// before the certificate runs out), with +-20% jitter.
+/// before the certificate runs out); at most 5 s while there is no valid
+/// certificate at all (the workload cannot be served until one comes).
+/// With +-20% jitter.
 fn backoff(failures: u32, left: Option<Duration>) -> Duration {
     let exp = BACKOFF_FIRST.saturating_mul(1u32 << failures.saturating_sub(1).min(10));
     let mut d = exp.min(BACKOFF_MAX);
-    if let Some(left) = left {
-        d = d.min((left / 4).max(Duration::from_millis(250)));
+    match left {
+        Some(left) if !left.is_zero() => d = d.min((left / 4).max(Duration::from_millis(250))),
+        _ => d = d.min(BACKOFF_NO_CERT),
     }
     d.mul_f64(0.8 + 0.4 * fastrand::f64())
 }
@@ -356,8 +371,9 @@ mod tests {
         let b = |n, left| backoff(n, left);
         assert!(b(1, None) <= Duration::from_millis(600));
         assert!(b(3, None) >= Duration::from_millis(1600) && b(3, None) <= Duration::from_millis(2400));
-        assert!(b(50, None) <= Duration::from_secs(36));
+        assert!(b(50, None) <= Duration::from_secs(6), "no certificate: at most 5 s");
+        assert!(b(50, Some(Duration::from_secs(3600))) >= Duration::from_secs(24), "30 s cap with a long-lived cert");
         assert!(b(50, Some(Duration::from_secs(8))) <= Duration::from_millis(2400));
-        assert!(b(50, Some(Duration::ZERO)) <= Duration::from_millis(300));
+        assert!(b(50, Some(Duration::ZERO)) <= Duration::from_secs(6));
     }
 }

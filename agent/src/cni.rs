@@ -184,14 +184,14 @@ impl CniServer {
         loop {
             let state = states.borrow_and_update().clone();
             match Self::find(&state, pod) {
-                Some(w) if w.protocol == Protocol::Hbone && w.is_on_node(state.node()) => {
-                    if self.pods.is_enrolled(&w.uid) {
-                        return Ok((
-                            Outcome::Captured,
-                            format!("{who} is enrolled as {}; capture in place", w.principal(state.trust_domain())),
-                        ));
-                    }
+                Some(w)
+                    if w.protocol == Protocol::Hbone && w.is_on_node(state.node()) && self.pods.is_enrolled(&w.uid) =>
+                {
+                    let id = w.principal(state.trust_domain());
+                    return Ok((Outcome::Captured, format!("{who} is enrolled as {id}; capture in place")));
                 }
+                // Enrolled, capture not in place yet: wait for Pods::sync.
+                Some(w) if w.protocol == Protocol::Hbone && w.is_on_node(state.node()) => {}
                 Some(w) => {
                     let why = if w.protocol == Protocol::Tcp { "not enrolled (labels)" } else { "on another node" };
                     return Ok((Outcome::NotEnrolled, format!("{who}: {why}")));

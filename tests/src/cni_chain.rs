@@ -89,7 +89,13 @@ impl Chain {
         prev: Option<&Value>,
     ) -> Result<Value, PluginError> {
         let ty = plugin["type"].as_str().unwrap_or("?").to_string();
-        let fail = |msg: String| PluginError { plugin: ty.clone(), code: None, msg, stdout: String::new(), stderr: String::new() };
+        let fail = |msg: String| PluginError {
+            plugin: ty.clone(),
+            code: None,
+            msg,
+            stdout: String::new(),
+            stderr: String::new(),
+        };
         let bin = self.find(&ty).map_err(|e| fail(format!("{e:#}")))?;
         let cni_args: Vec<String> = a.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let path: Vec<String> = self.cni_path.iter().map(|p| p.display().to_string()).collect();

@@ -145,7 +145,9 @@ fn captured_from_the_first_packet(mode: &str) -> Result<()> {
     ensure!(sluice_tests::cgroup::procs(&web.cgroup_path())?.is_empty(), "nothing runs in the pod yet");
     let (listeners, rules) = capture_state(&web, mode)?;
     ensure!(listeners && rules, "[{mode}] capture in place when ADD returns: listeners {listeners}, rules {rules}");
-    evidence(&format!("[{mode}] CNI ADD {ip} took {add_time:?}; listeners and {mode} capture in place before the app starts"));
+    evidence(&format!(
+        "[{mode}] CNI ADD {ip} took {add_time:?}; listeners and {mode} capture in place before the app starts"
+    ));
 
     // The app starts; a meshed client on the other node reaches it through HBONE only.
     let (_srv, server) = echo_server(&web, &format!("{ip}:8080"), &[])?;
@@ -155,7 +157,11 @@ fn captured_from_the_first_packet(mode: &str) -> Result<()> {
     let (pcap, _) = cap.stop_with_stats()?;
     let wire = WireReport::from_pcap(&pcap)?;
     ensure!(sent.bytes_verified == 1 << 20, "1 MiB echoed byte-exact: {sent:?}");
-    ensure!(wire.non_hbone_segments == 0 && wire.tls13_streams > 0, "[{mode}] only HBONE on the wire: {}", wire.summary());
+    ensure!(
+        wire.non_hbone_segments == 0 && wire.tls13_streams > 0,
+        "[{mode}] only HBONE on the wire: {}",
+        wire.summary()
+    );
     let dump = config_dump(&f.n1)?;
     let enrolled = dump["pods"].as_array().into_iter().flatten().any(|p| p["uid"] == web.uid());
     ensure!(enrolled, "node1's agent lists the pod as enrolled: {}", dump["pods"]);
@@ -164,7 +170,10 @@ fn captured_from_the_first_packet(mode: &str) -> Result<()> {
 
     chain.del(&att, Some(&result)).map_err(|e| anyhow::anyhow!("DEL: {e}"))?;
     let (listeners, rules) = capture_state(&web, mode)?;
-    ensure!(!listeners && !rules, "[{mode}] nothing of the pod's capture left after DEL: listeners {listeners}, rules {rules}");
+    ensure!(
+        !listeners && !rules,
+        "[{mode}] nothing of the pod's capture left after DEL: listeners {listeners}, rules {rules}"
+    );
     let links = web.exec_ok(&["ip", "-o", "link", "show"])?;
     ensure!(!links.contains("eth0"), "the bridge plugin removed eth0: {links}");
     let leases = std::fs::read_dir(f.data_dir.path().join("ipam/k8s-pod-network"))
@@ -200,7 +209,8 @@ fn agent_down_fails_closed_or_passes(mode: &str) -> Result<()> {
     let _ = f.chain(false, &nobody).del(&f.attachment(&b, NS), Some(&r));
 
     let c = f.n1.add_cni_pod("kubesys")?;
-    let r = f.chain(true, &nobody).add(&f.attachment(&c, "kube-system")).map_err(|e| anyhow::anyhow!("excluded: {e}"))?;
+    let r =
+        f.chain(true, &nobody).add(&f.attachment(&c, "kube-system")).map_err(|e| anyhow::anyhow!("excluded: {e}"))?;
     result_ipv4(&r).context("excluded namespace passes")?;
     let _ = f.chain(true, &nobody).del(&f.attachment(&c, "kube-system"), Some(&r));
     evidence(&format!("[{mode}] agent down: failClosed -> code 11 naming the socket; open -> passed and logged; kube-system -> passed"));

@@ -114,7 +114,17 @@ pub fn exec(step_name: &str, cmd: &mut Command) -> Result<()> {
 /// the directory they are in.
 pub fn build_bins(release: bool) -> Result<PathBuf> {
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(workspace()).args(["build", "--quiet", "-p", "sluice", "-p", "sluice-cni", "-p", "sluice-tests", "--bins"]);
+    cmd.current_dir(workspace()).args([
+        "build",
+        "--quiet",
+        "-p",
+        "sluice",
+        "-p",
+        "sluice-cni",
+        "-p",
+        "sluice-tests",
+        "--bins",
+    ]);
     if release {
         cmd.arg("--release");
     }

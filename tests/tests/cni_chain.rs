@@ -36,10 +36,12 @@ const NS: &str = "shop";
 struct Fixture {
     topo: Topology,
     n1: Node,
+    n2: Node,
     kube: KubeMesh,
     data_dir: tempfile::TempDir,
     cni_path: Vec<PathBuf>,
     socket: PathBuf,
+    _pause: sluice_tests::process::ChildGuard,
 }
 
 fn fixture(mode: &str) -> Result<(Fixture, Agent, Agent, sluice_tests::Pod)> {
@@ -50,14 +52,16 @@ fn fixture(mode: &str) -> Result<(Fixture, Agent, Agent, sluice_tests::Pod)> {
     let kube = KubeMesh::new(&topo, "cluster.local", "istio-system")?;
     kube.api.apply(objects::namespace(NS, &[("istio.io/dataplane-mode", "ambient")]))?;
     kube.api.apply(pod_object(&c2, NS, "sleep", &[("app", "sleep")]))?;
-    c2.start_pause()?;
+    // Kept in the fixture: dropping the guard kills it, and the agent
+    // finds a running pod's netns through its processes.
+    let pause = c2.start_pause()?;
     let data_dir = tempfile::tempdir()?;
     let socket = data_dir.path().join("cni-node1.sock");
     let plugin = target_bin("sluice-cni", "SLUICE_CNI_BIN");
     let cni_path = vec![PathBuf::from("/usr/lib/cni"), plugin.parent().context("plugin dir")?.to_path_buf()];
     let ag1 = kube.start_agent(&n1, mode, &["--cni-socket", socket.to_str().context("socket")?])?;
     let ag2 = kube.start_agent(&n2, mode, &[])?;
-    Ok((Fixture { topo, n1, kube, data_dir, cni_path, socket }, ag1, ag2, c2))
+    Ok((Fixture { topo, n1, n2, kube, data_dir, cni_path, socket, _pause: pause }, ag1, ag2, c2))
 }
 
 impl Fixture {
@@ -123,6 +127,21 @@ fn capture_state(pod: &CniPod, mode: &str) -> Result<(bool, bool)> {
     Ok((listeners, rules))
 }
 
+/// Waits until `node`'s agent lists the pod `uid` as an enrolled workload.
+fn wait_known_as_hbone(node: &Node, uid: &str, within: Duration) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let dump = config_dump(node)?;
+        let known =
+            dump["workloads"].as_array().into_iter().flatten().any(|w| w["uid"] == uid && w["protocol"] == "Hbone");
+        if known {
+            return Ok(());
+        }
+        ensure!(t.elapsed() < within, "{} never listed pod {uid} as HBONE: {}", node.name(), dump["workloads"]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn plugin_log(f: &Fixture) -> String {
     std::fs::read_to_string(f.data_dir.path().join("sluice-cni.log")).unwrap_or_default()
 }
@@ -148,6 +167,28 @@ fn captured_from_the_first_packet(mode: &str) -> Result<()> {
     evidence(&format!(
         "[{mode}] CNI ADD {ip} took {add_time:?}; listeners and {mode} capture in place before the app starts"
     ));
+
+    // The kubelet reports the sandbox's address once the runtime is done;
+    // only then can other nodes' agents know the pod is meshed.
+    f.kube.api.apply(objects::pod(
+        NS,
+        web.name(),
+        web.uid(),
+        web.node_name(),
+        "web",
+        &[ip.into()],
+        &[("app", "web")],
+    ))?;
+    wait_known_as_hbone(&f.n2, web.uid(), T)?;
+    let t = Instant::now();
+    loop {
+        let dump = config_dump(&f.n2)?;
+        if dump["pods"].as_array().into_iter().flatten().any(|p| p["uid"] == c2.uid()) {
+            break;
+        }
+        ensure!(t.elapsed() < T, "node2's agent never enrolled c2: {}", dump["source"]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // The app starts; a meshed client on the other node reaches it through HBONE only.
     let (_srv, server) = echo_server(&web, &format!("{ip}:8080"), &[])?;

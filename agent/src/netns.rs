@@ -263,15 +263,9 @@ pub fn original_dst(stream: &tokio::net::TcpStream) -> io::Result<SocketAddr> {
         SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_some() => sock.original_dst_v4(),
         SocketAddr::V6(_) => sock.original_dst_v6(),
     };
-    let raw = match answer {
-        Ok(raw) => raw,
-        // tc's bpf_sk_assign hands the connection over untouched: the
-        // accepted socket's own address is where the client was going.
-        Err(_) if ![agent_common::OUTBOUND_PORT, agent_common::INBOUND_PLAINTEXT_PORT].contains(&local.port()) => {
-            return Ok(local);
-        }
-        Err(e) => return Err(e),
-    };
-    raw.as_socket()
+    // No guess from the port when this fails: connections tc assigned
+    // (bpf_sk_assign) never ask; their listener knows (proxy::Arrival).
+    answer?
+        .as_socket()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "SO_ORIGINAL_DST returned a non-IP address"))
 }

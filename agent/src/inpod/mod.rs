@@ -1,9 +1,23 @@
 //! Enrolled pods on this node: for each, the netns handle, the three
 //! listeners inside it, the capture rules, and the certificate.
 //!
-//! Order matters for "no broken connections": on enroll the listeners come
-//! up before capture points traffic at them; on removal capture goes first,
-//! then the HBONE server sends GOAWAY and open streams finish.
+//! Order matters, because the agent's transparent connections to a pod's
+//! app (inbound HBONE streams and captured plaintext) need the pod's return
+//! path (the capture's mark rules), which `Redirect::enroll` installs and
+//! `Redirect::unenroll` removes; an app reply that misses it leaves the pod
+//! for the wire and the connection hangs instead of failing.
+//!
+//! - Enroll: the listeners are bound (so the kernel queues connections),
+//!   then capture and the return path go in, and only then are the
+//!   listeners served. A peer agent that learns of the enrollment first
+//!   and dials 15008 early waits in the backlog for a few milliseconds
+//!   instead of being answered without a return path.
+//! - Remove: the HBONE listener is closed and GOAWAY sent first, so a peer
+//!   agent that has not yet learnt of the removal is refused at once
+//!   instead of being served without a return path; then capture and the
+//!   return path go; then the outbound and plaintext listeners close.
+//!   Connections the agent carries for the pod at that moment lose their
+//!   return path: un-enrolling does not drain them.
 
 pub mod discover;
 
@@ -11,6 +25,7 @@ use std::{
     collections::BTreeMap,
     os::fd::{AsRawFd, RawFd},
     sync::{Arc, Mutex},
+    time::Instant,
 };
 
 use anyhow::{Context, Result};
@@ -20,7 +35,7 @@ use tracing::{info, warn};
 
 use crate::{
     netns::Netns,
-    proxy::{canonical_ip, inbound, inbound_plaintext, listen_both, outbound, Ctx, PodCtx},
+    proxy::{canonical_ip, inbound, inbound_plaintext, listen_both, outbound, Arrival, Ctx, PodCtx},
     redirect::{PodCapture, Redirect, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT},
     state::{Protocol, State, Workload},
     tls,
@@ -28,8 +43,24 @@ use crate::{
 
 struct Running {
     pod: Arc<PodCtx>,
+    /// Accept loops of the HBONE listeners (15008).
+    hbone_tasks: Vec<JoinHandle<()>>,
+    /// Accept loops of the outbound (15001) and plaintext inbound (15006,
+    /// and the eBPF assign listener) listeners.
     tasks: Vec<JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
+}
+
+/// Stops accept loops and waits until they are gone, so their listening
+/// sockets are closed when this returns (connections still in a closed
+/// listener's backlog are reset by the kernel).
+async fn stop(tasks: Vec<JoinHandle<()>>) {
+    for t in &tasks {
+        t.abort();
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
 }
 
 pub struct Pods {
@@ -112,6 +143,7 @@ impl Pods {
     }
 
     pub async fn enroll(&self, w: Arc<Workload>) -> Result<()> {
+        let started = Instant::now();
         let netns_path = w.netns.as_ref().with_context(|| format!("pod {} has no netns", w.uid))?;
         let netns = Arc::new(Netns::open(netns_path).with_context(|| format!("enrolling pod {}", w.uid))?);
         let id = self.ctx.spiffe_id(&w)?;
@@ -122,6 +154,12 @@ impl Pods {
             self.ctx.state().trust_domain().to_owned(),
         )
         .with_context(|| format!("TLS config for pod {}", w.uid))?;
+        let assigned = if self.redirect.assigns_inbound() {
+            listen_both(&netns, 0, &w.ips).with_context(|| format!("pod {}: inbound assign listener", w.uid))?
+        } else {
+            Vec::new()
+        };
+        let assign_ports = assigned.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.port()).collect();
         let pod = Arc::new(PodCtx {
             workload: w.clone(),
             netns: netns.clone(),
@@ -131,6 +169,7 @@ impl Pods {
             // Only the eBPF datapath keys sockets by it (and it needs 5.14);
             // iptables capture must work without it.
             netns_cookie: netns.cookie().unwrap_or(0),
+            assign_ports,
         });
 
         let out =
@@ -139,24 +178,9 @@ impl Pods {
             .with_context(|| format!("pod {}: inbound listener", w.uid))?;
         let hbone =
             listen_both(&netns, HBONE_PORT, &w.ips).with_context(|| format!("pod {}: HBONE listener", w.uid))?;
-        let assigned = if self.redirect.assigns_inbound() {
-            listen_both(&netns, 0, &w.ips).with_context(|| format!("pod {}: inbound assign listener", w.uid))?
-        } else {
-            Vec::new()
-        };
         let plain_fds: Vec<RawFd> =
             if assigned.is_empty() { &plain } else { &assigned }.iter().map(|l| l.as_raw_fd()).collect();
-        let (shutdown, shutdown_rx) = watch::channel(false);
-        let mut tasks = Vec::new();
-        for l in out {
-            tasks.push(tokio::spawn(outbound::serve(l, pod.clone(), self.ctx.clone())));
-        }
-        for l in plain.into_iter().chain(assigned) {
-            tasks.push(tokio::spawn(inbound_plaintext::serve(l, pod.clone(), self.ctx.clone())));
-        }
-        for l in hbone {
-            tasks.push(tokio::spawn(inbound::serve(l, pod.clone(), self.ctx.clone(), shutdown_rx.clone())));
-        }
+        let listening = started.elapsed();
 
         let redirect = self.redirect.clone();
         let (uid, ips, cgroup, identity) = (w.uid.clone(), w.ips.clone(), w.cgroup.clone(), pod.id.to_string());
@@ -173,26 +197,57 @@ impl Pods {
             redirect.enroll(&pod)
         })
         .await?;
-        if let Err(e) = enrolled {
-            tasks.iter().for_each(JoinHandle::abort);
-            return Err(e);
+        // On failure the listeners are dropped here, unserved.
+        enrolled?;
+        // Served only now that the return path is in place (see the module doc).
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for l in out {
+            tasks.push(tokio::spawn(outbound::serve(l, pod.clone(), self.ctx.clone())));
         }
-        info!(pod = %w.uid, identity = %pod.id, mode = %self.redirect.mode(), "pod enrolled");
+        // 15006 takes iptables' REDIRECTs; in eBPF mode it only ever sees
+        // direct connections (refused as the agent's own port), while tc
+        // assigns the pod's inbound SYNs to the port-0 listeners.
+        for l in plain {
+            tasks.push(tokio::spawn(inbound_plaintext::serve(l, pod.clone(), self.ctx.clone(), Arrival::Redirected)));
+        }
+        for l in assigned {
+            tasks.push(tokio::spawn(inbound_plaintext::serve(l, pod.clone(), self.ctx.clone(), Arrival::Assigned)));
+        }
+        let hbone_tasks = hbone
+            .into_iter()
+            .map(|l| tokio::spawn(inbound::serve(l, pod.clone(), self.ctx.clone(), shutdown_rx.clone())))
+            .collect();
+        info!(
+            pod = %w.uid,
+            identity = %pod.id,
+            mode = %self.redirect.mode(),
+            listen_ms = ms(listening),
+            capture_ms = ms(started.elapsed() - listening),
+            "pod enrolled"
+        );
         let mut local = self.ctx.local_pods.write().unwrap_or_else(|e| e.into_inner());
         for ip in &w.ips {
             local.insert(canonical_ip(*ip), pod.clone());
         }
         drop(local);
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(w.uid.clone(), Running { pod, tasks, shutdown });
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(w.uid.clone(), Running { pod, hbone_tasks, tasks, shutdown });
         Ok(())
     }
 
-    /// Removes capture, closes the listeners, sends GOAWAY on HBONE
-    /// connections and drops the pod's certificate.
+    /// Closes the HBONE listener and sends GOAWAY on its connections,
+    /// removes capture, closes the other listeners and drops the pod's
+    /// certificate (see the module doc for the order).
     pub async fn remove(&self, uid: &str) {
+        let started = Instant::now();
         let Some(running) = self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(uid) else {
             return;
         };
+        stop(running.hbone_tasks).await;
+        let _ = running.shutdown.send(true);
         let pod = running.pod.clone();
         self.ctx.local_pods.write().unwrap_or_else(|e| e.into_inner()).retain(|_, p| !Arc::ptr_eq(p, &pod));
         let redirect = self.redirect.clone();
@@ -212,10 +267,12 @@ impl Pods {
         if let Ok(Err(e)) | Err(e) = unenrolled.map_err(anyhow::Error::from) {
             warn!(pod = %uid, error = format!("{e:#}"), "removing capture failed");
         }
-        let _ = running.shutdown.send(true);
-        running.tasks.iter().for_each(JoinHandle::abort);
+        stop(running.tasks).await;
+        // Its pooled HBONE connections were dialled from its netns: nobody
+        // else may ride them, and they must not outlive it.
+        let dropped = self.ctx.pool.remove_source(uid);
         self.ctx.certs.forget(&running.pod.id);
-        info!(pod = %uid, "pod removed");
+        info!(pod = %uid, ms = ms(started.elapsed()), pooled_connections_closed = dropped, "pod removed");
     }
 
     /// Agent shutdown: GOAWAY to every HBONE client and stop accepting.
@@ -231,7 +288,7 @@ impl Pods {
         let running = std::mem::take(&mut *self.running.lock().unwrap_or_else(|e| e.into_inner()));
         for (_, r) in running {
             let _ = r.shutdown.send(true);
-            r.tasks.iter().for_each(JoinHandle::abort);
+            r.hbone_tasks.iter().chain(&r.tasks).for_each(JoinHandle::abort);
         }
     }
 
@@ -270,6 +327,10 @@ impl Pods {
     pub fn is_enrolled(&self, uid: &str) -> bool {
         self.running.lock().unwrap_or_else(|e| e.into_inner()).contains_key(uid)
     }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
 }
 
 fn humantime(t: std::time::SystemTime) -> String {

@@ -6,7 +6,9 @@
 //! port the app really serves. Each open stream is registered, so a policy
 //! that later denies it resets it (registry.rs).
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
 
 use http::StatusCode;
 use tokio::{
@@ -14,10 +16,11 @@ use tokio::{
     sync::watch,
 };
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info_span};
 
 use super::{
-    canonical_ip, conn_labels, connect_app,
+    accept::accept_loop,
+    canonical_ip, conn_labels, connect_app, own_ports,
     registry::{self, Kind, Registered},
     services::inbound_service,
     Ctx, PodCtx, Security,
@@ -33,30 +36,24 @@ use crate::{
     },
 };
 
+/// How long a client may take to finish its TLS handshake: one that never
+/// does must not hold a socket and a task for ever.
+pub const TLS_ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub async fn serve(listener: TcpListener, pod: Arc<PodCtx>, ctx: Arc<Ctx>, shutdown: watch::Receiver<bool>) {
     let acceptor = TlsAcceptor::from(pod.server_tls.clone());
     let handler = Arc::new(InboundHandler { pod: pod.clone(), ctx: ctx.clone() });
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(pod = %pod.workload.uid, error = %e, "HBONE accept failed");
-                continue;
+    let span = |pod: &PodCtx, peer: SocketAddr| info_span!("hbone", pod = %pod.workload.uid, %peer);
+    accept_loop(listener, "hbone", pod, ctx, span, move |tcp, peer, _pod, _ctx| {
+        let (acceptor, handler, shutdown) = (acceptor.clone(), handler.clone(), shutdown.clone());
+        // Counted as active until its last stream ends, so shutdown drains it.
+        async move {
+            if let Err(e) = connection(tcp, peer, acceptor, handler, shutdown).await {
+                debug!(error = format!("{e:#}"), "HBONE connection ended");
             }
-        };
-        let (acceptor, handler, shutdown, ctx) = (acceptor.clone(), handler.clone(), shutdown.clone(), ctx.clone());
-        let span = info_span!("hbone", pod = %pod.workload.uid, %peer);
-        tokio::spawn(
-            async move {
-                // Counted until its last stream ends, so shutdown drains it.
-                let _active = ctx.track();
-                if let Err(e) = connection(tcp, peer, acceptor, handler, shutdown).await {
-                    debug!(error = format!("{e:#}"), "HBONE connection ended");
-                }
-            }
-            .instrument(span),
-        );
-    }
+        }
+    })
+    .await
 }
 
 async fn connection(
@@ -67,9 +64,16 @@ async fn connection(
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let local = tcp.local_addr()?;
-    let tls = acceptor.accept(tcp).await?;
-    let identity = tls::peer_identity(tls.get_ref().1);
-    serve_connection(tls, local, peer, identity.map(|id| id.to_string()), handler, shutdown).await?;
+    let tls = tokio::time::timeout(TLS_ACCEPT_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .map_err(|_| anyhow::anyhow!("TLS handshake not finished within {TLS_ACCEPT_TIMEOUT:?}"))?
+        .context("TLS handshake")?;
+    // The server config demands a client certificate from the mesh's root;
+    // one whose identity cannot be read is refused outright: taken for a
+    // plaintext source, it would slip past DENY rules on principals.
+    let identity = tls::peer_identity(tls.get_ref().1)
+        .context("the client certificate has no readable SPIFFE identity; refusing the connection")?;
+    serve_connection(tls, local, peer, Some(identity.to_string()), handler, shutdown).await?;
     Ok(())
 }
 
@@ -86,12 +90,17 @@ impl Handler for InboundHandler {
         if !w.ips.iter().any(|ip| canonical_ip(*ip) == canonical_ip(req.target.ip())) {
             return Err(Refusal::BadRequest(format!("{} is not an address of {}", req.target.ip(), w.uid)));
         }
-        let principal =
-            req.peer_identity.as_deref().and_then(|id| id.parse::<SpiffeId>().ok()).map(|id| id.principal());
-        let source = match principal {
-            Some(p) => Source::authenticated(p, req.peer.ip()),
-            None => Source::plaintext(req.peer.ip()),
+        if self.pod.owns_port(req.target.port()) {
+            own_ports::refused(&self.ctx, "inbound", &w.uid, req.target);
+            return Err(Refusal::BadRequest(format!("{} is one of the agent's own ports", req.target.port())));
+        }
+        // Never read as plaintext: that would escape DENY-by-principal.
+        let Some(principal) =
+            req.peer_identity.as_deref().and_then(|id| id.parse::<SpiffeId>().ok()).map(|id| id.principal())
+        else {
+            return Err(Refusal::Denied("no verified peer identity".into()));
         };
+        let source = Source::authenticated(principal, req.peer.ip());
         let state = self.ctx.state();
         let w = self.pod.current(&state);
         if let Decision::Deny { policy } = authorize_conn(&state, &Conn { src: &source, dst: &w, dst_addr: req.target })

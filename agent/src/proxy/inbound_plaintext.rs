@@ -3,15 +3,19 @@
 //! reset before a single byte reaches the app, and one a later policy denies
 //! is reset on both sides (registry.rs).
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::{Context, Result};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info_span};
 
 use super::{
+    accept::accept_loop,
     conn_labels, connect_app,
+    copy::copy_tcp,
+    own_ports,
     registry::{self, Kind},
+    reset,
     services::inbound_service,
     Ctx, PodCtx, Security,
 };
@@ -21,31 +25,38 @@ use crate::{
     policy::{authorize_conn, plaintext_allowed, Conn, Decision, Source},
 };
 
-pub async fn serve(listener: TcpListener, pod: Arc<PodCtx>, ctx: Arc<Ctx>) {
-    loop {
-        let (client, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(pod = %pod.workload.uid, error = %e, "inbound accept failed");
-                continue;
-            }
-        };
-        let (pod, ctx) = (pod.clone(), ctx.clone());
-        let span = info_span!("inbound_plaintext", pod = %pod.workload.uid, src = %peer);
-        tokio::spawn(
-            async move {
-                let _active = ctx.track();
-                if let Err(e) = handle(client, peer, &pod, &ctx).await {
-                    debug!(error = format!("{e:#}"), "plaintext inbound failed");
-                }
-            }
-            .instrument(span),
-        );
-    }
+/// How a connection reached this listener, which says where the client
+/// was going. Passed by whoever opened the listener, never guessed from
+/// the port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// iptables REDIRECT (or nothing at all): conntrack's SO_ORIGINAL_DST.
+    Redirected,
+    /// tc `bpf_sk_assign`: the packet was not rewritten, so the accepted
+    /// socket's own address is the destination.
+    Assigned,
 }
 
-async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodCtx, ctx: &Ctx) -> Result<()> {
-    let target = original_dst(&client).context("reading the original destination (SO_ORIGINAL_DST)")?;
+pub async fn serve(listener: TcpListener, pod: Arc<PodCtx>, ctx: Arc<Ctx>, arrival: Arrival) {
+    let span = |pod: &PodCtx, peer: SocketAddr| info_span!("inbound_plaintext", pod = %pod.workload.uid, src = %peer);
+    accept_loop(listener, "inbound_plaintext", pod, ctx, span, move |client, peer, pod, ctx| async move {
+        if let Err(e) = handle(client, peer, &pod, &ctx, arrival).await {
+            debug!(error = format!("{e:#}"), "plaintext inbound failed");
+        }
+    })
+    .await
+}
+
+async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodCtx, ctx: &Ctx, arrival: Arrival) -> Result<()> {
+    let target = match arrival {
+        Arrival::Assigned => client.local_addr().context("reading the accepted socket's address")?,
+        Arrival::Redirected => original_dst(&client).context("reading the original destination (SO_ORIGINAL_DST)")?,
+    };
+    if pod.owns_port(target.port()) {
+        own_ports::refused(ctx, "inbound", &pod.workload.uid, target);
+        reset(&client);
+        return Ok(());
+    }
     let state = ctx.state();
     let source = Source::plaintext(peer.ip());
     let dst = pod.current(&state);
@@ -56,7 +67,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodCtx, ctx: &Ctx
     };
     if let Decision::Deny { policy } = decision {
         ctx.metrics.auth_denials.get_or_create(&DenyLabels { reporter: "destination", policy: policy.clone() }).inc();
-        let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+        reset(&client);
         debug!(%target, %policy, "denied");
         return Ok(());
     }
@@ -76,20 +87,8 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodCtx, ctx: &Ctx
         Security::Unknown,
     );
     let mut guard = ctx.metrics.connection(labels);
-    let result = tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut app) => r,
-        policy = registered.closed() => {
-            // Reset both sides. (The bytes moved so far go uncounted: tokio's
-            // copy reports them only when it completes.)
-            for s in [&client, &app] {
-                let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
-            }
-            return Err(anyhow::anyhow!("closed: policy {policy} now denies this connection"));
-        }
-    };
-    if let Ok((up, down)) = result {
-        guard.client_to_server = up;
-        guard.server_to_client = down;
-    }
-    Ok(result.map(drop)?)
+    let (moved, result) = copy_tcp(&mut client, &mut app, registered.closed()).await;
+    guard.client_to_server = moved.a_to_b;
+    guard.server_to_client = moved.b_to_a;
+    Ok(result?)
 }

@@ -5,9 +5,12 @@
 //!
 //! `Ctx` is what they share across pods; `PodCtx` what belongs to one pod.
 
+mod accept;
+mod copy;
 pub mod inbound;
 pub mod inbound_plaintext;
 pub mod outbound;
+mod own_ports;
 mod registry;
 mod services;
 mod socket;
@@ -34,6 +37,7 @@ use crate::{
     tunnel::pool::Pool,
 };
 
+pub use inbound_plaintext::Arrival;
 pub use registry::revalidate;
 pub use socket::{connect_app, listen_both};
 
@@ -94,9 +98,18 @@ pub struct PodCtx {
     pub app_mark: u32,
     /// The netns cookie, which keys the pod's sockets in the kernel maps.
     pub netns_cookie: u64,
+    /// The ports of the pod's sk_assign listeners (eBPF capture), which
+    /// are the agent's own like 15001/15006/15008.
+    pub assign_ports: Vec<u16>,
 }
 
 impl PodCtx {
+    /// `port` is one the agent listens on in this pod: a connection to it
+    /// must never be dialled (own_ports.rs).
+    pub fn owns_port(&self, port: u16) -> bool {
+        own_ports::is_agent_port(port) || self.assign_ports.contains(&port)
+    }
+
     /// The pod as `state` knows it now. Labels (which policy selectors and
     /// metrics read) can change without the pod being re-enrolled; what the
     /// enrollment was built from (identity, addresses, netns) cannot, so the
@@ -181,6 +194,12 @@ pub fn conn_labels(
         response_flags: "-",
         connection_security_policy: security.label(),
     }
+}
+
+/// Resets `stream` when it is dropped: the peer must see a failed
+/// connection, not an EOF it could take for a complete (empty) answer.
+pub fn reset(stream: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }
 
 /// Pod addresses compare equal whether written v4 or v4-mapped v6.

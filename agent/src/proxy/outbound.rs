@@ -15,9 +15,17 @@ use std::{net::SocketAddr, sync::Arc};
 use anyhow::{Context, Result};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info_span};
 
-use super::{canonical_ip, conn_labels, services, splice::splice, Ctx, PodCtx, Security};
+use super::{
+    accept::accept_loop,
+    canonical_ip, conn_labels,
+    copy::copy_tcp,
+    own_ports::{self, is_agent_port},
+    reset, services,
+    splice::splice,
+    Ctx, PodCtx, Security,
+};
 use crate::{
     bpf::sock_key,
     identity::SpiffeId,
@@ -28,36 +36,29 @@ use crate::{
     tunnel::{client::Connection, copy_bidirectional, pool::PoolKey, HBONE_PORT},
 };
 
+/// How long a new upstream connection may take: TCP, and for HBONE also
+/// the mTLS and HTTP/2 handshakes.
+pub const DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn serve(listener: TcpListener, pod: Arc<PodCtx>, ctx: Arc<Ctx>) {
     // Before the pod's first captured connection: sock_ops decides from
     // this list whether a connection to a VIP may be spliced.
     services::sync_splice(&ctx, &ctx.state());
-    loop {
-        let (app, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(pod = %pod.workload.uid, error = %e, "outbound accept failed");
-                continue;
-            }
-        };
-        let (pod, ctx) = (pod.clone(), ctx.clone());
-        let span = info_span!(
+    let span = |pod: &PodCtx, peer: SocketAddr| {
+        info_span!(
             "outbound",
             pod = %pod.workload.uid,
             src = %peer,
             dst = tracing::field::Empty,
             endpoint = tracing::field::Empty
-        );
-        tokio::spawn(
-            async move {
-                let _active = ctx.track();
-                if let Err(e) = handle(app, peer, &pod, &ctx).await {
-                    debug!(error = format!("{e:#}"), "outbound connection failed");
-                }
-            }
-            .instrument(span),
-        );
-    }
+        )
+    };
+    accept_loop(listener, "outbound", pod, ctx, span, |app, peer, pod, ctx| async move {
+        if let Err(e) = handle(app, peer, &pod, &ctx).await {
+            debug!(error = format!("{e:#}"), "outbound connection failed");
+        }
+    })
+    .await
 }
 
 async fn handle(app: TcpStream, peer: SocketAddr, pod: &PodCtx, ctx: &Ctx) -> Result<()> {
@@ -82,6 +83,16 @@ async fn handle(app: TcpStream, peer: SocketAddr, pod: &PodCtx, ctx: &Ctx) -> Re
         },
     };
     let service = service.as_deref();
+    // A Sluice agent listens on these in every enrolled pod (and the local
+    // ones also on their sk_assign port): dialling one loops.
+    let enrolled = state.workload_by_ip(target.ip()).is_some_and(|w| w.protocol == Protocol::Hbone);
+    let local_owner = ctx.local_pod(target.ip()).is_some_and(|p| p.owns_port(target.port()));
+    if (enrolled && is_agent_port(target.port())) || local_owner {
+        own_ports::refused(ctx, "outbound", &pod.workload.uid, target);
+        release_app(&app, pod, ctx);
+        reset(&app);
+        return Ok(());
+    }
     match state.workload_by_ip(target.ip()) {
         Some(w) if w.protocol == Protocol::Hbone => match (&ctx.splice, ctx.local_pod(target.ip())) {
             // IPv4 only: an IPv6 app socket in a sockmap lost its incoming
@@ -120,7 +131,7 @@ fn release_app(app: &TcpStream, pod: &PodCtx, ctx: &Ctx) {
 /// complete (empty) response.
 fn refuse(app: &TcpStream, ctx: &Ctx, status: &str) {
     ctx.metrics.hbone_errors.get_or_create(&StatusLabels { direction: "outbound", status: status.into() }).inc();
-    let _ = socket2::SockRef::from(app).set_linger(Some(std::time::Duration::ZERO));
+    reset(app);
 }
 
 /// An HBONE stream to `w`'s agent; `dst` (the pod address, or the service
@@ -137,11 +148,19 @@ async fn hbone(
 ) -> Result<()> {
     let dst_id = ctx.spiffe_id(w)?;
     let key = PoolKey {
+        src_workload: pod.workload.uid.clone(),
         src_identity: pod.id.to_string(),
         dst_identity: dst_id.to_string(),
         dst: SocketAddr::new(dst.ip(), HBONE_PORT),
     };
-    let conn = match ctx.pool.get(&key, || dial(pod, ctx, key.dst, dst_id.clone())).await {
+    let dialled = || async {
+        // Bounded: the dial holds the pool's lock for this key, so a peer
+        // that never answers would stall every stream to it.
+        tokio::time::timeout(DIAL_TIMEOUT, dial(pod, ctx, key.dst, dst_id.clone()))
+            .await
+            .map_err(|_| anyhow::anyhow!("HBONE dial to {} took longer than {DIAL_TIMEOUT:?}", key.dst))?
+    };
+    let conn = match ctx.pool.get(&key, dialled).await {
         Ok(c) => c,
         Err(e) => {
             refuse(&app, ctx, "connect_failed");
@@ -189,21 +208,25 @@ async fn passthrough(
     ctx: &Ctx,
     service: Option<&Service>,
 ) -> Result<()> {
-    let mut upstream = pod
-        .netns
-        .socket(dst, None, false)?
-        .connect(dst)
-        .await
-        .with_context(|| format!("passthrough connect to {dst}"))?;
+    let connect = pod.netns.socket(dst, None, false)?.connect(dst);
+    let mut upstream = match tokio::time::timeout(DIAL_TIMEOUT, connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            refuse(&app, ctx, "connect_failed");
+            return Err(e).with_context(|| format!("passthrough connect to {dst}"));
+        }
+        Err(_) => {
+            refuse(&app, ctx, "connect_timeout");
+            anyhow::bail!("passthrough connect to {dst}: no answer within {DIAL_TIMEOUT:?}");
+        }
+    };
     // ztunnel names a known destination's identity even without mTLS.
     let dst_id = w.and_then(|w| ctx.spiffe_id(w).ok());
     let src = pod.current(&ctx.state());
     let labels = conn_labels("source", Some(&src), Some(&pod.id), w, dst_id.as_ref(), service, Security::Unknown);
     let mut guard = ctx.metrics.connection(labels);
-    let result = tokio::io::copy_bidirectional(&mut app, &mut upstream).await;
-    if let Ok((up, down)) = result {
-        guard.client_to_server = up;
-        guard.server_to_client = down;
-    }
-    Ok(result.map(drop)?)
+    let (moved, result) = copy_tcp(&mut app, &mut upstream, std::future::pending()).await;
+    guard.client_to_server = moved.a_to_b;
+    guard.server_to_client = moved.b_to_a;
+    Ok(result?)
 }

@@ -316,5 +316,5 @@ fn refused(app: &TcpStream, ctx: &Ctx, e: std::io::Error) -> std::io::Error {
 /// Reset, not close: the app must see a failed connect, not an EOF it could
 /// take for a complete (empty) response.
 fn reset(app: &TcpStream) {
-    let _ = socket2::SockRef::from(app).set_linger(Some(std::time::Duration::ZERO));
+    super::reset(app);
 }

@@ -1,6 +1,9 @@
-//! Shares HBONE connections. Keyed by (source identity, destination identity,
-//! destination address): a connection carries exactly one pair of proven
-//! identities, so streams of different workloads never share a TLS session.
+//! Shares HBONE connections. Keyed by (source workload, source identity,
+//! destination identity, destination address): a connection carries exactly
+//! one pair of proven identities, and it was dialled from inside one pod, so
+//! it leaves with that pod's address. Two pods of one service account must
+//! not share it (as ztunnel keys its pool): the second pod's streams would
+//! reach the destination with the first pod's source IP, and die with it.
 //! A connection takes up to `MAX_STREAMS_PER_CONN` streams; past that the
 //! pool dials another. Connections idle longer than the idle timeout close.
 
@@ -18,6 +21,8 @@ use super::client::Connection;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
+    /// The source pod's uid: connections are dialled from its netns.
+    pub src_workload: String,
     pub src_identity: String,
     pub dst_identity: String,
     pub dst: SocketAddr,
@@ -97,6 +102,22 @@ impl Pool {
             }
         }
         stats
+    }
+
+    /// Drops the connections dialled for `src_workload` (the pod left);
+    /// returns how many. Streams still open on them keep running until they
+    /// end: the connection closes with its last handle.
+    pub fn remove_source(&self, src_workload: &str) -> usize {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut dropped = 0;
+        entries.retain(|key, entry| {
+            if key.src_workload != src_workload {
+                return true;
+            }
+            dropped += entry.try_lock().map(|e| e.conns.len()).unwrap_or(0);
+            false
+        });
+        dropped
     }
 
     /// Closes every pooled connection (agent shutdown).

@@ -114,7 +114,7 @@ async fn pool_opens_another_connection_past_100_streams() {
     let app = counting_app().await;
     let (hbone, _, _stop) = hbone_server(app).await;
     let pool = Pool::new(Duration::from_secs(30));
-    let key = PoolKey { src_identity: "a".into(), dst_identity: "b".into(), dst: hbone };
+    let key = PoolKey { src_workload: "ns/a-1".into(), src_identity: "a".into(), dst_identity: "b".into(), dst: hbone };
     let dials = AtomicUsize::new(0);
     let dial = || async {
         dials.fetch_add(1, Ordering::Relaxed);
@@ -139,7 +139,7 @@ async fn idle_connections_are_reaped() {
     let app = counting_app().await;
     let (hbone, _, _stop) = hbone_server(app).await;
     let pool = Pool::new(Duration::from_millis(200));
-    let key = PoolKey { src_identity: "a".into(), dst_identity: "b".into(), dst: hbone };
+    let key = PoolKey { src_workload: "ns/a-1".into(), src_identity: "a".into(), dst_identity: "b".into(), dst: hbone };
     let conn = pool.get(&key, || async { Ok::<_, std::io::Error>(connection(hbone).await) }).await.unwrap();
     drop(conn.connect(SocketAddr::new(hbone.ip(), app.port()), hbone.ip()).await.unwrap());
     drop(conn);

@@ -17,7 +17,33 @@ use sluice::{
     identity::{Ca, SpiffeId},
     netns::Netns,
 };
-use sluice_tests::{evidence, mesh::Mesh, require_root, traffic::echo_server, Topology};
+use sluice_tests::{
+    evidence,
+    mesh::{http_get, metric_sum, Mesh},
+    require_root,
+    traffic::echo_server,
+    Pod, Topology,
+};
+
+/// Open descriptors of process `pid`.
+fn fd_count(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// The ports of the agent's sk_assign listeners in `pod` (bound to port 0,
+/// so the kernel picked them): every listener but the three fixed ones and
+/// the test's own servers.
+fn assign_ports(pod: &Pod) -> Result<Vec<u16>> {
+    let ss = pod.exec_ok(&["ss", "-Hltn4"])?;
+    let mut ports: Vec<u16> = ss
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3)?.rsplit(':').next()?.parse().ok())
+        .filter(|p| ![15001, 15006, 15008, 8080, 9000].contains(p))
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    Ok(ports)
+}
 use tokio_rustls::{client::TlsStream, TlsConnector};
 
 /// Accepts any server: these tests check the *server's* decisions.
@@ -116,7 +142,7 @@ fn hbone_server_contract() -> Result<()> {
             .into();
     mesh.write_config()?;
     // eBPF mode: 15008 must be reachable untouched by the tc capture.
-    let _agent = mesh.start_agent(&n2, "ebpf")?;
+    let agent = mesh.start_agent(&n2, "ebpf")?;
     let (_srv, _) = echo_server(&b1, &format!("{}:8080", b1.ipv4()), &[])?;
     let (_srv9, _) = echo_server(&b1, &format!("{}:9000", b1.ipv4()), &[])?;
 
@@ -149,6 +175,32 @@ fn hbone_server_contract() -> Result<()> {
             echoed.extend_from_slice(&chunk);
         }
         assert_eq!(echoed, b"hello through hbone", "bytes must round-trip through the stream");
+
+        // The agent's own ports: dialling one from inside the pod would be
+        // accepted by the agent again, which would dial again (a loop that
+        // once took thousands of descriptors). Refused before any dial.
+        let self_calls = || -> Result<u64> {
+            let m = http_get(&n2, 15020, "/metrics")?;
+            Ok(metric_sum(&m, "sluice_hbone_errors_total", &["direction=\"inbound\"", "status=\"self_call\""]))
+        };
+        let (before, fds_before) = (self_calls()?, fd_count(agent.pid())?);
+        let mut own = vec![15001u16, 15006, 15008];
+        own.extend(assign_ports(&b1)?);
+        assert_eq!(own.len(), 4, "eBPF mode has one sk_assign listener per family; b1 is IPv4+IPv6 so expect one v4 port: {own:?}");
+        for port in &own {
+            let (status, _, _) = connect(format!("{}:{port}", b1.ipv4()), Method::CONNECT).await?;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "CONNECT to the agent's own port {port}");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (after, fds_after) = (self_calls()?, fd_count(agent.pid())?);
+        assert_eq!(after - before, own.len() as u64, "each refusal counted as self_call once");
+        assert!(fds_after <= fds_before + 8, "the agent's descriptors grew from {fds_before} to {fds_after}");
+        let (status, _, _) = connect(format!("{}:8080", b1.ipv4()), Method::CONNECT).await?;
+        assert_eq!(status, StatusCode::OK, "the agent still serves after the refusals");
+        evidence(&format!(
+            "15008 :authority on the agent's own ports {own:?}: 400 each, self_call +{}, descriptors {fds_before} -> {fds_after}",
+            after - before
+        ));
 
         // Client certificates the server must refuse at the TLS layer.
         let foreign_td = SpiffeId::new("other.local", "default", "client")?;

@@ -48,8 +48,65 @@ enum Cmd {
         #[arg(long, default_value = "/var/run/sluice/keeper.sock")]
         socket: PathBuf,
     },
+    /// Put sluice-cni into the node's CNI chain, or take it out (the
+    /// DaemonSet's install-cni container; see README "The CNI chain").
+    Cni {
+        #[command(subcommand)]
+        cmd: CniCmd,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum CniCmd {
+    /// Copy the plugin into --bin-dir and put it last in the chain of the
+    /// config the runtime loads from --conf-dir (the lexically first
+    /// *.conf, *.conflist or *.json that parses). With --watch, keep it
+    /// there until SIGTERM/SIGINT; it is not removed on exit.
+    Install(Box<CniInstallArgs>),
+    /// Take the plugin out of the chain (the original file back byte for
+    /// byte when it is unchanged since install) and remove the binary.
+    Uninstall {
+        #[arg(long)]
+        bin_dir: PathBuf,
+        #[arg(long)]
+        conf_dir: PathBuf,
+        /// Leave the binary in --bin-dir.
+        #[arg(long)]
+        keep_binary: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct CniInstallArgs {
+    /// The node's CNI binary dir (in the DaemonSet, the host's /opt/cni/bin).
+    #[arg(long)]
+    bin_dir: PathBuf,
+    /// The node's CNI config dir (the host's /etc/cni/net.d).
+    #[arg(long)]
+    conf_dir: PathBuf,
+    /// The sluice-cni binary to copy into --bin-dir.
+    #[arg(long, default_value = "/usr/local/bin/sluice-cni")]
+    plugin: PathBuf,
+    /// The agent's CNI socket, as the plugin will see it on the host.
+    #[arg(long, default_value = sluice_cni::protocol::DEFAULT_SOCKET)]
+    agent_socket: PathBuf,
+    /// When the agent cannot confirm a pod's capture, make the runtime
+    /// retry the pod (true) or let it start outside the mesh (false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    fail_closed: bool,
+    /// Namespaces whose pods the plugin passes without asking the agent.
+    #[arg(long, value_delimiter = ',', default_value = "kube-system,sluice-system")]
+    exclude_namespaces: Vec<String>,
+    /// The plugin's decision log on the host.
+    #[arg(long, default_value = sluice_cni::install::DEFAULT_LOG_FILE)]
+    log_file: PathBuf,
+    /// After installing, put the plugin back whenever the primary CNI
+    /// rewrites its config or an earlier config appears.
+    #[arg(long)]
+    watch: bool,
 }
 
 #[derive(Subcommand)]
@@ -267,5 +324,60 @@ fn dispatch(cli: Cli) -> Result<()> {
             println!("sluice {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+        Cmd::Cni { cmd } => cni(cmd),
     }
+}
+
+fn cni(cmd: CniCmd) -> Result<()> {
+    use sluice_cni::install::{self, Level};
+    let mut log = |level: Level, msg: &str| match level {
+        Level::Info => tracing::info!("{msg}"),
+        Level::Warn => tracing::warn!("{msg}"),
+    };
+    match cmd {
+        CniCmd::Install(args) => {
+            let opts = install::InstallOptions {
+                bin_dir: args.bin_dir,
+                conf_dir: args.conf_dir,
+                plugin: args.plugin,
+                settings: install::Settings {
+                    agent_socket: args.agent_socket,
+                    fail_closed: args.fail_closed,
+                    exclude_namespaces: args.exclude_namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
+                    log_file: args.log_file,
+                },
+            };
+            if !args.watch {
+                return install::install(&opts, &mut log);
+            }
+            let stop = stop_on_signal()?;
+            install::watch(&opts, &stop, Duration::from_secs(1), &mut log)
+        }
+        CniCmd::Uninstall { bin_dir, conf_dir, keep_binary } => {
+            install::uninstall(&install::UninstallOptions { bin_dir, conf_dir, keep_binary }, &mut log)
+        }
+    }
+}
+
+/// SIGTERM or SIGINT, as one message. Handled rather than left to the
+/// default action: as a container's PID 1 the process would ignore SIGTERM
+/// and sit out the grace period until SIGKILL.
+fn stop_on_signal() -> Result<std::sync::mpsc::Receiver<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (mut term, mut int) = {
+        let _in_runtime = rt.enter();
+        (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?)
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        });
+        let _ = tx.send(());
+    });
+    Ok(rx)
 }

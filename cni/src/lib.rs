@@ -8,6 +8,7 @@
 //! - `install`: putting the plugin into the node's CNI chain.
 
 pub mod client;
+pub mod install;
 pub mod log;
 pub mod plugin;
 pub mod protocol;

@@ -431,6 +431,9 @@ fn refusals_each_with_their_status() -> Result<()> {
             ("no token", None, own(), 0, None, Code::Unauthenticated, "no bearer token"),
             ("another service account's identity", Some("sleep"), web(), 0, None, Code::PermissionDenied, "only have its own identity"),
             ("impersonation by a non-agent", Some("sleep"), web(), 0, Some(spiffe("default", "web")), Code::PermissionDenied, "only the node agent"),
+            // web runs on node1, so only the missing metadata refuses this:
+            // the agent must say it impersonates, as istiod requires.
+            ("node agent, pod on its node, without ImpersonatedIdentity", Some("agent-node1"), web(), 0, None, Code::PermissionDenied, "without ImpersonatedIdentity"),
             ("node agent, pod not on its node", Some("agent-node1"), db(), 0, Some(spiffe("default", "db")), Code::PermissionDenied, "runs on node1"),
             ("node agent (pod lookup), pod not on its node", Some("agent-pod2"), web(), 0, Some(spiffe("default", "web")), Code::PermissionDenied, "runs on node2"),
             ("node agent with an unbound token", Some("agent-unbound"), web(), 0, Some(spiffe("default", "web")), Code::PermissionDenied, "not bound to a pod"),
@@ -463,6 +466,10 @@ fn refusals_each_with_their_status() -> Result<()> {
         for field in ["identity=spiffe://", "caller=", "serial=", "not_after="] {
             ensure!(line.contains(field), "issuance line lacks {field}: {line}");
         }
+    }
+    // The grants above, in order: own identity, then two impersonations.
+    for (line, impersonated) in issued.iter().zip([false, true, true]) {
+        ensure!(line.contains(&format!("impersonated={impersonated}")), "want impersonated={impersonated}: {line}");
     }
     evidence(&format!("issuance log: {}", issued[1].trim()));
     Ok(())
@@ -706,6 +713,12 @@ fn agents_get_leaves_from_the_ca_and_mtls_works_across_nodes() -> Result<()> {
             .find(|l| l.contains("issued certificate") && l.contains(&format!("identity={id}")))
             .with_context(|| format!("no issuance of {id} in the CA log:\n{log}"))?;
         ensure!(line.contains(caller) && line.contains("serial=") && line.contains("not_after="), "{line}");
+        // The agent asked for its pod's identity as an impersonation: the CA
+        // refuses it otherwise, and says so in the log.
+        ensure!(
+            line.contains("impersonated=true") && line.contains("grounds=node agent on"),
+            "the agent's CSR for {id} was not an impersonation: {line}"
+        );
         evidence(&format!("CA log: {}", line.trim()));
     }
     let reviews = f.api.fake.token_reviews();

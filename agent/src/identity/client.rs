@@ -135,13 +135,7 @@ impl CaClient {
         let token = read_token(&self.token_file).await.map_err(fail)?;
         let own = token_identity(&token, &id.trust_domain);
         let (key, csr_pem) = csr::request(id).map_err(fail)?;
-        let metadata = (own.as_ref() != Some(id)).then(|| prost_types::Struct {
-            fields: [(
-                IMPERSONATED_IDENTITY.to_string(),
-                prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(id.to_string())) },
-            )]
-            .into(),
-        });
+        let metadata = impersonation(own.as_ref(), id);
         let mut request = tonic::Request::new(IstioCertificateRequest {
             csr: csr_pem,
             validity_duration: i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX),
@@ -221,6 +215,19 @@ impl CaClient {
     }
 }
 
+/// The request metadata for `id`: `ImpersonatedIdentity` naming it unless
+/// it is the agent's own identity `own`. The CA (istiod, or `sluice ca
+/// serve`) refuses a node agent's CSR for another identity without it.
+pub fn impersonation(own: Option<&SpiffeId>, id: &SpiffeId) -> Option<prost_types::Struct> {
+    (own != Some(id)).then(|| prost_types::Struct {
+        fields: [(
+            IMPERSONATED_IDENTITY.to_string(),
+            prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(id.to_string())) },
+        )]
+        .into(),
+    })
+}
+
 /// A status for logs: the code's name and the CA's message, bounded.
 pub fn describe_status(status: &tonic::Status) -> String {
     let message: String = status.message().chars().take(300).collect();
@@ -289,6 +296,23 @@ mod tests {
         assert_eq!(token_identity("opaque-token", "cluster.local"), None);
         assert_eq!(token_identity(&format!("a.{}.c", b64(r#"{"sub":"alice"}"#)), "cluster.local"), None);
         assert_eq!(token_identity("a.!!!.c", "cluster.local"), None);
+    }
+
+    /// Every workload but the agent itself is asked for as an impersonation.
+    #[test]
+    fn impersonation_is_declared_for_workloads_not_our_own() {
+        let own: SpiffeId = "spiffe://cluster.local/ns/sluice-system/sa/sluice".parse().unwrap();
+        let web: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
+        let named = |m: Option<prost_types::Struct>| match m.and_then(|m| m.fields.get(IMPERSONATED_IDENTITY).cloned())
+        {
+            Some(prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(s)) }) => Some(s),
+            _ => None,
+        };
+        assert_eq!(named(impersonation(Some(&own), &web)).as_deref(), Some(web.to_string().as_str()));
+        // An opaque token names no identity: every request is an impersonation.
+        assert_eq!(named(impersonation(None, &web)).as_deref(), Some(web.to_string().as_str()));
+        assert_eq!(impersonation(Some(&own), &own), None, "the agent's own identity is not impersonated");
+        assert_eq!(IMPERSONATED_IDENTITY, "ImpersonatedIdentity", "istio's key, spelled as istiod reads it");
     }
 
     /// The answer is used only if it is exactly what was asked for.

@@ -12,6 +12,10 @@
 //!   token (1.30+); without it, the caller's pod is looked up by the
 //!   review's `pod-name` and `pod-uid`, as istiod does.
 //!
+//! Impersonation must be declared, as for istiod: a node agent asking for an
+//! identity not its own sets `ImpersonatedIdentity` in the request metadata
+//! (naming the CSR's identity), and only the agents' service account may.
+//!
 //! Everything else is refused with a status that says why. The CSR must
 //! carry exactly one SAN, a SPIFFE ID in this trust domain; the lifetime
 //! asked for may not exceed `--max-ttl`. Every issuance is logged with the
@@ -240,7 +244,7 @@ impl fmt::Display for Grounds {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Grounds::Own => write!(f, "own identity"),
-            Grounds::Node { node, pod } => write!(f, "node agent on {node}, where pod {pod} runs"),
+            Grounds::Node { node, pod } => write!(f, "node agent on {node} impersonating, where pod {pod} runs"),
         }
     }
 }
@@ -263,21 +267,42 @@ fn is_dns_name(s: &str) -> bool {
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
-/// May `caller` have `wanted`?
+/// May `caller` have `wanted`? `impersonating`: the request carries
+/// `ImpersonatedIdentity` (already checked to name `wanted`).
+///
+/// As istiod: only the node agents' service account may impersonate, and
+/// only by saying so. istiod signs the caller's own identity whatever the
+/// CSR asks for unless `ImpersonatedIdentity` is set; this CA refuses such
+/// a request instead of answering with a certificate nobody asked for.
 pub async fn authorize<C: Cluster>(
     cluster: &C,
     caller: &Caller,
     wanted: &SpiffeId,
     agent: (&str, &str),
+    impersonating: bool,
 ) -> Result<Grounds, Status> {
+    let is_agent = (caller.namespace.as_str(), caller.service_account.as_str()) == agent;
+    if impersonating && !is_agent {
+        return Err(Status::permission_denied(format!(
+            "{caller} sets {IMPERSONATED_IDENTITY}, but only the node agent's service account {}/{} may \
+             impersonate; a workload may only have its own identity spiffe://{}/ns/{}/sa/{}",
+            agent.0, agent.1, wanted.trust_domain, caller.namespace, caller.service_account
+        )));
+    }
     if wanted.namespace == caller.namespace && wanted.service_account == caller.service_account {
         return Ok(Grounds::Own);
     }
-    if (caller.namespace.as_str(), caller.service_account.as_str()) != agent {
+    if !is_agent {
         return Err(Status::permission_denied(format!(
             "{caller} may only have its own identity spiffe://{}/ns/{}/sa/{}, not {wanted}; only the node agent's \
              service account {}/{} may ask for others",
             wanted.trust_domain, caller.namespace, caller.service_account, agent.0, agent.1
+        )));
+    }
+    if !impersonating {
+        return Err(Status::permission_denied(format!(
+            "{caller} asks for {wanted}, which is not its own identity, without {IMPERSONATED_IDENTITY} in the \
+             request metadata; a node agent must name the identity it impersonates (as istiod requires)"
         )));
     }
     let node = match (&caller.node, &caller.pod_name, &caller.pod_uid) {
@@ -392,6 +417,8 @@ impl<C: Cluster> CaService<C> {
                 self.trust_domain
             )));
         }
+        // An empty string is no impersonation, as for istiod.
+        let mut impersonating = false;
         if let Some(value) = req.metadata.as_ref().and_then(|m| m.fields.get(IMPERSONATED_IDENTITY)) {
             let impersonated = match &value.kind {
                 Some(prost_types::value::Kind::StringValue(s)) => s.as_str(),
@@ -405,6 +432,7 @@ impl<C: Cluster> CaService<C> {
                     bounded(impersonated)
                 )));
             }
+            impersonating = !impersonated.is_empty();
         }
         let ttl = match req.validity_duration {
             d if d <= 0 => self.default_ttl,
@@ -418,7 +446,7 @@ impl<C: Cluster> CaService<C> {
             )));
         }
 
-        let grounds = authorize(&self.cluster, &caller, &wanted, (&self.agent.0, &self.agent.1)).await?;
+        let grounds = authorize(&self.cluster, &caller, &wanted, (&self.agent.0, &self.agent.1), impersonating).await?;
 
         let signed = self
             .ca
@@ -437,6 +465,7 @@ impl<C: Cluster> CaService<C> {
             identity = %wanted,
             caller = %caller,
             grounds = %grounds,
+            impersonated = impersonating,
             serial = %serial,
             not_after = %utc(signed.not_after),
             ttl_secs = ttl.as_secs(),

@@ -172,6 +172,40 @@ fn refusals_carry_their_status() {
     assert_eq!(code(Some("sleep"), garbage).code(), Code::InvalidArgument);
 }
 
+/// A node agent asking for a pod's identity must say it impersonates (as
+/// istiod requires), and nobody else may say so.
+#[test]
+fn impersonation_must_be_declared_and_is_for_the_agent_only() {
+    let (_dir, svc) = service();
+    // web runs on node1: granted with the metadata...
+    assert!(run(svc.handle(Some("agent1"), &request(WEB, 0, true))).is_ok());
+    // ...refused without it, and with it empty (istiod: empty means none).
+    let bare = run(svc.handle(Some("agent1"), &request(WEB, 0, false))).unwrap_err();
+    assert_eq!(bare.code(), Code::PermissionDenied, "{bare:?}");
+    assert!(
+        bare.message().contains("not its own identity") && bare.message().contains(IMPERSONATED_IDENTITY),
+        "{}",
+        bare.message()
+    );
+    let mut empty = request(WEB, 0, true);
+    empty.metadata.as_mut().unwrap().fields.insert(
+        IMPERSONATED_IDENTITY.into(),
+        prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(String::new())) },
+    );
+    assert_eq!(run(svc.handle(Some("agent1"), &empty)).unwrap_err().code(), Code::PermissionDenied);
+    // The agent's own identity needs none.
+    let own = "spiffe://cluster.local/ns/sluice-system/sa/sluice";
+    assert!(run(svc.handle(Some("agent1"), &request(own, 0, false))).is_ok());
+    // A workload may not impersonate, not even itself (istiod refuses it too).
+    let workload = run(svc.handle(Some("sleep"), &request(SLEEP, 0, true))).unwrap_err();
+    assert_eq!(workload.code(), Code::PermissionDenied);
+    assert!(workload.message().contains("may impersonate"), "{}", workload.message());
+    assert_eq!(
+        Grounds::Node { node: "n".into(), pod: "p".into() }.to_string(),
+        "node agent on n impersonating, where pod p runs"
+    );
+}
+
 #[test]
 fn reviews_need_the_audience() {
     let mut status = sa_review("default", "sleep", &[]);

@@ -50,7 +50,14 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodCtx>, ctx: Arc<Ctx>, arriv
 async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &PodCtx, ctx: &Ctx, arrival: Arrival) -> Result<()> {
     let target = match arrival {
         Arrival::Assigned => client.local_addr().context("reading the accepted socket's address")?,
-        Arrival::Redirected => original_dst(&client).context("reading the original destination (SO_ORIGINAL_DST)")?,
+        Arrival::Redirected => match original_dst(&client) {
+            Ok(t) => t,
+            // Nothing redirected it here: a direct connection to 15006.
+            Err(e) => {
+                reset(&client);
+                return Err(e).context("reading the original destination (SO_ORIGINAL_DST)");
+            }
+        },
     };
     if pod.owns_port(target.port()) {
         own_ports::refused(ctx, "inbound", &pod.workload.uid, target);

@@ -62,7 +62,14 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodCtx>, ctx: Arc<Ctx>) {
 }
 
 async fn handle(app: TcpStream, peer: SocketAddr, pod: &PodCtx, ctx: &Ctx) -> Result<()> {
-    let dst = original_dst(&app).context("reading the original destination (SO_ORIGINAL_DST)")?;
+    let dst = match original_dst(&app) {
+        Ok(d) => d,
+        // Nothing redirected it here: a direct connection to 15001.
+        Err(e) => {
+            reset(&app);
+            return Err(e).context("reading the original destination (SO_ORIGINAL_DST)");
+        }
+    };
     let span = tracing::Span::current();
     span.record("dst", tracing::field::display(dst));
     let state = ctx.state();

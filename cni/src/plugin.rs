@@ -296,7 +296,7 @@ impl Plugin<'_> {
     }
 
     fn excluded(&self, pod: &PodRef) -> bool {
-        self.conf.exclude_namespaces.iter().any(|n| *n == pod.namespace)
+        self.conf.exclude_namespaces.contains(&pod.namespace)
     }
 
     fn prev_result(&self) -> Result<&str, CniError> {

@@ -8,7 +8,7 @@
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile as rv, write_volatile as wv};
 
-use agent_common::{counter, OrigDst, AGENT_MARK, HBONE_PORT, OUTBOUND_PORT, POD_HAS_V4, POD_HAS_V6};
+use agent_common::{counter, OrigDst, OUTBOUND_PORT, POD_HAS_V4, POD_HAS_V6};
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -35,7 +35,7 @@ pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
         let dst = rv(addr_of!((*sa).user_ip4));
         let port = u16::from_be(rv(addr_of!((*sa).user_port)) as u16);
         let first_octet = (u32::from_be(dst) >> 24) as u8;
-        if pod.flags & POD_HAS_V4 == 0 || first_octet == 127 || port == HBONE_PORT || dst == pod.ip4 {
+        if pod.flags & POD_HAS_V4 == 0 || first_octet == 127 || dst == pod.ip4 {
             return PROCEED;
         }
         if remember(sa, v4_mapped(dst), port) {
@@ -67,7 +67,7 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
         // IPv4 address, still as ::ffff:a.b.c.d.
         let target = if mapped { v4_mapped(pod.ip4) } else { pod.ip6 };
         let has = if mapped { pod.flags & POD_HAS_V4 } else { pod.flags & POD_HAS_V6 };
-        if has == 0 || loopback || port == HBONE_PORT || dst == target {
+        if has == 0 || loopback || dst == target {
             return PROCEED;
         }
         if remember(sa, dst, port) {
@@ -81,14 +81,14 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
     PROCEED
 }
 
-/// The pod this TCP socket belongs to, unless it is the agent's own (mark).
+/// The enrolled pod this TCP socket belongs to. No exemption by socket
+/// mark: the agent's own sockets never live in a pod's cgroup, and an app
+/// with NET_ADMIN could set the mark to leave the mesh. No exemption for
+/// port 15008 either: to a host outside the mesh it is a port like any
+/// other, and to an enrolled pod the agent refuses it as its own port.
 #[inline(always)]
 unsafe fn enrolled_pod(sa: *mut bpf_sock_addr) -> Option<agent_common::PodInfo> {
     if rv(addr_of!((*sa).protocol)) != IPPROTO_TCP {
-        return None;
-    }
-    let sk = rv(addr_of!((*sa).__bindgen_anon_1.sk));
-    if !sk.is_null() && rv(addr_of!((*sk).mark)) & 0xfff == AGENT_MARK {
         return None;
     }
     let netns = bpf_get_netns_cookie(sa.cast());

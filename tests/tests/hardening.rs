@@ -12,6 +12,8 @@ use anyhow::{ensure, Context, Result};
 use sluice_tests::{
     evidence,
     mesh::{http_get, metric_sum, Mesh},
+    output_in,
+    peer::target_bin,
     require_root,
     traffic::{echo_server, send, send_verified},
     Agent, Node, Pod, Topology,
@@ -176,5 +178,42 @@ fn pods_of_one_service_account_keep_their_own_source_ip() -> Result<()> {
             "[{mode}] a1 and a4 (both sa sleep) seen by b1's app as {peers:?}; after a1 left, a4 as {seen}"
         ));
     }
+    Ok(())
+}
+
+fn opened_as_source(node: &Node) -> Result<u64> {
+    let m = http_get(node, 15020, "/metrics")?;
+    Ok(metric_sum(&m, "istio_tcp_connections_opened_total", &["reporter=\"source\""]))
+}
+
+/// eBPF capture exempts nothing an app can choose: not SO_MARK 0x539 (an
+/// app with NET_ADMIN can set it; the agent's own sockets never sit in a
+/// pod's cgroup), and not port 15008 to a host outside the mesh. iptables
+/// mode keeps the mark exemption, as istio-cni does (README, "Security").
+#[test]
+fn ebpf_capture_has_no_mark_or_15008_exemption() -> Result<()> {
+    require_root!(Ok(()));
+    let f = fixture("exempt")?;
+    let (_ag1, _ag2) = (f.mesh.start_agent(&f.n1, "ebpf")?, f.mesh.start_agent(&f.n2, "ebpf")?);
+    let (_srv, addr) = echo_server(&f.b1, &format!("{}:8080", f.b1.ipv4()), &[])?;
+    let (_plain, plain_addr) = echo_server(&f.u1, &format!("{}:15008", f.u1.ipv4()), &[])?;
+    let before = opened_as_source(&f.n1)?;
+
+    let mut marked = std::process::Command::new(target_bin("sluice-marked-connect", "SLUICE_MARKED_BIN"));
+    marked.args([addr.as_str(), "0x539"]);
+    let out = output_in(&f.a1, marked, T)?;
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout) == "marked hello\n",
+        "a1's marked connection to b1 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = send_verified(&f.a1, &plain_addr, 64 << 10, T)?;
+    ensure!(r.bytes_verified == 64 << 10, "a1 -> u1:15008 (outside the mesh): {r:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let captured = opened_as_source(&f.n1)? - before;
+    ensure!(captured == 2, "node1's agent carried {captured} of the 2 connections (a marked one and one to u1:15008)");
+    evidence(&format!(
+        "[ebpf] SO_MARK 0x539 from a1 and a1 -> u1:15008 (not meshed): both captured (+{captured} source connections on node1)"
+    ));
     Ok(())
 }

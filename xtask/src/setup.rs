@@ -1,6 +1,6 @@
 //! `cargo xtask setup`: brings a fresh machine of this kind to where the
 //! build and the tests can run. Each step checks first and does only what is
-//! still missing. The recipe is the one verified in ../shared/TOOLCHAIN.md.
+//! still missing.
 
 use std::{path::Path, process::Command};
 

@@ -16,8 +16,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    Ia5String, IsCa, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::{
     client::verify_server_cert_signed_by_trust_anchor,
@@ -25,11 +25,11 @@ use rustls::{
     server::ParsedCertificate,
     RootCertStore,
 };
-use x509_parser::{certificate::X509Certificate, prelude::FromDer};
+use x509_parser::{certificate::X509Certificate, oid_registry::OID_X509_EXT_SUBJECT_ALT_NAME, prelude::FromDer};
 
 use super::{
     chain::{check_can_sign, check_validity, find_anchor, issuer_for, parse, parse_all},
-    der, files, keys,
+    files, keys,
     validity::{self, display},
     CaError, SpiffeId, WorkloadCert,
 };
@@ -83,6 +83,9 @@ pub struct Ca {
     /// and key identifier written into each leaf.
     issuer: rcgen::Certificate,
     key: KeyPair,
+    /// A throwaway key that signs only the certificates [`uri_san`] reads
+    /// rcgen's SAN encoding back from; never the CA key.
+    san_carrier: KeyPair,
     /// The earliest expiry on the path to the root; no leaf outlives it.
     not_after: SystemTime,
 }
@@ -173,7 +176,9 @@ impl Ca {
                 .add(root.clone())
                 .map_err(|e| CaError::invalid(&root_path, format!("a root cannot be used as a trust anchor: {e}")))?;
         }
-        let ca = Ca { roots, root_store, intermediates, issuer, key, not_after };
+        let san_carrier = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| CaError::invalid(&key_path, format!("key generation: {e}")))?;
+        let ca = Ca { roots, root_store, intermediates, issuer, key, san_carrier, not_after };
         ca.self_test(&parsed_signer, signer_path, &key_path, &root_path)?;
         Ok(ca)
     }
@@ -207,7 +212,7 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
-        params.custom_extensions = vec![uri_san(id)];
+        params.custom_extensions = vec![uri_san(id, &self.san_carrier).map_err(fail)?];
         let serial = random_serial().map_err(fail)?;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         validity::set_validity(&mut params, not_before, not_after);
@@ -361,11 +366,25 @@ impl fmt::Debug for Ca {
     }
 }
 
-/// subjectAltName with the SPIFFE URI, marked critical because the subject
-/// is empty (RFC 5280 4.2.1.6); rcgen would write it non-critical.
-fn uri_san(id: &SpiffeId) -> CustomExtension {
-    let uri = der::tlv(der::TAG_GENERAL_NAME_URI, id.to_string().as_bytes());
-    let mut ext = CustomExtension::from_oid_content(SAN_OID, der::tlv(der::TAG_SEQUENCE, &uri));
-    ext.set_criticality(true);
-    ext
+/// subjectAltName with the SPIFFE URI, encoded by rcgen (`SanType::URI`)
+/// and marked critical because the subject is empty (RFC 5280 4.2.1.6, and
+/// Istio marks it so too). rcgen writes its SAN non-critical and has no
+/// switch for it, so its encoding is read back from a throwaway certificate
+/// signed by `carrier_key` (never the CA key) with x509-parser, and carried
+/// as a critical extension: no ASN.1 is written here.
+fn uri_san(id: &SpiffeId, carrier_key: &KeyPair) -> Result<CustomExtension, String> {
+    let uri = Ia5String::try_from(id.to_string()).map_err(|e| format!("{id} is not an IA5 URI: {e}"))?;
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    let carrier = params.self_signed(carrier_key).map_err(|e| format!("encoding the subjectAltName: {e}"))?;
+    let (_, parsed) = X509Certificate::from_der(carrier.der())
+        .map_err(|e| format!("reading back the subjectAltName rcgen wrote: {e}"))?;
+    let ext = parsed
+        .extensions()
+        .iter()
+        .find(|e| e.oid == OID_X509_EXT_SUBJECT_ALT_NAME)
+        .ok_or("rcgen wrote no subjectAltName")?;
+    let mut san = CustomExtension::from_oid_content(SAN_OID, ext.value.to_vec());
+    san.set_criticality(true);
+    Ok(san)
 }

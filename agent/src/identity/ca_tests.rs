@@ -84,6 +84,11 @@ fn issued_leaf_has_the_hbone_shape() {
     assert!(!leaf.is_ca());
     let san = leaf.subject_alternative_name().unwrap().unwrap();
     assert!(san.critical, "an empty subject requires a critical SAN");
+    assert_eq!(
+        san.value.general_names,
+        vec![x509_parser::extensions::GeneralName::URI("spiffe://cluster.local/ns/default/sa/web")],
+        "exactly the SPIFFE ID, as one URI"
+    );
     assert_eq!(leaf.subject().iter().count(), 0);
     // Same shape of time as the struct reports.
     assert_eq!(

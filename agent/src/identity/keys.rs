@@ -1,31 +1,31 @@
 //! Loading a CA signing key of whatever shape an operator mounts, and
 //! proving it belongs to the signing certificate.
 //!
-//! ring (rcgen's backend here) reads only PKCS#8, but Istio plug-in CAs are
-//! often `BEGIN RSA PRIVATE KEY` (PKCS#1) or `BEGIN EC PRIVATE KEY` (SEC1), so
-//! those are wrapped in PKCS#8 first. The algorithm comes from the
-//! certificate, since key and certificate must agree anyway.
+//! ring (rcgen's backend here) makes an rcgen key only from PKCS#8, but
+//! Istio plug-in CAs are often `BEGIN RSA PRIVATE KEY` (PKCS#1) or `BEGIN EC
+//! PRIVATE KEY` (SEC1). Those are loaded by rustls' ring provider, which
+//! reads all three, and rcgen signs through it as a remote key. The key's
+//! structure is read with der-parser (x509-parser's); no ASN.1 is written by
+//! hand. The algorithm comes from the certificate, since key and
+//! certificate must agree anyway.
 
-use std::path::Path;
+use std::{path::Path, sync::Arc};
 
-use rustls::pki_types::PrivateKeyDer;
+use rustls::{
+    pki_types::{PrivateKeyDer, SubjectPublicKeyInfoDer},
+    sign::SigningKey,
+    SignatureScheme,
+};
 use x509_parser::{
+    der_parser::{ber::BerObject, parse_der},
+    num_bigint::BigUint,
     oid_registry::{Oid, OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION},
+    prelude::FromDer,
     public_key::PublicKey,
     x509::SubjectPublicKeyInfo,
 };
 
-use super::{
-    der::{self, TAG_INTEGER, TAG_NULL, TAG_OCTET_STRING, TAG_OID, TAG_SEQUENCE},
-    error::MIN_RSA_BITS,
-    CaError,
-};
-
-// DER-encoded OBJECT IDENTIFIER contents.
-const OID_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
-const OID_EC: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-const OID_P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-const OID_P384: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
+use super::{error::MIN_RSA_BITS, CaError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum KeyAlg {
@@ -51,15 +51,28 @@ impl KeyAlg {
         }
     }
 
-    /// PKCS#8 AlgorithmIdentifier for this key type.
-    fn algorithm_identifier(self) -> Vec<u8> {
-        let params = match self {
-            KeyAlg::Rsa => der::tlv(TAG_NULL, &[]),
-            KeyAlg::P256 => der::tlv(TAG_OID, OID_P256),
-            KeyAlg::P384 => der::tlv(TAG_OID, OID_P384),
-        };
-        let oid = der::tlv(TAG_OID, if self == KeyAlg::Rsa { OID_RSA } else { OID_EC });
-        der::tlv(TAG_SEQUENCE, &[oid, params].concat())
+    /// The TLS signature scheme that signs as [`KeyAlg::sign_alg`] does.
+    fn scheme(self) -> SignatureScheme {
+        match self {
+            KeyAlg::Rsa => SignatureScheme::RSA_PKCS1_SHA256,
+            KeyAlg::P256 => SignatureScheme::ECDSA_NISTP256_SHA256,
+            KeyAlg::P384 => SignatureScheme::ECDSA_NISTP384_SHA384,
+        }
+    }
+
+    /// From an AlgorithmIdentifier's OID and, for EC, its curve.
+    fn from_oids(alg: &Oid<'_>, curve: Option<&Oid<'_>>) -> Option<KeyAlg> {
+        if *alg == OID_PKCS1_RSAENCRYPTION {
+            return Some(KeyAlg::Rsa);
+        }
+        if *alg != OID_KEY_TYPE_EC_PUBLIC_KEY {
+            return None;
+        }
+        match curve {
+            Some(c) if *c == OID_EC_P256 => Some(KeyAlg::P256),
+            Some(c) if *c == OID_NIST_EC_P384 => Some(KeyAlg::P384),
+            _ => None,
+        }
     }
 }
 
@@ -74,11 +87,12 @@ pub(crate) fn load_signing_key(
     let alg = cert_key_alg(spki, cert_path)?;
     let mismatch =
         |detail: String| CaError::KeyMismatch { key: key_path.to_owned(), cert: cert_path.to_owned(), detail };
-    let (key_alg, pkcs8) = match key {
-        PrivateKeyDer::Pkcs8(k) => (pkcs8_alg(k.secret_pkcs8_der(), key_path)?, k.secret_pkcs8_der().to_vec()),
-        PrivateKeyDer::Pkcs1(k) => (KeyAlg::Rsa, wrap_pkcs8(KeyAlg::Rsa, k.secret_pkcs1_der())),
-        // SEC1 does not always name its curve; the certificate does.
-        PrivateKeyDer::Sec1(k) if alg != KeyAlg::Rsa => (alg, wrap_pkcs8(alg, k.secret_sec1_der())),
+    let key_alg = match key {
+        PrivateKeyDer::Pkcs8(k) => pkcs8_alg(k.secret_pkcs8_der(), key_path)?,
+        PrivateKeyDer::Pkcs1(_) => KeyAlg::Rsa,
+        // SEC1 does not always name its curve; the certificate does (and a
+        // key on another curve fails the public key comparison below).
+        PrivateKeyDer::Sec1(_) if alg != KeyAlg::Rsa => alg,
         PrivateKeyDer::Sec1(_) => return Err(mismatch("the key is EC but the certificate's key is RSA".into())),
         _ => return Err(CaError::invalid(key_path, "unsupported private key format")),
     };
@@ -86,14 +100,19 @@ pub(crate) fn load_signing_key(
         return Err(mismatch(format!("the key is {} but the certificate's key is {}", key_alg.name(), alg.name())));
     }
     if alg == KeyAlg::Rsa {
-        let bits = rsa_private_bits(&pkcs8).ok_or_else(|| CaError::invalid(key_path, "malformed RSA private key"))?;
+        let bits = rsa_private_bits(key).ok_or_else(|| CaError::invalid(key_path, "malformed RSA private key"))?;
         if bits < MIN_RSA_BITS {
             return Err(CaError::KeyTooSmall { path: key_path.to_owned(), bits });
         }
     }
-    let pkcs8 = rustls::pki_types::PrivatePkcs8KeyDer::from(pkcs8);
-    let pair = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, alg.sign_alg())
-        .map_err(|e| CaError::invalid(key_path, format!("cannot load the {} key: {e}", alg.name())))?;
+    let cannot = |e: String| CaError::invalid(key_path, format!("cannot load the {} key: {e}", alg.name()));
+    let pair = match key {
+        PrivateKeyDer::Pkcs8(k) => {
+            rcgen::KeyPair::from_pkcs8_der_and_sign_algo(k, alg.sign_alg()).map_err(|e| cannot(e.to_string()))?
+        }
+        other => rcgen::KeyPair::from_remote(Box::new(RustlsKey::new(other, alg).map_err(cannot)?))
+            .map_err(|e| cannot(e.to_string()))?,
+    };
     // Both sides are DER (an RSAPublicKey, or an uncompressed EC point), so
     // byte equality is key equality.
     if pair.public_key_raw() != spki.subject_public_key.data.as_ref() {
@@ -102,13 +121,53 @@ pub(crate) fn load_signing_key(
     Ok(pair)
 }
 
+/// A PKCS#1 or SEC1 key, loaded by rustls, that rcgen signs with.
+struct RustlsKey {
+    key: Arc<dyn SigningKey>,
+    alg: KeyAlg,
+    /// The raw public key, as [`rcgen::KeyPair::public_key_raw`] gives it.
+    public: Vec<u8>,
+}
+
+impl RustlsKey {
+    fn new(key: &PrivateKeyDer<'_>, alg: KeyAlg) -> Result<RustlsKey, String> {
+        let key = rustls::crypto::ring::sign::any_supported_type(key).map_err(|e| e.to_string())?;
+        let spki: SubjectPublicKeyInfoDer<'_> = key.public_key().ok_or("rustls gives no public key for it")?;
+        let (_, parsed) = SubjectPublicKeyInfo::from_der(&spki).map_err(|e| format!("its public key: {e}"))?;
+        let found = KeyAlg::from_oids(
+            &parsed.algorithm.algorithm,
+            parsed.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok()).as_ref(),
+        );
+        if found != Some(alg) {
+            return Err(format!("it is {}, not {}", found.map_or("of another type", KeyAlg::name), alg.name()));
+        }
+        let public = parsed.subject_public_key.data.to_vec();
+        Ok(RustlsKey { key, alg, public })
+    }
+}
+
+impl rcgen::RemoteKeyPair for RustlsKey {
+    fn public_key(&self) -> &[u8] {
+        &self.public
+    }
+
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        let signer = self.key.choose_scheme(&[self.alg.scheme()]).ok_or(rcgen::Error::RemoteKeyError)?;
+        signer.sign(msg).map_err(|_| rcgen::Error::RemoteKeyError)
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.alg.sign_alg()
+    }
+}
+
 /// The certificate's key type, refusing ones we cannot sign with and RSA
 /// keys that are too small.
 fn cert_key_alg(spki: &SubjectPublicKeyInfo<'_>, cert_path: &Path) -> Result<KeyAlg, CaError> {
     let alg: &Oid = &spki.algorithm.algorithm;
     if *alg == OID_PKCS1_RSAENCRYPTION {
         let bits = match spki.parsed() {
-            Ok(PublicKey::RSA(rsa)) => der::integer_bits(rsa.modulus),
+            Ok(PublicKey::RSA(rsa)) => BigUint::from_bytes_be(rsa.modulus).bits() as usize,
             _ => return Err(CaError::invalid(cert_path, "malformed RSA public key")),
         };
         if bits < MIN_RSA_BITS {
@@ -118,48 +177,40 @@ fn cert_key_alg(spki: &SubjectPublicKeyInfo<'_>, cert_path: &Path) -> Result<Key
     }
     if *alg == OID_KEY_TYPE_EC_PUBLIC_KEY {
         let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
-        return match curve {
-            Some(c) if c == OID_EC_P256 => Ok(KeyAlg::P256),
-            Some(c) if c == OID_NIST_EC_P384 => Ok(KeyAlg::P384),
-            other => {
-                Err(CaError::invalid(cert_path, format!("unsupported EC curve {other:?}; use P-256, P-384 or RSA")))
-            }
-        };
+        return KeyAlg::from_oids(alg, curve.as_ref()).ok_or_else(|| {
+            CaError::invalid(cert_path, format!("unsupported EC curve {curve:?}; use P-256, P-384 or RSA"))
+        });
     }
     Err(CaError::invalid(cert_path, format!("unsupported public key algorithm {alg}; use ECDSA P-256, P-384 or RSA")))
 }
 
-/// Reads the algorithm out of a PKCS#8 PrivateKeyInfo.
+/// The elements of the DER SEQUENCE `der`.
+fn sequence(der: &[u8]) -> Option<Vec<BerObject<'_>>> {
+    let (_, obj) = parse_der(der).ok()?;
+    obj.as_sequence().ok().cloned()
+}
+
+/// The algorithm of a PKCS#8 PrivateKeyInfo
+/// `{ version, AlgorithmIdentifier { oid, parameters }, OCTET STRING }`.
 fn pkcs8_alg(pkcs8: &[u8], key_path: &Path) -> Result<KeyAlg, CaError> {
     let malformed = || CaError::invalid(key_path, "malformed PKCS#8 private key");
-    let (info, _) = der::expect(pkcs8, TAG_SEQUENCE).ok_or_else(malformed)?;
-    let (_version, rest) = der::expect(info, TAG_INTEGER).ok_or_else(malformed)?;
-    let (alg_id, _) = der::expect(rest, TAG_SEQUENCE).ok_or_else(malformed)?;
-    let (oid, params) = der::expect(alg_id, TAG_OID).ok_or_else(malformed)?;
-    let curve = der::expect(params, TAG_OID).map(|(c, _)| c);
-    match (oid, curve) {
-        (OID_RSA, _) => Ok(KeyAlg::Rsa),
-        (OID_EC, Some(OID_P256)) => Ok(KeyAlg::P256),
-        (OID_EC, Some(OID_P384)) => Ok(KeyAlg::P384),
-        _ => Err(CaError::invalid(key_path, "unsupported private key algorithm; use ECDSA P-256, P-384 or RSA")),
-    }
+    let info = sequence(pkcs8).ok_or_else(malformed)?;
+    let alg_id = info.get(1).and_then(|a| a.as_sequence().ok()).ok_or_else(malformed)?;
+    let oid = alg_id.first().and_then(|o| o.as_oid().ok()).ok_or_else(malformed)?;
+    let curve = alg_id.get(1).and_then(|c| c.as_oid().ok());
+    KeyAlg::from_oids(oid, curve)
+        .ok_or_else(|| CaError::invalid(key_path, "unsupported private key algorithm; use ECDSA P-256, P-384 or RSA"))
 }
 
-/// PrivateKeyInfo { version 0, algorithm, OCTET STRING { key } }.
-fn wrap_pkcs8(alg: KeyAlg, inner: &[u8]) -> Vec<u8> {
-    let body = [der::tlv(TAG_INTEGER, &[0]), alg.algorithm_identifier(), der::tlv(TAG_OCTET_STRING, inner)].concat();
-    der::tlv(TAG_SEQUENCE, &body)
-}
-
-/// Modulus size of an RSA key in PKCS#8, checked here because ring's own
-/// refusal of small keys does not say why.
-fn rsa_private_bits(pkcs8: &[u8]) -> Option<usize> {
-    let (info, _) = der::expect(pkcs8, TAG_SEQUENCE)?;
-    let (_version, rest) = der::expect(info, TAG_INTEGER)?;
-    let (_alg, rest) = der::expect(rest, TAG_SEQUENCE)?;
-    let (pkcs1, _) = der::expect(rest, TAG_OCTET_STRING)?;
-    let (rsa, _) = der::expect(pkcs1, TAG_SEQUENCE)?;
-    let (_version, rest) = der::expect(rsa, TAG_INTEGER)?;
-    let (modulus, _) = der::expect(rest, TAG_INTEGER)?;
-    Some(der::integer_bits(modulus))
+/// Modulus size of an RSA private key (PKCS#1, or PKCS#1 inside PKCS#8),
+/// checked here because ring's own refusal of small keys does not say why.
+fn rsa_private_bits(key: &PrivateKeyDer<'_>) -> Option<usize> {
+    let pkcs1 = match key {
+        PrivateKeyDer::Pkcs1(k) => k.secret_pkcs1_der().to_vec(),
+        PrivateKeyDer::Pkcs8(k) => sequence(k.secret_pkcs8_der())?.get(2)?.as_slice().ok()?.to_vec(),
+        _ => return None,
+    };
+    // RSAPrivateKey { version, modulus, publicExponent, ... }
+    let modulus = sequence(&pkcs1)?.get(1)?.as_biguint().ok()?;
+    Some(modulus.bits() as usize)
 }

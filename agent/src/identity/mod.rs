@@ -8,7 +8,6 @@ mod cache;
 mod chain;
 pub mod client;
 pub mod csr;
-mod der;
 mod error;
 mod files;
 mod keys;

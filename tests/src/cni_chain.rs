@@ -229,3 +229,42 @@ pub fn bridge_conflist(
     plugins.extend(extra);
     json!({"cniVersion": "1.0.0", "name": name, "plugins": plugins})
 }
+
+impl Attachment {
+    /// The attachment kubelet hands the runtime for `pod` in namespace `ns`:
+    /// `eth0` in the pod's netns and the `K8S_POD_*` CNI_ARGS (with
+    /// `IgnoreUnknown`, as kubelet sends them), plus `extra` args (e.g.
+    /// host-local's `IP=` for a fixed address).
+    pub fn kubelet(pod: &crate::CniPod, ns: &str, extra: &[(&str, &str)]) -> Attachment {
+        let container_id = format!("c0ffee{}", &pod.uid()[..8]);
+        let mut args: Vec<(String, String)> = vec![
+            ("IgnoreUnknown".into(), "1".into()),
+            ("K8S_POD_NAMESPACE".into(), ns.into()),
+            ("K8S_POD_NAME".into(), pod.name().into()),
+            ("K8S_POD_INFRA_CONTAINER_ID".into(), container_id.clone()),
+            ("K8S_POD_UID".into(), pod.uid().into()),
+        ];
+        args.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Attachment { container_id, netns: pod.netns_path(), ifname: "eth0".into(), args }
+    }
+}
+
+/// `sluice-cni`'s entry in a conflist: the agent's socket, `failClosed`,
+/// the usual excluded namespaces, and its decision log at `log_file`.
+pub fn sluice_plugin(socket: &Path, fail_closed: bool, log_file: &Path) -> Value {
+    json!({
+        "type": "sluice-cni",
+        "agentSocket": socket,
+        "failClosed": fail_closed,
+        "excludeNamespaces": ["kube-system", "sluice-system"],
+        "logFile": log_file,
+    })
+}
+
+/// CNI_PATH for a chain of Debian's reference plugins and `sluice-cni`:
+/// `/usr/lib/cni`, then the directory cargo built `sluice-cni` in
+/// (`SLUICE_CNI_BIN` overrides).
+pub fn plugin_dirs() -> Result<Vec<PathBuf>> {
+    let plugin = crate::peer::target_bin("sluice-cni", "SLUICE_CNI_BIN");
+    Ok(vec![PathBuf::from("/usr/lib/cni"), plugin.parent().context("sluice-cni's directory")?.to_path_buf()])
+}

@@ -60,6 +60,15 @@ enum Cmd {
         /// thread runs alongside the writer from the start.
         #[arg(long)]
         sequential: bool,
+        /// Pace the writes to at most this many bytes per second (0: as
+        /// fast as the connection takes them), so a transfer is provably
+        /// still in flight while a test changes something under it.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Print `PROGRESS <elapsed ms> <bytes sent> <bytes verified>` every
+        /// this many milliseconds while the transfer runs (0: never).
+        #[arg(long, default_value_t = 0)]
+        progress_ms: u64,
     },
     /// 1-byte request/response latency on one connection (TCP_NODELAY)
     /// against an echo server; prints one JSON RrReport line.
@@ -117,9 +126,14 @@ enum Expect {
 fn main() {
     let result = match Cli::parse().cmd {
         Cmd::Serve { listen, mode, once, print_peer, nodelay } => serve(listen, mode, once, print_peer, nodelay),
-        Cmd::Send { connect, bytes, chunk, timeout_secs, expect, sequential } => {
-            send(connect, bytes, chunk.max(1), Duration::from_secs(timeout_secs), expect, sequential)
-        }
+        Cmd::Send { connect, bytes, chunk, timeout_secs, expect, sequential, rate, progress_ms } => send(
+            connect,
+            bytes,
+            chunk.max(1),
+            Duration::from_secs(timeout_secs),
+            expect,
+            Pace { sequential, rate, progress: Duration::from_millis(progress_ms) },
+        ),
         Cmd::Rr { connect, count, warmup, max_secs } => {
             bench::rr(connect, count, warmup, Duration::from_secs(max_secs)).and_then(|r| say_json(&r))
         }
@@ -207,7 +221,22 @@ fn handle(mut s: TcpStream, mode: Mode) -> Result<()> {
     Ok(())
 }
 
-fn send(addr: SocketAddr, total: u64, chunk: usize, timeout: Duration, expect: Expect, sequential: bool) -> Result<()> {
+/// How `send` paces itself and reports.
+struct Pace {
+    sequential: bool,
+    /// Bytes per second; 0 for no limit.
+    rate: u64,
+    /// Progress line interval; zero for none.
+    progress: Duration,
+}
+
+/// Bytes written so far, shared between the writer and the progress lines.
+static SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn send(addr: SocketAddr, total: u64, chunk: usize, timeout: Duration, expect: Expect, pace: Pace) -> Result<()> {
+    let Pace { sequential, rate, progress } = pace;
+    // Small writes when paced, so the bytes arrive steadily.
+    let chunk = if rate > 0 { chunk.min((rate / 20).max(1) as usize) } else { chunk };
     let start = Instant::now();
     let stream = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
@@ -219,8 +248,17 @@ fn send(addr: SocketAddr, total: u64, chunk: usize, timeout: Duration, expect: E
         while sent < total {
             let n = chunk.min((total - sent) as usize);
             pattern::fill(sent, &mut buf[..n]);
+            if rate > 0 {
+                // Not ahead of `rate`: this chunk may start once the bytes
+                // before it are due.
+                let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
             writer.write_all(&buf[..n]).with_context(|| format!("write at offset {sent}"))?;
             sent += n as u64;
+            SENT.store(sent, std::sync::atomic::Ordering::Relaxed);
         }
         writer.shutdown(Shutdown::Write).context("shutdown(Write)")?;
         Ok(sent)
@@ -233,7 +271,7 @@ fn send(addr: SocketAddr, total: u64, chunk: usize, timeout: Duration, expect: E
     };
 
     let mut report = SendReport::default();
-    let received = receive(&stream, total, expect, start + timeout, &mut report);
+    let received = receive(&stream, total, expect, start + timeout, &mut report, progress);
     if received.is_err() || report.first_mismatch_offset.is_some() {
         // Unblock the sender (EPIPE) instead of waiting for its write timeout.
         let _ = stream.shutdown(Shutdown::Both);
@@ -269,11 +307,29 @@ fn send(addr: SocketAddr, total: u64, chunk: usize, timeout: Duration, expect: E
 }
 
 /// Read until EOF, checking what comes back against `expect`.
-fn receive(mut s: &TcpStream, total: u64, expect: Expect, deadline: Instant, report: &mut SendReport) -> Result<()> {
+fn receive(
+    mut s: &TcpStream,
+    total: u64,
+    expect: Expect,
+    deadline: Instant,
+    report: &mut SendReport,
+    progress: Duration,
+) -> Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut got = 0u64;
     let mut text = Vec::new();
+    let start = Instant::now();
+    let mut next_progress = start;
+    if !progress.is_zero() {
+        // Wake up for the progress lines even while nothing arrives.
+        s.set_read_timeout(Some(progress))?;
+    }
     loop {
+        if !progress.is_zero() && Instant::now() >= next_progress {
+            let sent = SENT.load(std::sync::atomic::Ordering::Relaxed);
+            say(&format!("PROGRESS {} {sent} {}", start.elapsed().as_millis(), report.bytes_verified));
+            next_progress += progress;
+        }
         if Instant::now() > deadline {
             bail!("timed out after {got} bytes back");
         }
@@ -281,6 +337,11 @@ fn receive(mut s: &TcpStream, total: u64, expect: Expect, deadline: Instant, rep
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            // With progress lines the read timeout is the progress interval:
+            // only the deadline ends the transfer.
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) && !progress.is_zero() => {
+                continue
+            }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 bail!("timed out after {got} bytes back")
             }

@@ -475,6 +475,32 @@ fn refusals_each_with_their_status() -> Result<()> {
     Ok(())
 }
 
+/// `sluice ca init` writes the key 0600, and `sluice ca serve` will not
+/// start on a key that group or others can read: the error names the file
+/// and its mode (issue 9, files and sockets).
+#[test]
+fn ca_serve_refuses_a_key_others_can_read() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    let ca_dir = dir.path().join("ca");
+    let out = Command::new(agent_bin()).args(["ca", "init", "--dir"]).arg(&ca_dir).output()?;
+    ensure!(out.status.success(), "ca init: {}", String::from_utf8_lossy(&out.stderr));
+    let key = ca_dir.join("ca-key.pem");
+    let mode = std::fs::metadata(&key)?.permissions().mode() & 0o777;
+    ensure!(mode == 0o600, "ca init wrote {} with mode {mode:04o}", key.display());
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644))?;
+    // The CA is loaded before anything else, so no kubeconfig is needed to
+    // see the refusal (and without the refusal, this one's absence fails
+    // the start with another message).
+    let args = ca_args(&ca_dir, "127.0.0.1:0", &dir.path().join("no-kubeconfig"), &[]);
+    let out = Command::new(agent_bin()).args(&args).output()?;
+    let stderr = plain(&String::from_utf8_lossy(&out.stderr));
+    let want = format!("{} has mode 0644: readable by group/others; chmod 600", key.display());
+    ensure!(!out.status.success() && stderr.contains(&want), "want a refusal with {want:?}, got {}: {stderr}", out.status);
+    evidence(&format!("sluice ca serve with a 0644 key: {}", stderr.trim()));
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------
 // Agents on two nodes.
 

@@ -99,6 +99,26 @@ fn issued_leaf_has_the_hbone_shape() {
     rustls::crypto::ring::sign::any_supported_type(&cert.key).unwrap();
 }
 
+/// `ca.dir` and `sluice ca serve --dir` both load through here: a key that
+/// group or others may read stops the start, naming the file and the mode.
+#[test]
+fn load_refuses_a_key_others_can_read() {
+    let dir = tempfile::tempdir().unwrap();
+    Ca::init(dir.path()).unwrap();
+    let key = dir.path().join(CA_KEY_FILE);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = Ca::load(dir.path()).unwrap_err();
+    assert!(matches!(err, CaError::KeyExposed { mode: 0o644, .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!("{} has mode 0644: readable by group/others; chmod 600 {}", key.display(), key.display())
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o604)).unwrap();
+    assert!(Ca::load(dir.path()).unwrap_err().to_string().contains("mode 0604: readable by others"));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    Ca::load(dir.path()).unwrap();
+}
+
 #[test]
 fn init_refuses_to_overwrite() {
     let dir = tempfile::tempdir().unwrap();

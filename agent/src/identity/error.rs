@@ -38,6 +38,10 @@ pub enum CaError {
     #[error("{}: private key does not match the certificate in {}: {detail}", .key.display(), .cert.display())]
     KeyMismatch { key: PathBuf, cert: PathBuf, detail: String },
 
+    /// The CA key can be read (or written) by more than its owner.
+    #[error("{} has mode {mode:04o}: {detail}; chmod 600 {}", .path.display(), .path.display())]
+    KeyExposed { path: PathBuf, mode: u32, detail: String },
+
     #[error("cannot issue a certificate for {id}: {reason}")]
     Issue { id: String, reason: String },
 }

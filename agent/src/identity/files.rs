@@ -1,6 +1,11 @@
 //! Reading and writing the PEM files of a CA directory.
 
-use std::{fs, io::Write, os::unix::fs::OpenOptionsExt, path::Path};
+use std::{
+    fs,
+    io::{Read, Write},
+    os::unix::fs::{MetadataExt, OpenOptionsExt},
+    path::Path,
+};
 
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 
@@ -21,9 +26,15 @@ pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Ca
     Ok(certs)
 }
 
-/// Reads the first private key (PKCS#8, PKCS#1 or SEC1) from a PEM file.
+/// Reads the first private key (PKCS#8, PKCS#1 or SEC1) from a PEM file,
+/// refusing a file that others may read (see [`check_key_mode`]). The mode
+/// is that of the file read, not of the path looked at before.
 pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, CaError> {
-    let pem = fs::read(path).map_err(|e| CaError::io(path, e))?;
+    let mut file = fs::File::open(path).map_err(|e| CaError::io(path, e))?;
+    let meta = file.metadata().map_err(|e| CaError::io(path, e))?;
+    check_key_mode(path, meta.mode(), meta.gid(), nix::unistd::getegid().as_raw())?;
+    let mut pem = Vec::new();
+    file.read_to_end(&mut pem).map_err(|e| CaError::io(path, e))?;
     // The generic parser skips blocks it does not know, so an encrypted key
     // would otherwise be reported as "no key found", which misleads.
     if pem.windows(9).any(|w| w == b"ENCRYPTED") {
@@ -38,6 +49,34 @@ pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, CaError> {
             ),
         )
     })
+}
+
+/// A CA key must be its owner's alone: no permission for others, and none
+/// for the group, except reading when the group is this process's own
+/// effective group. That exception is how Kubernetes hands a secret to a
+/// non-root container: with `fsGroup` the files are `0440 root:<fsGroup>`,
+/// and the container runs with that group.
+pub(crate) fn check_key_mode(path: &Path, mode: u32, file_gid: u32, our_gid: u32) -> Result<(), CaError> {
+    let (group, others) = (mode & 0o070, mode & 0o007);
+    let group_ok = group == 0 || (group == 0o040 && file_gid == our_gid);
+    if others == 0 && group_ok {
+        return Ok(());
+    }
+    // Refused: describe every permission beyond the owner's.
+    let open = group | others;
+    let how = match (open & 0o044 != 0, open & 0o022 != 0) {
+        (true, true) => "readable and writable",
+        (true, false) => "readable",
+        (false, true) => "writable",
+        (false, false) => "accessible",
+    };
+    let whom = match (group != 0, others != 0) {
+        (true, true) => "group/others",
+        (true, false) if group == 0o040 => "group (not this process's group)",
+        (true, false) => "group",
+        _ => "others",
+    };
+    Err(CaError::KeyExposed { path: path.to_owned(), mode: mode & 0o7777, detail: format!("{how} by {whom}") })
 }
 
 /// Creates `path` with `mode`, failing if it exists, so that a second
@@ -84,6 +123,28 @@ fn base64(input: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_owner_may_have_the_key() {
+        let path = Path::new("/ca/ca-key.pem");
+        let check = |mode, gid, ours| check_key_mode(path, mode, gid, ours).map_err(|e| e.to_string());
+        for mode in [0o600, 0o400, 0o700] {
+            assert_eq!(check(mode, 0, 0), Ok(()), "{mode:o}");
+        }
+        assert_eq!(
+            check(0o644, 0, 0).unwrap_err(),
+            "/ca/ca-key.pem has mode 0644: readable by group/others; chmod 600 /ca/ca-key.pem"
+        );
+        assert!(check(0o604, 0, 0).unwrap_err().contains("mode 0604: readable by others"));
+        assert!(check(0o620, 0, 0).unwrap_err().contains("writable by group"));
+        assert!(check(0o666, 0, 0).unwrap_err().contains("readable and writable by group/others"));
+        // Kubernetes' fsGroup: 0440 root:<our group> is ours; another group's is not.
+        assert_eq!(check(0o440, 65532, 65532), Ok(()));
+        assert_eq!(check(0o640, 65532, 65532), Ok(()));
+        assert!(check(0o440, 100, 65532).unwrap_err().contains("readable by group (not this process's group)"));
+        assert!(check(0o460, 65532, 65532).unwrap_err().contains("by group"), "group write is never ours");
+        assert!(check(0o444, 65532, 65532).unwrap_err().contains("mode 0444: readable by group/others"));
+    }
 
     #[test]
     fn pem_round_trips_through_the_parser() {

@@ -1,6 +1,6 @@
 //! Fixtures shared by the identity and tls tests.
 
-use std::{path::Path, sync::Arc, time::SystemTime};
+use std::{os::unix::fs::OpenOptionsExt, path::Path, sync::Arc, time::SystemTime};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 
@@ -27,7 +27,15 @@ pub(crate) fn new_ca() -> (tempfile::TempDir, Arc<Ca>) {
 /// Writes a CA directory from PEM strings; `chain` is cert-chain.pem.
 pub(crate) fn write_ca_dir(dir: &Path, root: &str, key: &str, chain: Option<&str>) {
     std::fs::write(dir.join(ROOT_CERT_FILE), root).unwrap();
-    std::fs::write(dir.join(CA_KEY_FILE), key).unwrap();
+    // Private, as Ca::load requires of a key.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(dir.join(CA_KEY_FILE))
+        .unwrap();
+    std::io::Write::write_all(&mut file, key.as_bytes()).unwrap();
     if let Some(chain) = chain {
         std::fs::write(dir.join(CERT_CHAIN_FILE), chain).unwrap();
     }

@@ -3,6 +3,10 @@
 //! 1. The mesh: a local config, a CA, one `sluice run` per node, real traffic
 //!    between pods, a capture of the wire between the nodes, and a summary of
 //!    what moved, who proved which identity, what policy decided.
+//!    One pod ("checkout") is brought up the way a container runtime does it
+//!    on a node: the CNI chain `bridge` (IPAM `host-local`), then
+//!    `sluice-cni`, which asks the agent and returns only once the pod is
+//!    captured. A service VIP (the config's `services:`) is dialled too.
 //! 2. The kernel path: sock_ops + sk_msg moving bytes socket to socket in an
 //!    enrolled pod's cgroup, with the counters to show it.
 //!
@@ -14,12 +18,18 @@ use anyhow::{bail, ensure, Context, Result};
 use sluice_tests::{
     agent_bin,
     capture::{Capture, WireReport},
-    mesh::{http_get, metric_sum, Mesh},
+    cni_chain::{bridge_conflist, plugin_dirs, result_ipv4, sluice_plugin, Attachment, Chain},
+    mesh::{http_get, metric_sum, write_atomic, Mesh, MeshService},
     traffic::{echo_server, send, send_verified},
-    Agent, Topology,
+    Agent, CniPod, Topology,
 };
 
 const PIN_ROOT: &str = "/sys/fs/bpf/sluice";
+/// The CNI pod's address: host-local hands it out on request (`IP=` in
+/// CNI_ARGS, a static address), so the config file can name it beforehand.
+const CHECKOUT_IP: &str = "10.10.1.130";
+/// The httpbin Service's ClusterIP.
+const HTTPBIN_VIP: &str = "10.96.0.10";
 
 fn main() {
     if let Err(e) = demo() {
@@ -51,15 +61,27 @@ fn demo() -> Result<()> {
     mesh.add(&web, "default", "web", true);
     mesh.add(&httpbin, "default", "httpbin", true);
     mesh.add(&other, "other", "other", true);
+    let svc = mesh.add_service(MeshService::new("httpbin", "default", &[HTTPBIN_VIP], &[(80, 8080)]));
+    mesh.add_endpoint("httpbin", &svc, &[]);
+    // Created by the "runtime": a netns with nothing in it yet and kubelet's
+    // pod cgroup; its interface and address come from the CNI chain.
+    let checkout = n1.add_cni_pod("checkout")?;
     mesh.policies_yaml = "  - name: httpbin-from-sleep\n    namespace: default\n    selector: { names: [httpbin] }\n    action: ALLOW\n    rules:\n      - from: [{ principals: [\"cluster.local/ns/default/sa/sleep\"] }]\n        to: [{ ports: [8080] }]\n".into();
-    let config = mesh.write_config()?;
+    let config = mesh.config_path();
+    write_atomic(&config, &with_cni_workload(&mesh.render(), &checkout))?;
     println!(
         "    node1: sleep {} (meshed), web {} (meshed), legacy {} (not meshed)",
         sleep.ipv4(),
         web.ipv4(),
         legacy.ipv4()
     );
-    println!("    node2: httpbin {} (meshed; ALLOW only sa sleep on 8080)", httpbin.ipv4());
+    println!("    node1: checkout {CHECKOUT_IP} (meshed; set up through the CNI chain below)");
+    println!(
+        "    node2: httpbin {} (meshed; ALLOW only sa sleep on 8080), other {} (meshed)",
+        httpbin.ipv4(),
+        other.ipv4()
+    );
+    println!("    service httpbin.default.svc.cluster.local {HTTPBIN_VIP}:80 -> httpbin:8080");
     println!("    config {}  CA {}", config.display(), mesh.ca_dir().display());
 
     say("starting one `sluice run --redirect auto` per node (eBPF capture when the kernel has every piece)");
@@ -71,6 +93,38 @@ fn demo() -> Result<()> {
         .unwrap_or_default();
     println!("    agents pid {} (node1) and {} (node2), ready; capture mode: {mode}", ag1.pid(), ag2.pid());
 
+    say("a new pod the way kubelet and the runtime bring it up: CNI ADD through bridge + host-local, then sluice-cni");
+    let cni_log = mesh.dir.path().join("sluice-cni.log");
+    let socket = ag1.cni_socket.clone().context("the agent serves the CNI plugin")?;
+    let conflist = bridge_conflist(
+        "k8s-pod-network",
+        "10.10.1.128/25",
+        (CHECKOUT_IP, "10.10.1.250"),
+        "10.10.1.129",
+        &mesh.dir.path().join("ipam"),
+        vec![sluice_plugin(&socket, true, &cni_log)],
+    );
+    let chain = Chain { conflist, cni_path: plugin_dirs()?, netns: n1.netns_name().to_owned() };
+    let attachment = Attachment::kubelet(&checkout, "default", &[("IP", CHECKOUT_IP)]);
+    println!("    conflist plugins: bridge (cni0, IPAM host-local 10.10.1.128/25) -> sluice-cni (agentSocket {}, failClosed)", socket.display());
+    let t = Instant::now();
+    let result = chain.add(&attachment).map_err(|e| anyhow::anyhow!("CNI ADD of checkout: {e}"))?;
+    let add_ms = t.elapsed().as_millis();
+    let ip = result_ipv4(&result)?;
+    ensure!(ip.to_string() == CHECKOUT_IP, "host-local gave {ip}, not the requested {CHECKOUT_IP}");
+    println!("    ADD returned in {add_ms} ms with the bridge plugin's result, passed through: {result}");
+    for line in std::fs::read_to_string(&cni_log).unwrap_or_default().lines() {
+        println!("    plugin log: {line}");
+    }
+    let idle = sluice_tests::cgroup::procs(&checkout.cgroup_path())?.is_empty();
+    let listeners: Vec<String> = checkout
+        .exec_ok(&["ss", "-Hltn"])?
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_owned))
+        .collect();
+    ensure!(idle && listeners.len() >= 3, "checkout captured before it runs: idle {idle}, listeners {listeners:?}");
+    println!("    no process runs in the pod yet, and the agent already listens in it: {}", listeners.join(" "));
+
     say("capturing the wire between the nodes while the pods talk");
     let pcap = mesh.dir.path().join("wire.pcap");
     let capture = Capture::start(&topo.lan_netns(), topo.bridge(), &pcap)?;
@@ -81,6 +135,12 @@ fn demo() -> Result<()> {
         moved += send_verified(&sleep, &addr, 8 << 20, Duration::from_secs(60))?.bytes_verified;
     }
     moved += send_verified(&sleep, &addr6, 4 << 20, Duration::from_secs(60))?.bytes_verified;
+    // The Service: sleep dials the VIP; the agent picks the endpoint.
+    let vip = format!("{HTTPBIN_VIP}:80");
+    let via_vip = send_verified(&sleep, &vip, 4 << 20, Duration::from_secs(60))?.bytes_verified;
+    // The CNI pod's app starts only now, and is reached from the other node.
+    let (_co, checkout_addr) = echo_server(&checkout, &format!("{CHECKOUT_IP}:8080"), &[])?;
+    let to_checkout = send_verified(&other, &checkout_addr, 4 << 20, Duration::from_secs(60))?.bytes_verified;
     let wire = WireReport::from_pcap(&capture.stop()?)?;
     // After the capture: this client is outside the mesh, so its attempt
     // crosses the wire in plaintext by design; the destination agent denies it.
@@ -91,6 +151,27 @@ fn demo() -> Result<()> {
     let dump1: serde_json::Value = serde_json::from_str(&http_get(&n1, 15000, "/config_dump")?)?;
     say("summary");
     println!("    echoed byte-exact          {} MiB (IPv4 and IPv6), each byte both ways", moved >> 20);
+    let service_line = m1
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("reporter=\"source\"")
+                && l.contains("destination_service=\"httpbin.default.svc.cluster.local\"")
+        })
+        .context("node1 counted no connection to the httpbin service")?;
+    let label = |line: &str, k: &str| {
+        line.split(&format!("{k}=\"")).nth(1).and_then(|s| s.split('"').next()).unwrap_or("?").to_owned()
+    };
+    println!(
+        "    service VIP                {vip}: {} MiB echoed byte-exact, reached {} ({}) over HBONE",
+        via_vip >> 20,
+        label(service_line, "destination_workload"),
+        label(service_line, "connection_security_policy"),
+    );
+    println!(
+        "    CNI pod                    other (node2) -> checkout {CHECKOUT_IP}:8080: {} MiB echoed byte-exact over HBONE",
+        to_checkout >> 20
+    );
     println!(
         "    counted by node1 (source)  {} MiB sent, {} MiB received",
         metric_sum(&m1, "istio_tcp_received_bytes_total", &["reporter=\"source\""]) >> 20,
@@ -101,14 +182,19 @@ fn demo() -> Result<()> {
         metric_sum(&m1, "istio_tcp_connections_opened_total", &["reporter=\"source\"", "mutual_tls"]),
         dump1["pool"]["connections"]
     );
-    for line in m2.lines().filter(|l| l.starts_with("istio_tcp_connections_opened_total") && l.contains("mutual_tls")) {
-        let label =
-            |k: &str| line.split(&format!("{k}=\"")).nth(1).and_then(|s| s.split('"').next()).unwrap_or("?").to_owned();
-        println!(
-            "    identities proved          spiffe://{} -> spiffe://{}",
-            label("source_principal"),
-            label("destination_principal")
-        );
+    let m1_now = http_get(&n1, 15020, "/metrics")?;
+    let proved: std::collections::BTreeSet<(String, String)> = m2
+        .lines()
+        .chain(m1_now.lines())
+        .filter(|l| {
+            l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("mutual_tls")
+        })
+        .map(|l| (label(l, "source_principal"), label(l, "destination_principal")))
+        .collect();
+    for (from, to) in proved {
+        println!("    identities proved          {from} -> {to}");
     }
     println!(
         "    policy                     allowed {} mTLS stream(s) from sa sleep; denied {} plaintext connection(s) from legacy (httpbin-from-sleep)",
@@ -153,6 +239,12 @@ fn demo() -> Result<()> {
             (io1 - io0) >> 10
         );
     }
+    say("the runtime tears checkout down: CNI DEL through the chain, in reverse order");
+    let before = std::fs::read_to_string(&cni_log).unwrap_or_default().lines().count();
+    chain.del(&attachment, Some(&result)).map_err(|e| anyhow::anyhow!("CNI DEL of checkout: {e}"))?;
+    for line in std::fs::read_to_string(&cni_log).unwrap_or_default().lines().skip(before) {
+        println!("    plugin log: {line}");
+    }
     ag1.stop()?;
     ag2.stop()?;
 
@@ -183,6 +275,21 @@ fn demo() -> Result<()> {
         started.elapsed().as_secs_f64()
     ));
     Ok(())
+}
+
+/// The config text with the CNI pod added to `workloads`: its netns path
+/// (the runtime creates it before the chain runs), kubelet's pod cgroup,
+/// and the address it will request from host-local. With the file as the
+/// source the agent answers the plugin's ADD from this entry.
+fn with_cni_workload(config: &str, pod: &CniPod) -> String {
+    let entry = format!(
+        "  - uid: default/{name}\n    name: {name}\n    namespace: default\n    serviceAccount: {name}\n    workloadIps: [{CHECKOUT_IP}]\n    node: {node}\n    protocol: HBONE\n    netns: {netns}\n    cgroup: {cgroup}\n",
+        name = pod.name(),
+        node = pod.node_name(),
+        netns = pod.netns_path().display(),
+        cgroup = pod.cgroup_path().display(),
+    );
+    config.replacen("workloads:\n", &format!("workloads:\n{entry}"), 1)
 }
 
 fn run(cmd: &mut Command) -> Result<String> {

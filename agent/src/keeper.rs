@@ -11,11 +11,18 @@
 //!
 //! Wire: SOCK_SEQPACKET on a unix socket, one JSON [`Msg`] per packet, with
 //! the sockets of a `hold` (and of each `flow` reply) as SCM_RIGHTS.
+//!
+//! Those are live plaintext sockets of pods' connections, so the socket is
+//! mode 0600 and each peer is checked with SO_PEERCRED: only root and the
+//! keeper's own user are served.
 
 use std::{
     collections::BTreeMap,
     io::{IoSlice, IoSliceMut},
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    os::{
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+        unix::fs::PermissionsExt,
+    },
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -24,9 +31,10 @@ use anyhow::{bail, Context, Result};
 use nix::{
     cmsg_space,
     sys::socket::{
-        accept, bind, connect, listen, recvmsg, sendmsg, socket, AddressFamily, Backlog, ControlMessage,
-        ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+        accept, bind, connect, getsockopt, listen, recvmsg, sendmsg, socket, sockopt, AddressFamily, Backlog,
+        ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
     },
+    unistd::geteuid,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
@@ -55,24 +63,58 @@ pub struct Kept {
 
 /// The keeper process: serves `path` until killed.
 pub fn serve(path: &Path) -> Result<()> {
+    let listener = listen_private(path)?;
+    info!(socket = %path.display(), mode = "0600", "keeper ready");
+    println!("READY");
+    accept_loop(&listener);
+}
+
+/// The keeper's socket, which only its owner can reach: the file is set to
+/// mode 0600 after bind and before listen, so whatever the umask, no
+/// connection is ever accepted while it is more open than that (a connect
+/// before listen is refused).
+fn listen_private(path: &Path) -> Result<OwnedFd> {
     // A socket file left by a keeper that died would make bind fail.
     let _ = std::fs::remove_file(path);
     let listener = seqpacket().context("creating the keeper socket")?;
     let addr = UnixAddr::new(path).with_context(|| format!("keeper socket path {}", path.display()))?;
     bind(listener.as_raw_fd(), &addr).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} private (0600)", path.display()))?;
     listen(&listener, Backlog::new(16)?).context("listening on the keeper socket")?;
-    info!(socket = %path.display(), "keeper ready");
-    println!("READY");
+    Ok(listener)
+}
+
+/// Only root and the keeper's own user may talk to it: it hands out live
+/// sockets of other pods' connections.
+fn peer_allowed(uid: u32) -> bool {
+    uid == 0 || uid == geteuid().as_raw()
+}
+
+fn accept_loop(listener: &OwnedFd) -> ! {
     let held: Arc<Mutex<BTreeMap<String, Kept>>> = Arc::default();
     loop {
         let conn = match accept(listener.as_raw_fd()) {
             // SAFETY: accept returned a new fd that nothing else owns.
             Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
             Err(e) => {
+                // EMFILE and the like do not clear at once: do not spin.
                 warn!(error = %e, "keeper accept failed");
+                std::thread::sleep(std::time::Duration::from_millis(100));
                 continue;
             }
         };
+        match getsockopt(&conn, sockopt::PeerCredentials) {
+            Ok(cred) if peer_allowed(cred.uid()) => {}
+            Ok(cred) => {
+                warn!(uid = cred.uid(), pid = cred.pid(), "keeper: refused a peer that is neither root nor our user");
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "keeper: cannot read the peer's credentials; refused");
+                continue;
+            }
+        }
         let held = held.clone();
         std::thread::spawn(move || {
             if let Err(e) = session(&conn, &held) {
@@ -200,4 +242,92 @@ fn recv(conn: &OwnedFd) -> Result<Option<(Msg, Vec<OwnedFd>)>> {
     }
     let msg = serde_json::from_slice(&buf[..len]).context("a keeper message that is not JSON")?;
     Ok(Some((msg, fds)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use nix::{
+        errno::Errno,
+        sys::{
+            socket::{recv, send, setsockopt},
+            time::{TimeVal, TimeValLike},
+            wait::{waitpid, WaitStatus},
+        },
+        unistd::{fork, setgid, setgroups, setuid, ForkResult, Gid, Uid},
+    };
+
+    use super::*;
+
+    const NOBODY: u32 = 65534;
+    /// Exit codes of the unprivileged child.
+    const CONNECT_DENIED: i32 = 10;
+    const CLOSED_UNSERVED: i32 = 20;
+    const SERVED: i32 = 30;
+
+    /// As `nobody`, connect to `addr` and ask for the held sockets: what
+    /// happened, as an exit code. Forked, so only syscalls after the fork.
+    fn as_nobody(addr: &UnixAddr) -> i32 {
+        // SAFETY: the child makes raw syscalls on stack buffers and _exits.
+        match unsafe { fork() }.expect("fork") {
+            ForkResult::Child => {
+                let code = (|| {
+                    if setgroups(&[]).is_err()
+                        || setgid(Gid::from_raw(NOBODY)).is_err()
+                        || setuid(Uid::from_raw(NOBODY)).is_err()
+                    {
+                        return 90;
+                    }
+                    let Ok(fd) = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::empty(), None) else {
+                        return 91;
+                    };
+                    match connect(fd.as_raw_fd(), addr) {
+                        Err(Errno::EACCES) => return CONNECT_DENIED,
+                        Err(_) => return 92,
+                        Ok(()) => {}
+                    }
+                    let _ = setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::seconds(5));
+                    let _ = send(fd.as_raw_fd(), br#"{"op":"list"}"#, MsgFlags::empty());
+                    let mut buf = [0u8; 256];
+                    match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                        Ok(0) | Err(Errno::ECONNRESET) => CLOSED_UNSERVED,
+                        Ok(_) => SERVED,
+                        Err(_) => 93,
+                    }
+                })();
+                // SAFETY: _exit ends the child without running the parent's atexit hooks.
+                unsafe { libc::_exit(code) }
+            }
+            ForkResult::Parent { child } => match waitpid(child, None).expect("waitpid") {
+                WaitStatus::Exited(_, code) => code,
+                other => panic!("the unprivileged child ended with {other:?}"),
+            },
+        }
+    }
+
+    /// The socket is 0600, whatever the umask, so another user cannot even
+    /// connect; and were it opened up, SO_PEERCRED still turns that user
+    /// away while root is served.
+    #[test]
+    fn only_root_and_our_user_may_talk_to_the_keeper() {
+        sluice_tests::require_root!();
+        let dir = tempfile::tempdir().unwrap();
+        // The directory must let nobody reach the socket for the test to
+        // show the socket's own mode at work.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("keeper.sock");
+        let listener = listen_private(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o600, "the keeper socket is {mode:04o}");
+        std::thread::spawn(move || accept_loop(&listener));
+
+        let addr = UnixAddr::new(&path).unwrap();
+        assert_eq!(as_nobody(&addr), CONNECT_DENIED, "nobody connected to a 0600 socket");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert_eq!(as_nobody(&addr), CLOSED_UNSERVED, "the keeper served another user (SO_PEERCRED not checked)");
+        // Root is served, on the same socket.
+        assert!(Keeper::new(&path).list().unwrap().is_empty());
+        assert!(peer_allowed(0) && peer_allowed(geteuid().as_raw()));
+    }
 }

@@ -186,7 +186,9 @@ struct RunArgs {
     /// How pod traffic is captured.
     #[arg(long, value_enum, default_value = "auto")]
     redirect: RedirectChoice,
-    #[arg(long, default_value = "127.0.0.1:15000")]
+    /// The admin endpoint (`/config_dump`): loopback by default; any other
+    /// address is logged as a warning.
+    #[arg(long, default_value = sluice::admin::DEFAULT_ADMIN)]
     admin: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics: SocketAddr,

@@ -674,40 +674,283 @@ fn memory_contains(pid: u32, needle: &[u8]) -> Result<bool> {
     Ok(false)
 }
 
-/// The CA key's 32-byte private scalar (ECPrivateKey's OCTET STRING inside
-/// the PKCS#8 that `ca init` writes), and the PKCS#8 itself.
-fn ca_key_material(ca_dir: &Path) -> Result<(Vec<u8>, Vec<u8>)> {
-    use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
-    let key = PrivateKeyDer::from_pem_file(ca_dir.join("ca-key.pem"))?;
-    let der = key.secret_der().to_vec();
-    let marker = [0x02, 0x01, 0x01, 0x04, 0x20];
-    let at = der.windows(marker.len()).position(|w| w == marker).context("no EC private scalar in ca-key.pem")?;
-    Ok((der[at + marker.len()..at + marker.len() + 32].to_vec(), der))
+/// The CA key as it can turn up with a process: the key file's identity
+/// (device, inode), and its bytes: the PEM file as written, its PKCS#8 DER,
+/// and the 32-byte private scalar (ECPrivateKey's OCTET STRING inside the
+/// PKCS#8 that `ca init` writes).
+struct KeyMaterial {
+    file: PathBuf,
+    dev_ino: (u64, u64),
+    needles: Vec<(&'static str, Vec<u8>)>,
 }
 
-/// What the agent `pid` has open or mounted that holds key material or
-/// lives in the CA directory; empty is the expected answer.
-fn key_exposure(pid: u32, ca_dir: &Path) -> Result<Vec<String>> {
-    let mut found = Vec::new();
-    let ca_dir = std::fs::canonicalize(ca_dir)?;
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
-        let Ok(target) = std::fs::read_link(entry?.path()) else { continue };
-        if target.starts_with(&ca_dir) {
-            found.push(format!("open file in the CA directory: {}", target.display()));
+impl KeyMaterial {
+    fn of(ca_dir: &Path) -> Result<KeyMaterial> {
+        use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
+        use std::os::unix::fs::MetadataExt;
+        let file = std::fs::canonicalize(ca_dir.join("ca-key.pem"))?;
+        let meta = std::fs::metadata(&file)?;
+        let pem = std::fs::read(&file)?;
+        let der = PrivateKeyDer::from_pem_slice(&pem)?.secret_der().to_vec();
+        let marker = [0x02, 0x01, 0x01, 0x04, 0x20];
+        let at = der.windows(marker.len()).position(|w| w == marker).context("no EC private scalar in ca-key.pem")?;
+        let scalar = der[at + marker.len()..at + marker.len() + 32].to_vec();
+        Ok(KeyMaterial {
+            file,
+            dev_ino: (meta.dev(), meta.ino()),
+            needles: vec![("the PEM key file", pem), ("the PKCS#8 key", der), ("the private scalar", scalar)],
+        })
+    }
+
+    fn scalar(&self) -> &[u8] {
+        &self.needles[2].1
+    }
+
+    fn pkcs8(&self) -> &[u8] {
+        &self.needles[1].1
+    }
+
+    /// What of the key the file at `path` is or holds, if anything. Only
+    /// regular files are read (never a FIFO or a device), and at most 4 MiB.
+    fn found_in(&self, path: &Path) -> Option<String> {
+        use std::io::Read;
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        if (meta.dev(), meta.ino()) == self.dev_ino {
+            return Some(format!("is the key file {} itself (same inode)", self.file.display()));
         }
-        if target.is_file() {
-            let text = std::fs::read(&target).unwrap_or_default();
-            if text.windows(11).any(|w| w == b"PRIVATE KEY") {
-                found.push(format!("open file holding a private key: {}", target.display()));
+        if !meta.is_file() || meta.len() > 4 << 20 {
+            return None;
+        }
+        let mut bytes = Vec::new();
+        std::fs::File::open(path).ok()?.take(4 << 20).read_to_end(&mut bytes).ok()?;
+        let (what, _) = self.needles.iter().find(|(_, n)| bytes.windows(n.len()).any(|w| w == n.as_slice()))?;
+        Some(format!("holds {what}"))
+    }
+}
+
+/// Where a process has the CA key: each list empty is the expected answer
+/// for an agent of the CA service.
+#[derive(Debug, Default)]
+struct Exposure {
+    /// Descriptors, the working directory, and file mappings.
+    open_files: Vec<String>,
+    /// Files under the mounts of its own (see [`key_exposure`]).
+    mounts: Vec<String>,
+    /// Its memory, every readable mapping.
+    memory: Vec<String>,
+}
+
+/// `(mount point, root, device)` of each mount in a mountinfo.
+fn mounts_of(mountinfo: &str) -> Vec<(String, String, String, String)> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let dash = f.iter().position(|x| *x == "-")?;
+            Some((f.get(4)?.to_string(), f.get(3)?.to_string(), f.get(2)?.to_string(), f.get(dash + 1)?.to_string()))
+        })
+        .collect()
+}
+
+/// Regular files under `dir`, not crossing into other filesystems, at most
+/// `depth` levels and 10,000 entries down.
+fn files_under(dir: &Path, depth: usize, budget: &mut usize, out: &mut Vec<PathBuf>) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(top) = std::fs::metadata(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        if *budget == 0 {
+            return;
+        }
+        *budget -= 1;
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        if meta.dev() != top.dev() {
+            continue;
+        }
+        if meta.is_dir() && depth > 0 {
+            files_under(&path, depth - 1, budget, out);
+        } else if meta.is_file() {
+            out.push(path);
+        }
+    }
+}
+
+/// Where the agent `pid` has the CA key, looked for by its material, not
+/// by file names:
+///
+/// - open files: every descriptor's target, the working directory (an
+///   entry that is the key file) and every file mapping (the key file's
+///   inode), as lsof lists them; the targets are read, so a copy of the key
+///   under any name counts;
+/// - mounts: every mount the agent has that this test process has not.
+///   The simulated nodes share this host's mounts with the test, and with
+///   the CA service, which must hold the key: what a DaemonSet would add
+///   (a secret or hostPath volume) is a mount of the agent's own, in its
+///   own mount namespace. Its files are searched like the open ones. Mount
+///   lines naming the CA directory or `cacerts` count too;
+/// - memory: the PKCS#8 key and the private scalar in any readable mapping.
+fn key_exposure(pid: u32, key: &KeyMaterial, ca_dir: &Path) -> Result<Exposure> {
+    let mut found = Exposure::default();
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    for entry in std::fs::read_dir(proc.join("fd"))? {
+        let link = entry?.path();
+        let target = std::fs::read_link(&link).unwrap_or_default();
+        if let Some(what) = key.found_in(&link) {
+            found.open_files.push(format!("fd {} -> {} {what}", link.display(), target.display()));
+        }
+    }
+    let mut cwd_files = Vec::new();
+    files_under(&proc.join("cwd"), 0, &mut 10_000, &mut cwd_files);
+    for file in cwd_files {
+        if let Some(what) = key.found_in(&file) {
+            found.open_files.push(format!("working directory: {} {what}", file.display()));
+        }
+    }
+    for line in std::fs::read_to_string(proc.join("maps"))?.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() >= 6 && f[4].parse::<u64>().ok() == Some(key.dev_ino.1) && Path::new(f[5]) == key.file {
+            found.open_files.push(format!("mapped: {line}"));
+        }
+    }
+
+    let ours = mounts_of(&std::fs::read_to_string("/proc/self/mountinfo")?);
+    let ca = std::fs::canonicalize(ca_dir)?.display().to_string();
+    for line in std::fs::read_to_string(proc.join("mountinfo"))?.lines() {
+        if line.contains(&ca) || line.contains("cacerts") {
+            found.mounts.push(format!("mount naming the CA: {line}"));
+        }
+    }
+    for (point, root, dev, fstype) in mounts_of(&std::fs::read_to_string(proc.join("mountinfo"))?) {
+        if ours.iter().any(|(p, r, d, _)| (p, r, d) == (&point, &root, &dev)) || fstype == "proc" {
+            continue;
+        }
+        let mut files = Vec::new();
+        files_under(&proc.join("root").join(point.trim_start_matches('/')), 8, &mut 10_000, &mut files);
+        for file in files {
+            if let Some(what) = key.found_in(&file) {
+                found.mounts.push(format!("{fstype} mount {point} (root {root}): {} {what}", file.display()));
             }
         }
     }
-    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
-    let ca = ca_dir.display().to_string();
-    for line in mounts.lines().filter(|l| l.contains(&ca) || l.contains("cacerts")) {
-        found.push(format!("mount: {line}"));
+
+    for (what, needle) in [("the PKCS#8 key", key.pkcs8()), ("the private scalar", key.scalar())] {
+        if memory_contains(pid, needle)? {
+            found.memory.push(format!("{what} is in memory"));
+        }
     }
     Ok(found)
+}
+
+/// Removes a cgroup once its processes are gone.
+struct CgroupDir(PathBuf);
+
+impl Drop for CgroupDir {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The control for [`key_exposure`]: a `ca.dir` agent on `node` that has
+/// the key the ways the checks look for. Its `ca.dir` is a mount of its own:
+/// a tmpfs holding copies of the CA files, in a mount namespace of its own,
+/// as a DaemonSet mounting the `cacerts` secret would have it (so the copy
+/// is found by its bytes, not its inode or name); it signs with the key, so
+/// it holds it in memory; and it starts with the key file open on an
+/// inherited descriptor (the agent reads the file and closes it, so this
+/// is planted, as a wrapper's `exec 3<ca-key.pem` would leave it).
+fn start_key_holding_agent(f: &Fixture, node: &Node) -> Result<KeyHolder> {
+    use std::{ffi::CString, os::unix::process::CommandExt};
+    let mount_point = f.mesh.dir.path().join("keyholder-secret");
+    std::fs::create_dir_all(&mount_point)?;
+    let local_ca = format!("ca:\n  dir: {}\n", f.mesh.ca_dir().display());
+    let rendered = f.mesh.render();
+    ensure!(rendered.contains(&local_ca), "the mesh config's ca section moved:\n{rendered}");
+    let config = f.mesh.dir.path().join("config-keyholder.yaml");
+    write_atomic(&config, &rendered.replace(&local_ca, &format!("ca:\n  dir: {}\n", mount_point.display())))?;
+
+    let target = CString::new(mount_point.display().to_string())?;
+    let (tmpfs, options) = (CString::new("tmpfs")?, CString::new("mode=0700")?);
+    // Written into the tmpfs by the child: paths and bytes made here.
+    let mut copies = Vec::new();
+    for name in ["root-cert.pem", "ca-key.pem"] {
+        let path = CString::new(mount_point.join(name).display().to_string())?;
+        copies.push((path, std::fs::read(f.mesh.ca_dir().join(name))?));
+    }
+    let key_file = CString::new(f.mesh.ca_dir().join("ca-key.pem").display().to_string())?;
+    let root = CString::new("/")?;
+    let pins = PinDirGuard(sluice_tests::PinDir::new(&format!("caserv-keyholder-{}", std::process::id())));
+    let cgroup = CgroupDir(node.cgroup_path().join(format!("keyholder-{}", std::process::id())));
+    std::fs::create_dir_all(&cgroup.0)?;
+    let place = PlainPlace { netns: node.netns_name().to_owned(), cgroup: cgroup.0.clone() };
+    let cni_socket = f.mesh.dir.path().join("keyholder-cni.sock");
+    let mut cmd = Command::new(agent_bin());
+    cmd.args(["run", "--config"]).arg(&config).args(["--node", node.name(), "--redirect", "iptables", "--pin-root"]);
+    cmd.arg(&pins.0 .0).arg("--cni-socket").arg(&cni_socket).env("RUST_LOG", "info");
+    // SAFETY: only raw syscalls on C strings made before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fail = || Err(std::io::Error::last_os_error());
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return fail();
+            }
+            let private = (libc::MS_REC | libc::MS_PRIVATE) as libc::c_ulong;
+            if libc::mount(std::ptr::null(), root.as_ptr(), std::ptr::null(), private, std::ptr::null()) != 0 {
+                return fail();
+            }
+            if libc::mount(tmpfs.as_ptr(), target.as_ptr(), tmpfs.as_ptr(), 0, options.as_ptr().cast()) != 0 {
+                return fail();
+            }
+            for (path, bytes) in &copies {
+                let fd = libc::open(path.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o600);
+                if fd < 0 || libc::write(fd, bytes.as_ptr().cast(), bytes.len()) != bytes.len() as isize {
+                    return fail();
+                }
+                libc::close(fd);
+            }
+            // No O_CLOEXEC: the agent inherits it.
+            if libc::open(key_file.as_ptr(), libc::O_RDONLY) < 0 {
+                return fail();
+            }
+            Ok(())
+        });
+    }
+    let mut child = sluice_tests::spawn_in(&place, cmd)?;
+    if let Err(e) = child.wait_for_line("READY", Duration::from_secs(20)) {
+        bail!("the key-holding control agent did not start: {e:#}\n{}", child.stderr_text());
+    }
+    Ok(KeyHolder { child, _cgroup: cgroup, _pins: pins })
+}
+
+/// The control agent; fields drop in order: the process, then its cgroup
+/// and pin directory.
+struct KeyHolder {
+    child: sluice_tests::ChildGuard,
+    _cgroup: CgroupDir,
+    _pins: PinDirGuard,
+}
+
+struct PinDirGuard(sluice_tests::PinDir);
+
+/// A netns and a cgroup that someone else removes.
+struct PlainPlace {
+    netns: String,
+    cgroup: PathBuf,
+}
+
+impl Place for PlainPlace {
+    fn netns_name(&self) -> &str {
+        &self.netns
+    }
+    fn cgroup_path(&self) -> PathBuf {
+        self.cgroup.clone()
+    }
 }
 
 #[test]
@@ -755,24 +998,41 @@ fn agents_get_leaves_from_the_ca_and_mtls_works_across_nodes() -> Result<()> {
 
     // No CA key with the agents: not open, not mounted, not in memory.
     let ca_dir = f.mesh.ca_dir();
-    let (scalar, pkcs8) = ca_key_material(&ca_dir)?;
+    let key = KeyMaterial::of(&ca_dir)?;
     for agent in [&ag1, &ag2] {
-        let exposure = key_exposure(agent.pid(), &ca_dir)?;
-        ensure!(exposure.is_empty(), "agent {} exposes CA key material: {exposure:?}", agent.pid());
-        ensure!(!memory_contains(agent.pid(), &scalar)?, "the CA private key is in agent {}'s memory", agent.pid());
-        ensure!(!memory_contains(agent.pid(), &pkcs8)?, "the CA key file is in agent {}'s memory", agent.pid());
+        let exposure = key_exposure(agent.pid(), &key, &ca_dir)?;
+        ensure!(
+            exposure.open_files.is_empty() && exposure.mounts.is_empty() && exposure.memory.is_empty(),
+            "agent {} has CA key material: {exposure:#?}",
+            agent.pid()
+        );
         let cmdline = std::fs::read(format!("/proc/{}/cmdline", agent.pid()))?;
         let config = std::fs::read_to_string(f.configs.values().next().unwrap())?;
         ensure!(!config.contains("dir:") && !String::from_utf8_lossy(&cmdline).contains("ca-key"));
     }
-    // The check can fail: an agent that signs locally has the key in memory.
+    // Each check can fail: the same checks on an agent that has the key
+    // (ca.dir on a mount of its own, the file open, signing with it) find
+    // it in every place.
     drop(ag1);
-    let control = f.mesh.start_agent(&f.n1, "iptables")?;
+    let control = start_key_holding_agent(&f, &f.n1)?;
+    let caught = key_exposure(control.child.pid(), &key, &ca_dir)?;
+    for (check, findings) in [("open files", &caught.open_files), ("mounts", &caught.mounts), ("memory", &caught.memory)]
+    {
+        ensure!(!findings.is_empty(), "the {check} check does not see the key in the control agent: {caught:#?}");
+    }
     ensure!(
-        memory_contains(control.pid(), &scalar)?,
-        "the control (ca.dir) agent's memory shows no CA key: the memory check is blind"
+        caught.mounts.iter().any(|m| m.contains("tmpfs mount") && m.contains("ca-key.pem holds the PEM key file")),
+        "the mount check did not find the key's copy in the control's ca.dir tmpfs by its bytes: {caught:#?}"
     );
-    evidence("no CA key with the CA-service agents (fds, mounts, memory scanned); the ca.dir control agent holds it in memory");
+    ensure!(
+        caught.open_files.iter().any(|m| m.contains("same inode")),
+        "the open-files check did not find the key file on the control's descriptor: {caught:#?}"
+    );
+    evidence(&format!(
+        "no CA key with the CA-service agents (descriptors, cwd, mappings, own mounts, memory); the same checks on a \
+         ca.dir control agent find it: open files {:?}; mounts {:?}; memory {:?}",
+        caught.open_files, caught.mounts, caught.memory
+    ));
     drop(control);
     ca.kill();
     drop(ag2);

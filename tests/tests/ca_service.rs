@@ -496,7 +496,11 @@ fn ca_serve_refuses_a_key_others_can_read() -> Result<()> {
     let out = Command::new(agent_bin()).args(&args).output()?;
     let stderr = plain(&String::from_utf8_lossy(&out.stderr));
     let want = format!("{} has mode 0644: readable by group/others; chmod 600", key.display());
-    ensure!(!out.status.success() && stderr.contains(&want), "want a refusal with {want:?}, got {}: {stderr}", out.status);
+    ensure!(
+        !out.status.success() && stderr.contains(&want),
+        "want a refusal with {want:?}, got {}: {stderr}",
+        out.status
+    );
     evidence(&format!("sluice ca serve with a 0644 key: {}", stderr.trim()));
     Ok(())
 }
@@ -1016,7 +1020,8 @@ fn agents_get_leaves_from_the_ca_and_mtls_works_across_nodes() -> Result<()> {
     drop(ag1);
     let control = start_key_holding_agent(&f, &f.n1)?;
     let caught = key_exposure(control.child.pid(), &key, &ca_dir)?;
-    for (check, findings) in [("open files", &caught.open_files), ("mounts", &caught.mounts), ("memory", &caught.memory)]
+    for (check, findings) in
+        [("open files", &caught.open_files), ("mounts", &caught.mounts), ("memory", &caught.memory)]
     {
         ensure!(!findings.is_empty(), "the {check} check does not see the key in the control agent: {caught:#?}");
     }

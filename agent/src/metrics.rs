@@ -103,7 +103,11 @@ impl Default for Metrics {
         r.register("istio_tcp_connections_closed", "TCP connections closed", m.closed.clone());
         r.register("istio_tcp_sent_bytes", "Bytes sent from server to client", m.sent_bytes.clone());
         r.register("istio_tcp_received_bytes", "Bytes received from client by server", m.received_bytes.clone());
-        r.register("sluice_config_reloads", "Config file reloads by result (ok, invalid)", m.config_reloads.clone());
+        r.register(
+            "sluice_config_reloads",
+            "Config file reloads by result (ok, invalid, needs_restart)",
+            m.config_reloads.clone(),
+        );
         r.register(
             "sluice_auth_denials",
             "Connections denied by L4 policy, at setup or when a new policy closed them",

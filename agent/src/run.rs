@@ -228,8 +228,12 @@ async fn open_source(opts: &RunOptions, metrics: &Arc<Metrics>) -> Result<(watch
     };
     let Some(client_config) = client_config else {
         let m = metrics.clone();
-        let (states, watcher) = ConfigWatcher::spawn(&opts.config, &opts.node, move |_| {
-            m.config_reloads.get_or_create(&ResultLabel { result: "invalid" }).inc();
+        let (states, watcher) = ConfigWatcher::spawn(&opts.config, &opts.node, move |e| {
+            let result = match e {
+                crate::state::ConfigError::NeedsRestart { .. } => "needs_restart",
+                _ => "invalid",
+            };
+            m.config_reloads.get_or_create(&ResultLabel { result }).inc();
         })
         .with_context(|| format!("loading the config {file}"))?;
         return Ok((states, Source::File(watcher)));

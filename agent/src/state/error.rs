@@ -46,15 +46,25 @@ pub enum ConfigError {
     /// problems are reported at once so that an operator fixes them in one go.
     #[error("{file}: invalid config: {}", join(.errors))]
     Invalid { file: String, errors: Vec<FieldError> },
+
+    /// A reload changed settings the running agent was built from (its
+    /// certificates, TLS configs and CA client): applying them half-way
+    /// would mix identities, so the running config stays until a restart.
+    #[error(
+        "{file}: {} changed; the agent applies these only at start, so it keeps the running config (restart the agent to apply)",
+        .fields.join(", ")
+    )]
+    NeedsRestart { file: String, fields: Vec<String> },
 }
 
 impl ConfigError {
     /// The file (or name given to `Config::from_str_named`) the error is about.
     pub fn file(&self) -> &str {
         match self {
-            ConfigError::Read { file, .. } | ConfigError::Parse { file, .. } | ConfigError::Invalid { file, .. } => {
-                file
-            }
+            ConfigError::Read { file, .. }
+            | ConfigError::Parse { file, .. }
+            | ConfigError::Invalid { file, .. }
+            | ConfigError::NeedsRestart { file, .. } => file,
         }
     }
 }

@@ -198,6 +198,13 @@ impl<F: Fn(&ConfigError)> Watcher<F> {
             let state = State::from_config(&config, &self.node)?;
             Ok((config, state))
         });
+        if let Ok((config, _)) = &loaded {
+            let fields = fixed_at_start(&self.good_config, config);
+            if !fields.is_empty() {
+                let err = ConfigError::NeedsRestart { file: self.file.clone(), fields };
+                return self.report(Failure::Content(hash), &err);
+            }
+        }
         match loaded {
             // Comments, formatting or key order changed, nothing else: do
             // not make every subscriber re-apply the same state.
@@ -242,6 +249,28 @@ impl<F: Fn(&ConfigError)> Watcher<F> {
         );
         (self.on_error)(err);
     }
+}
+
+/// The settings of `new` that differ from `old` and that the agent reads
+/// only at start, by their names in the file.
+fn fixed_at_start(old: &Config, new: &Config) -> Vec<String> {
+    let mut fields = Vec::new();
+    if old.trust_domain != new.trust_domain {
+        fields.push("trustDomain".to_string());
+    }
+    let (a, b) = (&old.ca, &new.ca);
+    for (name, changed) in [
+        ("ca.dir", a.dir != b.dir),
+        ("ca.address", a.address != b.address),
+        ("ca.rootCert", a.root_cert != b.root_cert),
+        ("ca.tokenFile", a.token_file != b.token_file),
+        ("ca.certTtl", a.cert_ttl != b.cert_ttl),
+    ] {
+        if changed {
+            fields.push(name.to_string());
+        }
+    }
+    fields
 }
 
 fn content_hash(bytes: &[u8]) -> u64 {

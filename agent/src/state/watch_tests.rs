@@ -141,3 +141,39 @@ async fn initial_load_must_succeed() {
     let err = ConfigWatcher::spawn(&path, "node1", |_: &ConfigError| {}).unwrap_err();
     assert!(err.to_string().contains("workloads[0].netns"), "{err}");
 }
+
+/// trustDomain and ca.* are read once, at start (certificates, TLS configs,
+/// the CA client): a reload that changes them keeps the running state and
+/// says which field needs a restart, rather than half-applying it.
+#[tokio::test]
+async fn start_only_fields_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.yaml");
+    std::fs::write(&path, EXAMPLE).unwrap();
+    let (errors, on_error) = recorder();
+    let (mut rx, _task) = ConfigWatcher::spawn(&path, "node1", on_error).unwrap();
+    let domain = rx.borrow().trust_domain().to_owned();
+
+    let changed = EXAMPLE.replace(&format!("trustDomain: {domain}"), "trustDomain: other.local");
+    assert_ne!(changed, EXAMPLE, "the example names its trust domain");
+    replace_file(&path, &changed.replace("[10.10.1.2]", "[10.10.1.9]"));
+    tokio::time::sleep(PUBLISH_TIMEOUT).await;
+    assert!(!rx.has_changed().unwrap(), "a trustDomain change must not be published");
+    assert_eq!(rx.borrow().trust_domain(), domain);
+    assert!(rx.borrow().workload_by_ip("10.10.1.2".parse().unwrap()).is_some(), "the whole running state stays");
+    assert_eq!(errors.count.load(Ordering::SeqCst), 1);
+    let message = errors.last.lock().unwrap().clone();
+    assert!(message.contains("trustDomain changed") && message.contains("restart"), "{message}");
+    assert!(message.contains(&path.display().to_string()), "{message}");
+
+    replace_file(&path, &EXAMPLE.replace("certTtl: ", "certTtl: 1h\n  # was: "));
+    tokio::time::sleep(PUBLISH_TIMEOUT).await;
+    assert!(!rx.has_changed().unwrap());
+    let message = errors.last.lock().unwrap().clone();
+    assert!(message.contains("ca.certTtl changed"), "{message}");
+
+    // Back to the running settings: other changes apply again.
+    replace_file(&path, &EXAMPLE.replace("[10.10.1.2]", "[10.10.1.9]"));
+    let state = next_state(&mut rx).await;
+    assert!(state.workload_by_ip("10.10.1.9".parse().unwrap()).is_some());
+}

@@ -111,6 +111,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         pool: Pool::new(POOL_IDLE),
         metrics: metrics.clone(),
         active: Default::default(),
+        kept: Default::default(),
         splice,
         keeper: match (&opts.keeper, opts.splice && redirect.mode() == Mode::Ebpf) {
             (Some(path), true) => Some(Keeper::new(path)),
@@ -169,16 +170,27 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     ready.store(false, Ordering::Relaxed);
     pods.shutdown(opts.cleanup).await;
     let deadline = Instant::now() + opts.drain;
-    while ctx.active.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+    let draining = || ctx.active.load(Ordering::Relaxed).saturating_sub(ctx.kept.load(Ordering::Relaxed));
+    while draining() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let left = ctx.active.load(Ordering::Relaxed);
+    let left = draining();
     if left > 0 {
         warn!(connections = left, "drain period over; closing the rest");
     }
     ctx.pool.clear();
     if opts.cleanup {
         PinRoot::new(&opts.pin_root).remove()?;
+    }
+    let kept = ctx.kept.load(Ordering::Relaxed);
+    if kept > 0 && !opts.cleanup {
+        // Returning would drop the runtime and with it each spliced
+        // connection's task, whose socket halves shut down writing on drop:
+        // a FIN to both apps through the sockets the keeper shares, and the
+        // splice map entries removed. Exiting here leaves both as they are,
+        // for the next agent to adopt, exactly as after a crash.
+        info!(connections = kept, "leaving spliced connections to the keeper");
+        std::process::exit(0);
     }
     Ok(())
 }

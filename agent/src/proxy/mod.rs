@@ -50,6 +50,10 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     /// Connections being proxied now, so shutdown can wait for them.
     pub active: AtomicUsize,
+    /// Of those, spliced connections the keeper holds: they outlive this
+    /// process, so shutdown neither waits for them nor lets destructors
+    /// half-close them (run.rs).
+    pub kept: AtomicUsize,
     /// Same-node splice maps; `None` when capture is not eBPF or the
     /// operator turned the splice off.
     pub splice: Option<SpliceMaps>,

@@ -249,6 +249,7 @@ async fn carry(
         )),
         _ => None,
     };
+    let _kept = kept.as_ref().map(|_| KeptGuard::new(&ctx.kept));
     let (maps, k) = (forget.0, forget.1);
     let (app_fd, up_fd) = (app.as_raw_fd(), upstream.as_raw_fd());
     let (app_r, app_w) = app.into_split();
@@ -286,6 +287,22 @@ async fn carry(
     up?;
     down?;
     Ok(())
+}
+
+/// Counts a connection the keeper holds for as long as this agent carries it.
+struct KeptGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> KeptGuard<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        KeptGuard(n)
+    }
+}
+
+impl Drop for KeptGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Copies one direction until EOF, then half-closes the other side.

@@ -43,6 +43,9 @@ const REMOVE_WAIT: Duration = Duration::from_secs(10);
 
 pub struct CniServer {
     pub pods: Arc<Pods>,
+    /// Asks the agent's main loop for a `Pods::sync` now (it alone runs
+    /// them, so two never race to enroll one pod).
+    pub resync: Arc<tokio::sync::Notify>,
     pub states: watch::Receiver<Arc<State>>,
     /// `None` with the file source: it does not take hints.
     pub hints: Option<Arc<Hints>>,
@@ -179,6 +182,9 @@ impl CniServer {
                 },
             );
         }
+        // The file source already lists the pod; what was missing is its
+        // netns, which the runtime has just made.
+        self.resync.notify_one();
         let deadline = Instant::now() + ENROLL_WAIT;
         let mut states = self.states.clone();
         loop {

@@ -122,7 +122,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let pods = Pods::new(ctx.clone(), redirect);
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     serve_endpoints(&opts, &ctx, &pods, &ready, &mode, &source).await?;
+    // An ADD wakes the loop below to enroll now: the pod's netns did not
+    // exist at the last sync, and the next periodic one is seconds away.
+    let resync_now = Arc::new(tokio::sync::Notify::new());
     let cni = CniServer {
+        resync: resync_now.clone(),
         pods: pods.clone(),
         states: states.clone(),
         hints: match &source {
@@ -161,6 +165,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 crate::proxy::revalidate(&ctx, &state);
             }
             _ = resync.tick() => pods.sync(&states.borrow().clone()).await,
+            _ = resync_now.notified() => pods.sync(&states.borrow().clone()).await,
             _ = rotate.tick() => pods.refresh_certs(),
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",

@@ -42,7 +42,11 @@ pub mod counter {
     pub const SPLICE_TARGET_MISSING: u32 = 12;
     /// A spliced app end shut down its writes and left SOCK_PAIRS.
     pub const SPLICE_LEFT_ON_HALF_CLOSE: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// tc ingress dropped a TCP packet it could not classify: an IPv4 or
+    /// IPv6 fragment, or an IPv6 extension-header chain longer than it walks.
+    /// Letting it pass would let a SYN reach the app around 15006.
+    pub const TC_UNCLASSIFIABLE_DROPPED: u32 = 14;
+    pub const COUNT: u32 = 15;
 }
 
 /// Human names of the counters, indexed like [`counter`].
@@ -61,6 +65,7 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "spliced_bytes",
     "splice_target_missing",
     "splice_left_on_half_close",
+    "tc_unclassifiable_dropped",
 ];
 
 /// Ports inside every enrolled pod's netns (see DESIGN.md).

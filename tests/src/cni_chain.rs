@@ -268,3 +268,52 @@ pub fn plugin_dirs() -> Result<Vec<PathBuf>> {
     let plugin = crate::peer::target_bin("sluice-cni", "SLUICE_CNI_BIN");
     Ok(vec![PathBuf::from("/usr/lib/cni"), plugin.parent().context("sluice-cni's directory")?.to_path_buf()])
 }
+
+/// What of `pod`'s capture is visible from outside the agents: its three
+/// listeners, and the mode's rules (iptables) or programs (eBPF).
+pub fn capture_state(pod: &crate::CniPod, mode: &str) -> Result<(bool, bool)> {
+    let ss = pod.exec_ok(&["ss", "-Hltn"])?;
+    let listeners = [":15001", ":15006", ":15008"].iter().all(|p| ss.contains(p));
+    let rules = if mode == "iptables" {
+        let rules = pod.exec_ok(&["iptables-save"])?;
+        rules.contains("15001") && rules.contains("15006")
+    } else {
+        let out = Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(crate::Place::cgroup_path(pod))
+            .output()
+            .context("bpftool cgroup show")?;
+        String::from_utf8_lossy(&out.stdout).contains("connect4")
+    };
+    Ok((listeners, rules))
+}
+
+/// Polls `cond` every 50 ms until it holds, failing after `within`.
+pub fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        if cond()? {
+            return Ok(());
+        }
+        anyhow::ensure!(t.elapsed() < within, "timed out after {within:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until `node`'s agent has enrolled (captured) every pod in `uids`.
+pub fn wait_enrolled(node: &crate::Node, uids: &[&str], within: Duration) -> Result<()> {
+    wait_for(&format!("{} to enroll {uids:?}", node.name()), within, || {
+        let dump = crate::kube_mesh::config_dump(node)?;
+        let pods: Vec<&Value> = dump["pods"].as_array().into_iter().flatten().collect();
+        Ok(uids.iter().all(|u| pods.iter().any(|p| p["uid"] == *u)))
+    })
+}
+
+/// Waits until `node`'s agent lists the pod `uid` as an HBONE workload
+/// (other nodes learn a pod is meshed only from the API).
+pub fn wait_known_as_hbone(node: &crate::Node, uid: &str, within: Duration) -> Result<()> {
+    wait_for(&format!("{} to list {uid} as HBONE", node.name()), within, || {
+        let dump = crate::kube_mesh::config_dump(node)?;
+        Ok(dump["workloads"].as_array().into_iter().flatten().any(|w| w["uid"] == uid && w["protocol"] == "Hbone"))
+    })
+}

@@ -20,7 +20,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use sluice_tests::{
     capture::{Capture, WireReport},
-    cni_chain::{bridge_conflist, result_ipv4, Attachment, Chain},
+    cni_chain::{bridge_conflist, capture_state, result_ipv4, wait_enrolled, wait_known_as_hbone, Attachment, Chain},
     evidence,
     fake_api::objects,
     kube_mesh::{config_dump, pod_object, KubeMesh},
@@ -108,40 +108,6 @@ impl Fixture {
     }
 }
 
-/// What of `pod`'s capture is visible from outside the agent: its three
-/// listeners, and the mode's rules or programs.
-fn capture_state(pod: &CniPod, mode: &str) -> Result<(bool, bool)> {
-    let ss = pod.exec_ok(&["ss", "-Hltn"])?;
-    let listeners = [":15001", ":15006", ":15008"].iter().all(|p| ss.contains(p));
-    let rules = if mode == "iptables" {
-        let rules = pod.exec_ok(&["iptables-save"])?;
-        rules.contains("15001") && rules.contains("15006")
-    } else {
-        let out = std::process::Command::new("bpftool")
-            .args(["cgroup", "show"])
-            .arg(pod.cgroup_path())
-            .output()
-            .context("bpftool cgroup show")?;
-        String::from_utf8_lossy(&out.stdout).contains("connect4")
-    };
-    Ok((listeners, rules))
-}
-
-/// Waits until `node`'s agent lists the pod `uid` as an enrolled workload.
-fn wait_known_as_hbone(node: &Node, uid: &str, within: Duration) -> Result<()> {
-    let t = Instant::now();
-    loop {
-        let dump = config_dump(node)?;
-        let known =
-            dump["workloads"].as_array().into_iter().flatten().any(|w| w["uid"] == uid && w["protocol"] == "Hbone");
-        if known {
-            return Ok(());
-        }
-        ensure!(t.elapsed() < within, "{} never listed pod {uid} as HBONE: {}", node.name(), dump["workloads"]);
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn plugin_log(f: &Fixture) -> String {
     std::fs::read_to_string(f.data_dir.path().join("sluice-cni.log")).unwrap_or_default()
 }
@@ -180,15 +146,7 @@ fn captured_from_the_first_packet(mode: &str) -> Result<()> {
         &[("app", "web")],
     ))?;
     wait_known_as_hbone(&f.n2, web.uid(), T)?;
-    let t = Instant::now();
-    loop {
-        let dump = config_dump(&f.n2)?;
-        if dump["pods"].as_array().into_iter().flatten().any(|p| p["uid"] == c2.uid()) {
-            break;
-        }
-        ensure!(t.elapsed() < T, "node2's agent never enrolled c2: {}", dump["source"]);
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_enrolled(&f.n2, &[c2.uid()], T)?;
 
     // The app starts; a meshed client on the other node reaches it through HBONE only.
     let (_srv, server) = echo_server(&web, &format!("{ip}:8080"), &[])?;

@@ -24,10 +24,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use serde_json::{json, Value};
+use serde_json::json;
 use sluice_tests::{
     capture::WireReport,
-    cni_chain::{bridge_conflist, plugin_dirs, result_ipv4, sluice_plugin, Attachment, Chain},
+    cni_chain::{
+        bridge_conflist, capture_state, plugin_dirs, result_ipv4, sluice_plugin, wait_enrolled, wait_for,
+        wait_known_as_hbone, Attachment, Chain,
+    },
     evidence,
     fake_api::objects,
     kernel_counters,
@@ -160,59 +163,12 @@ impl Fixture {
     }
 }
 
-/// What of `pod`'s capture is visible from outside the agents: its three
-/// listeners, and the mode's rules or programs.
-fn capture_state(pod: &CniPod, mode: &str) -> Result<(bool, bool)> {
-    let ss = pod.exec_ok(&["ss", "-Hltn"])?;
-    let listeners = [":15001", ":15006", ":15008"].iter().all(|p| ss.contains(p));
-    let rules = if mode == "iptables" {
-        let rules = pod.exec_ok(&["iptables-save"])?;
-        rules.contains("15001") && rules.contains("15006")
-    } else {
-        let out = Command::new("bpftool")
-            .args(["cgroup", "show"])
-            .arg(pod.cgroup_path())
-            .output()
-            .context("bpftool cgroup show")?;
-        String::from_utf8_lossy(&out.stdout).contains("connect4")
-    };
-    Ok((listeners, rules))
-}
-
 /// Captured, with nothing running in the pod yet.
 fn ensure_captured_before_start(pod: &CniPod, mode: &str, when: &str) -> Result<()> {
     ensure!(sluice_tests::cgroup::procs(&pod.cgroup_path())?.is_empty(), "nothing runs in {} yet", pod.name());
     let (listeners, rules) = capture_state(pod, mode)?;
     ensure!(listeners && rules, "[{mode}] {} captured {when}: listeners {listeners}, rules {rules}", pod.name());
     Ok(())
-}
-
-fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
-    let t = Instant::now();
-    loop {
-        if cond()? {
-            return Ok(());
-        }
-        ensure!(t.elapsed() < within, "timed out after {within:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Waits until `node`'s agent has enrolled (captured) every pod in `uids`.
-fn wait_enrolled(node: &Node, uids: &[&str]) -> Result<()> {
-    wait_for(&format!("{} to enroll {uids:?}", node.name()), T, || {
-        let dump = config_dump(node)?;
-        let pods: Vec<&Value> = dump["pods"].as_array().into_iter().flatten().collect();
-        Ok(uids.iter().all(|u| pods.iter().any(|p| p["uid"] == *u)))
-    })
-}
-
-/// Waits until `node`'s agent lists the pod `uid` as an HBONE workload.
-fn wait_known_as_hbone(node: &Node, uid: &str) -> Result<()> {
-    wait_for(&format!("{} to list {uid} as HBONE", node.name()), T, || {
-        let dump = config_dump(node)?;
-        Ok(dump["workloads"].as_array().into_iter().flatten().any(|w| w["uid"] == uid && w["protocol"] == "Hbone"))
-    })
 }
 
 /// A paced `sluice-peer send` with its progress, each sample stamped when
@@ -300,8 +256,8 @@ fn upgrade_through_the_daemonset_path(mode: &str) -> Result<()> {
     let ag1 = f.node1_agent(mode)?;
     let _ag_n2 = f.kube.start_agent(&f.n2, mode, &[])?;
     let pins = ag1.pin_root.clone();
-    wait_enrolled(&f.n1, &[f.a1.uid(), f.a2.uid()])?;
-    wait_enrolled(&f.n2, &[f.c2.uid()])?;
+    wait_enrolled(&f.n1, &[f.a1.uid(), f.a2.uid()], T)?;
+    wait_enrolled(&f.n2, &[f.c2.uid()], T)?;
 
     // The flow: eBPF, long enough to outlive the old agent's drain by far;
     // iptables, long enough to be in flight at SIGTERM and short enough to
@@ -412,8 +368,8 @@ fn upgrade_through_the_daemonset_path(mode: &str) -> Result<()> {
     // A meshed client on node2 reaches each new pod over HBONE only.
     f.report_address(&surge, surge_ip)?;
     f.report_address(&after, after_ip)?;
-    wait_known_as_hbone(&f.n2, surge.uid())?;
-    wait_known_as_hbone(&f.n2, after.uid())?;
+    wait_known_as_hbone(&f.n2, surge.uid(), T)?;
+    wait_known_as_hbone(&f.n2, after.uid(), T)?;
     let (_s1, surge_addr) = echo_server(&surge, &format!("{surge_ip}:8080"), &[])?;
     let (_s2, after_addr) = echo_server(&after, &format!("{after_ip}:8080"), &[])?;
     let wire = Wire::start(&f.topo, &f.data_dir.path().join("wire.pcap"))?;

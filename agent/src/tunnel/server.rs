@@ -4,8 +4,14 @@
 //! not CONNECT → 400; `:authority` not an IP:port of the address this TCP
 //! connection arrived on → 400; policy denies → 401; app unreachable → 503;
 //! otherwise 200, sent only once the upstream connection is up.
+//!
+//! Before any stream, the connection itself is bounded (`settings`): the
+//! HTTP/2 preface must come within a deadline, the peer must answer PINGs,
+//! and h2 enforces the header-list and concurrent-stream limits (431 and
+//! RST_STREAM(REFUSED_STREAM)), so a hostile peer cannot hold the agent's
+//! sockets and tasks for ever.
 
-use std::{future::Future, io, net::SocketAddr, sync::Arc};
+use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -48,6 +54,17 @@ impl Refusal {
     }
 }
 
+/// Why [`serve_connection`] ended a connection before the client did.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    H2(#[from] h2::Error),
+    #[error("no HTTP/2 preface within {0:?} of the TLS handshake")]
+    HandshakeTimeout(Duration),
+    #[error("a PING went unanswered for {0:?}: the peer is gone or stalling")]
+    Unresponsive(Duration),
+}
+
 /// Held by the server for as long as a stream it opened runs, and dropped
 /// when the stream ends, however it ends.
 pub trait StreamGuard: Send + 'static {
@@ -73,7 +90,10 @@ pub trait Handler: Send + Sync + 'static {
 
 /// Serves one HBONE connection (after the TLS handshake) until the client
 /// closes it or `shutdown` flips, in which case it sends GOAWAY and lets the
-/// streams already open run to completion.
+/// streams already open run to completion. A client that sends no preface
+/// within [`settings::HANDSHAKE_TIMEOUT`], or leaves a PING unanswered for
+/// [`settings::PING_TIMEOUT`], is dropped: its socket closes, and the
+/// streams it had open end with it.
 pub async fn serve_connection<IO, H>(
     io: IO,
     local: SocketAddr,
@@ -81,12 +101,17 @@ pub async fn serve_connection<IO, H>(
     peer_identity: Option<String>,
     handler: Arc<H>,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<(), h2::Error>
+) -> Result<(), ServeError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
-    let mut conn = settings::server_builder().handshake::<_, Bytes>(io).await?;
+    let handshake = settings::server_builder().handshake::<_, Bytes>(io);
+    let mut conn = tokio::time::timeout(settings::HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| ServeError::HandshakeTimeout(settings::HANDSHAKE_TIMEOUT))??;
+    let keepalive = keepalive(conn.ping_pong().expect("a new connection still has its PingPong"));
+    tokio::pin!(keepalive);
     let mut draining = *shutdown.borrow();
     if draining {
         conn.graceful_shutdown();
@@ -99,6 +124,9 @@ where
                 conn.graceful_shutdown();
                 continue;
             }
+            // Dropping `conn` closes the socket; a GOAWAY first could block
+            // on a peer that reads nothing.
+            () = &mut keepalive => return Err(ServeError::Unresponsive(settings::PING_TIMEOUT)),
         };
         let Some(next) = next else { return Ok(()) };
         let (req, respond) = next?;
@@ -106,6 +134,22 @@ where
         let peer_identity = peer_identity.clone();
         let span = info_span!("inbound", %peer, identity = peer_identity.as_deref().unwrap_or("-"));
         tokio::spawn(handle_stream(req, respond, local, peer, peer_identity, handler).instrument(span));
+    }
+}
+
+/// Resolves once the peer leaves a PING unanswered for
+/// [`settings::PING_TIMEOUT`]; PINGs every [`settings::PING_INTERVAL`]. The
+/// PINGs move only while the connection is polled, which `serve_connection`
+/// does for as long as it runs.
+async fn keepalive(mut ping_pong: h2::PingPong) {
+    loop {
+        tokio::time::sleep(settings::PING_INTERVAL).await;
+        match tokio::time::timeout(settings::PING_TIMEOUT, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            // The connection failed or closed: `accept` says so and ends it.
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
+        }
     }
 }
 

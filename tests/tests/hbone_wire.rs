@@ -157,10 +157,16 @@ fn hbone_server_contract() -> Result<()> {
             async move { request(handshake(netns, hbone, ca, me).await?, method, &authority).await }
         };
 
+        let bad_requests = || -> Result<u64> {
+            let m = http_get(&n2, 15020, "/metrics")?;
+            Ok(metric_sum(&m, "sluice_hbone_errors_total", &["direction=\"inbound\"", "status=\"400\""]))
+        };
+        let before = bad_requests()?;
         let (status, _, _) = connect(format!("{}:8080", b1.ipv4()), Method::GET).await?;
         assert_eq!(status, StatusCode::BAD_REQUEST, "a non-CONNECT request");
         let (status, _, _) = connect(format!("{}:8080", b2.ipv4()), Method::CONNECT).await?;
         assert_eq!(status, StatusCode::BAD_REQUEST, ":authority of another pod than the one dialled");
+        assert_eq!(bad_requests()? - before, 2, "both refusals before the handler are counted as 400");
         let (status, _, _) = connect(format!("{}:9000", b1.ipv4()), Method::CONNECT).await?;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "DENY policy on port 9000");
         let (status, _, _) = connect(format!("{}:7777", b1.ipv4()), Method::CONNECT).await?;

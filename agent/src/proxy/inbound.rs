@@ -118,6 +118,11 @@ impl Handler for InboundHandler {
         Ok((app, registry::register(Kind::Hbone, source, &w.uid, req.target)))
     }
 
+    fn rejected(&self, _peer: SocketAddr, status: StatusCode) {
+        let labels = StatusLabels { direction: "inbound", status: status.as_u16().to_string() };
+        self.ctx.metrics.hbone_errors.get_or_create(&labels).inc();
+    }
+
     fn finished(&self, req: &InboundRequest, status: StatusCode, bytes: CopyResult) {
         let m = &self.ctx.metrics;
         if status != StatusCode::OK {

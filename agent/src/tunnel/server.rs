@@ -86,6 +86,11 @@ pub trait Handler: Send + Sync + 'static {
     fn open(&self, req: &InboundRequest) -> impl Future<Output = Result<(TcpStream, Self::Guard), Refusal>> + Send;
     /// Called once per stream that was answered, with what moved.
     fn finished(&self, req: &InboundRequest, status: StatusCode, bytes: CopyResult);
+    /// Called for a stream refused before `open`: not a CONNECT, or an
+    /// `:authority` this connection may not reach (so it can be counted;
+    /// a peer can send these as fast as it likes, so they are not logged
+    /// above debug).
+    fn rejected(&self, _peer: SocketAddr, _status: StatusCode) {}
 }
 
 /// Serves one HBONE connection (after the TLS handshake) until the client
@@ -163,7 +168,10 @@ async fn handle_stream<H: Handler>(
 ) {
     let target = match validate(&req, local) {
         Ok(target) => target,
-        Err(refusal) => return refuse(&mut respond, &refusal),
+        Err(refusal) => {
+            handler.rejected(peer, refusal.status());
+            return refuse(&mut respond, &refusal);
+        }
     };
     let inbound = InboundRequest { target, peer, peer_identity };
     let (upstream, mut guard) = match handler.open(&inbound).await {
@@ -217,7 +225,7 @@ fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
 fn refuse(respond: &mut SendResponse<Bytes>, refusal: &Refusal) {
     match refusal {
         Refusal::Denied(why) => debug!(%why, "denied"),
-        Refusal::BadRequest(why) => warn!(%why, "bad HBONE request"),
+        Refusal::BadRequest(why) => debug!(%why, "bad HBONE request"),
         Refusal::Unavailable(e) => warn!(error = %e, "app unreachable"),
     }
     let resp = Response::builder().status(refusal.status()).body(()).expect("static response is valid");

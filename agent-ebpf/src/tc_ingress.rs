@@ -109,10 +109,10 @@ fn classify(ctx: &TcContext) -> Result<L4, i64> {
             // Unrolled by hand rather than a loop: no back-edge for the
             // verifier to bound, and the same code on every kernel (bounded
             // loops need 5.3).
-            skip_ext_header(ctx, &mut nh, &mut off)?;
-            skip_ext_header(ctx, &mut nh, &mut off)?;
-            skip_ext_header(ctx, &mut nh, &mut off)?;
-            skip_ext_header(ctx, &mut nh, &mut off)?;
+            skip_ext_header(ctx, &mut nh, &mut off);
+            skip_ext_header(ctx, &mut nh, &mut off);
+            skip_ext_header(ctx, &mut nh, &mut off);
+            skip_ext_header(ctx, &mut nh, &mut off);
             Ok(match nh {
                 IPPROTO_TCP => L4::Tcp { dst, off },
                 // A fragment or a truncated header on the way, or still an
@@ -139,12 +139,12 @@ const UNCLASSIFIABLE: u8 = 255;
 /// header that cannot be read (the stack would drop it, but only after tc).
 /// Needs only `bpf_skb_load_bytes` (4.5).
 #[inline(always)]
-fn skip_ext_header(ctx: &TcContext, nh: &mut u8, off: &mut usize) -> Result<(), i64> {
+fn skip_ext_header(ctx: &TcContext, nh: &mut u8, off: &mut usize) {
     let len = match *nh {
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
             let Ok(hdr) = ctx.load::<[u8; 2]>(*off) else {
                 *nh = UNCLASSIFIABLE;
-                return Ok(());
+                return;
             };
             *nh = hdr[0];
             (hdr[1] as usize + 1) * 8
@@ -153,7 +153,7 @@ fn skip_ext_header(ctx: &TcContext, nh: &mut u8, off: &mut usize) -> Result<(), 
         NEXTHDR_AUTH => {
             let Ok(hdr) = ctx.load::<[u8; 2]>(*off) else {
                 *nh = UNCLASSIFIABLE;
-                return Ok(());
+                return;
             };
             *nh = hdr[0];
             (hdr[1] as usize + 2) * 4
@@ -161,7 +161,7 @@ fn skip_ext_header(ctx: &TcContext, nh: &mut u8, off: &mut usize) -> Result<(), 
         NEXTHDR_FRAGMENT => {
             let Ok(next) = ctx.load::<u8>(*off) else {
                 *nh = UNCLASSIFIABLE;
-                return Ok(());
+                return;
             };
             *nh = match next {
                 IPPROTO_TCP | NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_AUTH | NEXTHDR_DEST => {
@@ -170,12 +170,11 @@ fn skip_ext_header(ctx: &TcContext, nh: &mut u8, off: &mut usize) -> Result<(), 
                 // UDP, ICMPv6, ...: fragments the stack may reassemble.
                 other => other,
             };
-            return Ok(());
+            return;
         }
-        _ => return Ok(()),
+        _ => return,
     };
     *off += len;
-    Ok(())
 }
 
 #[inline(always)]

@@ -18,6 +18,7 @@ use sluice::{
         Mode, PodCapture, Redirect,
     },
 };
+use sluice_tests::require_root;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -26,18 +27,6 @@ use tokio::{
 };
 
 const WAIT: Duration = Duration::from_secs(5);
-
-/// True when the test may run; false (after saying so) when it must skip.
-fn have_root(name: &str) -> bool {
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("SLUICE_REQUIRE_ROOT").as_deref() == Ok("1") {
-        panic!("{name} needs root and SLUICE_REQUIRE_ROOT=1");
-    }
-    println!("SKIPPED: {name} needs root");
-    false
-}
 
 /// Runs `ip` on the host, only ever to add or delete our own namespaces or,
 /// with `-n`, inside them.
@@ -238,9 +227,7 @@ fn assert_nothing_left(ns: &Netns, backend: &str) {
 
 #[test]
 fn enroll_installs_exact_rules_idempotently_and_unenroll_removes_them() {
-    if !have_root("enroll_installs_exact_rules_idempotently_and_unenroll_removes_them") {
-        return;
-    }
+    require_root!();
     let net = TestNet::new();
     let ips = net.ips();
     let pod = capture(&net, &ips);
@@ -276,9 +263,7 @@ fn enroll_installs_exact_rules_idempotently_and_unenroll_removes_them() {
 
 #[test]
 fn legacy_backend_and_detection() {
-    if !have_root("legacy_backend_and_detection") {
-        return;
-    }
+    require_root!();
     let net = TestNet::new();
     let ips = net.ips();
     let pod = capture(&net, &ips);
@@ -303,9 +288,7 @@ fn legacy_backend_and_detection() {
 
 #[tokio::test]
 async fn legacy_rules_capture() {
-    if !have_root("legacy_rules_capture") {
-        return;
-    }
+    require_root!();
     let net = TestNet::new();
     let ips = net.ips();
     let redirect = IptablesRedirect::with_backend(Backend::Legacy);
@@ -400,16 +383,14 @@ async fn capture_works(v6: bool) {
 
 #[tokio::test]
 async fn capture_works_v4() {
-    if have_root("capture_works_v4") {
-        capture_works(false).await;
-    }
+    require_root!();
+    capture_works(false).await;
 }
 
 #[tokio::test]
 async fn capture_works_v6() {
-    if have_root("capture_works_v6") {
-        capture_works(true).await;
-    }
+    require_root!();
+    capture_works(true).await;
 }
 
 /// The agent's inbound flow: accept on 15006, connect to the app from the
@@ -450,23 +431,19 @@ async fn transparent_return_path(v6: bool) {
 
 #[tokio::test]
 async fn transparent_return_path_v4() {
-    if have_root("transparent_return_path_v4") {
-        transparent_return_path(false).await;
-    }
+    require_root!();
+    transparent_return_path(false).await;
 }
 
 #[tokio::test]
 async fn transparent_return_path_v6() {
-    if have_root("transparent_return_path_v6") {
-        transparent_return_path(true).await;
-    }
+    require_root!();
+    transparent_return_path(true).await;
 }
 
 #[test]
 fn errors_carry_context_and_partial_enroll_is_cleanable() {
-    if !have_root("errors_carry_context_and_partial_enroll_is_cleanable") {
-        return;
-    }
+    require_root!();
     let net = TestNet::new();
     // A pod netns with IPv6 switched off cannot take the v6 return route.
     for key in ["all", "default", "lo", "eth0"] {

@@ -1,8 +1,9 @@
 //! What the matrix checks on every kernel. One entry of [`CHECKS`] is one
 //! column of the table: what to run in the guest and what each kernel is
-//! expected to do. A check of a feature that has not landed is
-//! [`Run::NotYet`] (or names a test target that does not exist yet) and
-//! shows as `n/a`; when the feature lands, point it at its test.
+//! expected to do. Add a check when its feature lands, pointed at its test.
+//! There is no "not applicable": a check whose test target or subcommand
+//! does not exist (renamed, deleted, not built) is **MISSING** and fails
+//! the run, like a check that skipped or ran no test.
 //!
 //! Expectations are per kernel on purpose: an old kernel refusing a program
 //! is a finding, recorded here with the reason and the exact error text
@@ -11,14 +12,13 @@
 
 /// How a check runs inside the guest.
 pub enum Run {
-    /// `sluice <subcommand> <args>`; `n/a` while `sluice --help` does not list it.
+    /// `sluice <subcommand> <args>`; MISSING (a failure) while `sluice
+    /// --help` does not list it.
     Sluice { subcommand: &'static str, args: &'static [&'static str] },
     /// A workspace integration-test executable (`cargo test --test <target>`),
-    /// run whole with `<args>`; `n/a` while the target does not exist.
+    /// run whole with `<args>`; MISSING (a failure) while the target does
+    /// not exist.
     Test { package: &'static str, target: &'static str, args: &'static [&'static str] },
-    /// The feature is not in the tree yet: always `n/a`, with this reason.
-    #[allow(dead_code)] // every listed feature has landed; kept for the next one
-    NotYet(&'static str),
 }
 
 /// What one kernel is expected to do with one check.

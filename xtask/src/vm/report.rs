@@ -19,8 +19,9 @@ pub enum KernelResult {
 
 #[derive(PartialEq)]
 pub enum State {
-    /// The check cannot run in this tree (feature not landed).
-    NotApplicable,
+    /// The check's test target or subcommand is not in this tree: a failure,
+    /// never "not applicable" (a landed feature must be checked).
+    Missing,
     Pass,
     /// Failed the way the check list says this kernel fails.
     ExpectedFail,
@@ -43,7 +44,7 @@ pub struct Cell {
 
 impl Cell {
     fn ok(&self) -> bool {
-        matches!(self.state, State::NotApplicable | State::Pass | State::ExpectedFail)
+        matches!(self.state, State::Pass | State::ExpectedFail)
     }
 }
 
@@ -154,12 +155,7 @@ pub fn parse_mode(log: &str) -> Option<String> {
     }
 }
 
-pub fn evaluate(
-    kernel: &'static Kernel,
-    result: KernelResult,
-    checks: &[Check],
-    not_applicable: &[(&str, String)],
-) -> Row {
+pub fn evaluate(kernel: &'static Kernel, result: KernelResult, checks: &[Check], missing: &[(&str, String)]) -> Row {
     let (console, problem, elapsed) = match result {
         KernelResult::NotBooted(why) => (String::new(), Some(why), None),
         KernelResult::Booted(boot, timeout) => {
@@ -180,8 +176,8 @@ pub fn evaluate(
     let release = console.lines().find_map(|l| l.strip_prefix("SLUICE-VM kernel ")).map(|s| s.trim().to_owned());
     let mut cells = Vec::new();
     for check in checks {
-        if not_applicable.iter().any(|(n, _)| *n == check.name) {
-            cells.push(Cell { state: State::NotApplicable, secs: None, detail: None, log: String::new() });
+        if let Some((_, why)) = missing.iter().find(|(n, _)| *n == check.name) {
+            cells.push(Cell { state: State::Missing, secs: None, detail: Some(why.clone()), log: String::new() });
             continue;
         }
         let log = check_log(&console, check.name);
@@ -230,8 +226,7 @@ pub fn evaluate(
     }
     let probe = checks.iter().position(|c| c.name == PROBE);
     let mode = match probe.map(|i| &cells[i]) {
-        None | Some(Cell { state: State::NotApplicable, .. }) => "n/a".to_owned(),
-        Some(Cell { state: State::NoResult, .. }) => "?".to_owned(),
+        None | Some(Cell { state: State::Missing | State::NoResult, .. }) => "?".to_owned(),
         Some(cell) => parse_mode(&cell.log).unwrap_or_else(|| "?".into()),
     };
     Row { kernel, release, problem, cells, mode, elapsed, console }
@@ -241,7 +236,7 @@ fn cell_text(cell: &Cell, note: Option<usize>) -> String {
     let secs = cell.secs.map(|s| format!(" ({s} s)")).unwrap_or_default();
     let note = note.map(|n| format!(" [{n}]")).unwrap_or_default();
     match cell.state {
-        State::NotApplicable => "n/a".into(),
+        State::Missing => format!("**MISSING**{note}"),
         State::Pass => format!("pass{secs}"),
         State::ExpectedFail => format!("fail, expected{note}{secs}"),
         State::Fail => format!("**FAIL**{note}{secs}"),
@@ -251,8 +246,8 @@ fn cell_text(cell: &Cell, note: Option<usize>) -> String {
 }
 
 /// The matrix as Markdown: the table, then numbered notes for every cell
-/// that is not a plain pass, then why the n/a columns are n/a.
-pub fn markdown(rows: &[Row], checks: &[Check], not_applicable: &[(&str, String)], commit: &str) -> String {
+/// that is not a plain pass, then which checks are missing and why.
+pub fn markdown(rows: &[Row], checks: &[Check], missing: &[(&str, String)], commit: &str) -> String {
     let mut s = String::new();
     writeln!(
         s,
@@ -292,9 +287,9 @@ pub fn markdown(rows: &[Row], checks: &[Check], not_applicable: &[(&str, String)
     for (i, n) in notes.iter().enumerate() {
         writeln!(s, "[{}] {n}\n", i + 1).unwrap();
     }
-    for (name, why) in not_applicable {
+    for (name, why) in missing {
         let column = checks.iter().find(|c| c.name == *name).map(|c| c.column).unwrap_or(name);
-        writeln!(s, "- n/a *{column}*: {why}").unwrap();
+        writeln!(s, "- **MISSING** *{column}* (a failure): {why}").unwrap();
     }
     writeln!(
         s,
@@ -375,6 +370,71 @@ mod tests {
         assert_eq!(parse_mode(probe).as_deref(), Some("iptables"));
         assert_eq!(parse_mode("cgroup/connect4: ok\nsk_assign: ok\nusing ebpf").as_deref(), Some("ebpf"));
         assert_eq!(parse_mode("nothing useful"), None);
+    }
+
+    /// A kernel that booted and reported `console` (exit 1: all checks ran).
+    fn booted(console: &str) -> KernelResult {
+        let boot = Boot {
+            status: Some(1),
+            elapsed: Duration::from_secs(9),
+            console: format!("{console}SLUICE-DONE status=1\n"),
+        };
+        KernelResult::Booted(boot, Duration::from_secs(600))
+    }
+
+    fn test_check(name: &'static str, expect: &'static [(&'static str, Expect)]) -> Check {
+        Check { name, column: name, run: Run::Test { package: "p", target: name, args: &[] }, expect, timeout_secs: 9 }
+    }
+
+    fn reported(name: &str, body: &str, pass: bool) -> String {
+        let verdict = if pass { "pass rc=0" } else { "fail rc=101" };
+        format!("SLUICE-LOG-BEGIN {name}\n{body}SLUICE-LOG-END {name}\nSLUICE-CHECK {name} {verdict} secs=3\n")
+    }
+
+    const OK_1: &str = "test x ... ok\ntest result: ok. 1 passed; 0 failed; 0 ignored\n";
+
+    #[test]
+    fn a_missing_check_fails_the_kernel() {
+        let kernel = &crate::vm::kernels::KERNELS[1];
+        let checks = [test_check("t", &[]), test_check("gone", &[])];
+        let missing = [("gone", "package p has no test target gone".to_owned())];
+        let row = evaluate(kernel, booted(&reported("t", OK_1, true)), &checks, &missing);
+        assert!(row.cells[0].ok(), "the check that ran passed");
+        assert!(!row.cells[1].ok() && !row.ok(), "a missing check must fail the row");
+        let md = markdown(&[row], &checks, &missing, "abc");
+        assert!(md.contains("**MISSING** [1]") && md.contains("has no test target gone"), "{md}");
+        assert!(!md.contains("n/a"), "{md}");
+        // The same check present and passing: the row is fine.
+        let row = evaluate(kernel, booted(&(reported("t", OK_1, true) + &reported("gone", OK_1, true))), &checks, &[]);
+        assert!(row.ok());
+    }
+
+    #[test]
+    fn a_skip_or_no_test_is_not_a_pass() {
+        let kernel = &crate::vm::kernels::KERNELS[1];
+        let checks = [test_check("t", &[])];
+        let skipped = format!("SKIPPED: t::x needs root (CAP_NET_ADMIN, bpf)\n{OK_1}");
+        let none = "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 9 filtered out\n";
+        for (what, log) in [("skipped", skipped.as_str()), ("no test ran", none), ("no summary", "")] {
+            let row = evaluate(kernel, booted(&reported("t", log, true)), &checks, &[]);
+            assert!(row.cells[0].state == State::Fail && !row.ok(), "{what} must fail");
+        }
+        // Not reported at all (the guest stopped early): no result, a failure.
+        let row = evaluate(kernel, booted(""), &checks, &[]);
+        assert!(row.cells[0].state == State::NoResult && !row.ok());
+    }
+
+    #[test]
+    fn an_expected_failure_holds_only_with_its_signature() {
+        const CANNOT: &[(&str, Expect)] = &[("5.10", Expect::Fail { signature: "unknown func", why: "5.10 cannot" })];
+        let old = &crate::vm::kernels::KERNELS[0];
+        let checks = [test_check("t", CANNOT)];
+        let row = evaluate(old, booted(&reported("t", "Error: unknown func bpf_x#1\n", false)), &checks, &[]);
+        assert!(row.cells[0].state == State::ExpectedFail && row.ok());
+        let row = evaluate(old, booted(&reported("t", "thread panicked at timeout\n", false)), &checks, &[]);
+        assert!(row.cells[0].state == State::Fail, "another failure is a failure");
+        let row = evaluate(old, booted(&reported("t", OK_1, true)), &checks, &[]);
+        assert!(row.cells[0].state == State::UnexpectedPass && !row.ok(), "a stale expectation fails");
     }
 
     #[test]

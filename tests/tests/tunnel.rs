@@ -8,20 +8,37 @@
 //!
 //! Every test runs once per capture mode in `MODES`; the eBPF mode joins the
 //! list when its backend lands, with the same assertions.
+//!
+//! A transfer that must survive a change (drain, upgrade, rotation) is paced
+//! ([`RATE`]) and its progress read while it runs ([`Flow`]): the test proves
+//! bytes were verified before the change and after it, not merely that a
+//! transfer which may have ended first came out whole. A refusal is checked
+//! as one ([`assert_reset`]): the client is reset at once with 0 bytes, the
+//! app never sees the connection, the refusal's counter moves by exactly
+//! one, and the agents are still alive; a crash or a timeout does not pass.
 
-use std::time::{Duration, Instant};
+use std::{
+    process::Command,
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use sluice_tests::{
     evidence,
     mesh::{http_get, metric_sum, write_atomic, Mesh},
-    require_root,
+    peer_bin, require_root, spawn_in,
     traffic::{echo_server, send, send_verified},
-    Agent, Node, Pod, Topology,
+    Agent, ChildGuard, Node, Pod, SendReport, Topology,
 };
 
 const MODES: &[&str] = &["iptables", "ebpf"];
 const T: Duration = Duration::from_secs(60);
+/// The pace of the transfers that must be in flight across a change (drain,
+/// upgrade, rotation), bytes per second: slow enough that the change lands
+/// mid-transfer, fast enough to finish within the agent's 10 s drain.
+const RATE: u64 = 1 << 20;
 
 struct Fixture {
     mesh: Mesh,
@@ -71,6 +88,157 @@ fn eventually(what: &str, mut cond: impl FnMut() -> Result<bool>) -> Result<()> 
 
 fn metrics(node: &Node) -> Result<String> {
     http_get(node, 15020, "/metrics")
+}
+
+/// One counter of `node`'s agent, summed over the samples whose labels
+/// contain every `needle`.
+fn count(node: &Node, name: &str, needles: &[&str]) -> Result<u64> {
+    Ok(metric_sum(&metrics(node)?, name, needles))
+}
+
+/// A refusal as the client sees it: the connection was reset (ECONNRESET;
+/// EPIPE or ENOTCONN when the writer met the reset first), no byte came
+/// back, and it came at once. A timeout, a refused connect (no agent
+/// listening) or a clean close (an empty echo) are not refusals.
+fn assert_reset(what: &str, r: &SendReport) -> Result<String> {
+    let error = r.error.clone().unwrap_or_default();
+    ensure!(!r.ok && r.bytes_verified == 0, "{what}: must fail with 0 bytes back: {r:?}");
+    ensure!(
+        ["os error 104", "os error 32", "os error 107"].iter().any(|e| error.contains(e)),
+        "{what}: the client must see a reset (ECONNRESET/EPIPE/ENOTCONN), not: {r:?}"
+    );
+    ensure!(r.elapsed_ms < 5_000, "{what}: the reset took {} ms: a timeout, not a refusal: {r:?}", r.elapsed_ms);
+    Ok(error.rsplit(": ").next().unwrap_or(&error).to_owned())
+}
+
+/// The `PEER` lines `server` (started with `--print-peer`) printed within
+/// `wait`: one per connection its app accepted.
+fn app_connections(server: &mut ChildGuard, wait: Duration) -> usize {
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        match server.next_line(Duration::from_millis(100)) {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(_) => {}
+        }
+    }
+    server.lines_seen().iter().filter(|l| l.starts_with("PEER ")).count()
+}
+
+/// The agent process is still alive (not exited, not a zombie): a refusal
+/// must not be a crash.
+fn alive(agent: &Agent) -> Result<()> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", agent.pid()))
+        .with_context(|| format!("agent {} is gone", agent.pid()))?;
+    let state = stat.rsplit(") ").next().and_then(|r| r.chars().next()).unwrap_or('?');
+    ensure!(!matches!(state, 'Z' | 'X'), "agent {} has exited (state {state}):\n{}", agent.pid(), agent.stderr());
+    Ok(())
+}
+
+/// One `PROGRESS` line of a [`Flow`].
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    /// When the test read it: it was printed before this.
+    read: Instant,
+    /// The peer's clock: ms since it started receiving.
+    ms: u64,
+    verified: u64,
+}
+
+/// A paced `sluice-peer send` (echo, checked byte for byte) whose progress
+/// is read while it runs, so a test can prove the transfer was in flight
+/// across a change: bytes verified before it and bytes verified after it.
+struct Flow {
+    total: u64,
+    /// Taken just before the spawn: the peer's clock starts later, so a line
+    /// stamped `ms` was printed no earlier than `spawned + ms`.
+    spawned: Instant,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    done: Option<JoinHandle<Result<SendReport>>>,
+}
+
+impl Flow {
+    fn start(from: &Pod, addr: &str, total: u64) -> Result<Flow> {
+        let mut cmd = Command::new(peer_bin());
+        cmd.args(["send", "--connect", addr, "--bytes", &total.to_string(), "--rate", &RATE.to_string()]).args([
+            "--progress-ms",
+            "100",
+            "--timeout-secs",
+            "120",
+        ]);
+        let spawned = Instant::now();
+        let mut child = spawn_in(from, cmd)?;
+        let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
+        let sink = samples.clone();
+        let done = std::thread::spawn(move || -> Result<SendReport> {
+            let mut report = None;
+            while let Some(line) = child.next_line(Duration::from_secs(130))? {
+                if let Some(rest) = line.strip_prefix("PROGRESS ") {
+                    let f: Vec<u64> = rest.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+                    if let [ms, _sent, verified] = f[..] {
+                        sink.lock().unwrap_or_else(|p| p.into_inner()).push(Sample {
+                            read: Instant::now(),
+                            ms,
+                            verified,
+                        });
+                    }
+                } else if line.starts_with('{') {
+                    report = Some(serde_json::from_str::<SendReport>(&line).with_context(|| format!("report {line}"))?);
+                }
+            }
+            let out = child.finish(Duration::from_secs(10))?;
+            report.with_context(|| format!("sluice-peer printed no report: {}", String::from_utf8_lossy(&out.stderr)))
+        });
+        Ok(Flow { total, spawned, samples, done: Some(done) })
+    }
+
+    fn samples(&self) -> Vec<Sample> {
+        self.samples.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn wait_verified(&self, bytes: u64) -> Result<()> {
+        let deadline = Instant::now() + T;
+        while self.samples().last().map_or(0, |s| s.verified) < bytes {
+            ensure!(Instant::now() < deadline, "the flow did not reach {bytes} verified bytes: {:?}", self.samples());
+            ensure!(self.done.as_ref().is_some_and(|d| !d.is_finished()), "the flow ended before {bytes} bytes");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Bytes certainly verified before `t`: the last line read by then.
+    fn verified_before(&self, t: Instant) -> u64 {
+        self.samples().iter().filter(|s| s.read <= t).map(|s| s.verified).max().unwrap_or(0)
+    }
+
+    /// Bytes certainly verified after `t`: everything past the first line
+    /// printed after `t` (that line's count is at least the count at `t`).
+    fn verified_after(&self, t: Instant) -> u64 {
+        let first_after = self.samples().into_iter().find(|s| self.spawned + Duration::from_millis(s.ms) > t);
+        first_after.map_or(0, |s| self.total - s.verified)
+    }
+
+    /// Waits for the end; the report must be byte-exact.
+    fn finish(&mut self) -> Result<SendReport> {
+        let done = self.done.take().context("finished once")?;
+        let report = done.join().map_err(|_| anyhow::anyhow!("flow thread panicked"))??;
+        ensure!(report.ok && report.bytes_verified == self.total, "paced transfer not byte-exact: {report:?}");
+        Ok(report)
+    }
+
+    /// After [`Flow::finish`]: the transfer was in flight across `t` (`what`):
+    /// bytes verified before it and after it. Returns both counts.
+    fn spanned(&self, what: &str, t: Instant) -> Result<(u64, u64)> {
+        let (before, after) = (self.verified_before(t), self.verified_after(t));
+        ensure!(
+            before > 0 && after > 0,
+            "the transfer was not in flight across {what}: {before} bytes verified before it, {after} after \
+             (of {}); samples: {:?}",
+            self.total,
+            self.samples().iter().map(|s| (s.ms, s.verified)).collect::<Vec<_>>()
+        );
+        Ok((before, after))
+    }
 }
 
 /// Whether `pod`'s IPv4 address is in the agent's pinned WORKLOADS map, as
@@ -183,29 +351,45 @@ fn policy_deny_then_allow_after_config_edit_without_restart() -> Result<()> {
         };
         f.mesh.policies_yaml = policy("DENY");
         f.mesh.write_config()?;
-        let (_ag1, ag2) = agents(&f, mode)?;
+        let (ag1, ag2) = agents(&f, mode)?;
         let pid = ag2.pid();
-        let (_srv, addr) = echo_server(&f.b1, &format!("{}:8080", f.b1.ipv4()), &[])?;
-
+        let (mut srv, addr) = echo_server(&f.b1, &format!("{}:8080", f.b1.ipv4()), &["--print-peer"])?;
+        // The refusal itself: node2 denies by the policy (counted once), node1
+        // gets 401 for the CONNECT (counted once) and resets the client, the
+        // app never sees a connection, and both agents live on.
+        let denials = || count(&f.n2, "sluice_auth_denials_total", &["policy=\"default/sleep-to-httpbin\""]);
+        let unauthorized = || count(&f.n1, "sluice_hbone_errors_total", &["direction=\"outbound\"", "status=\"401\""]);
+        let (d0, u0) = (denials()?, unauthorized()?);
         let denied = send(&f.a1, &addr, 64 << 10, Duration::from_secs(10))?;
-        assert!(!denied.ok && denied.bytes_verified == 0, "DENY must stop the connection: {denied:?}");
-        let denials =
-            metric_sum(&metrics(&f.n2)?, "sluice_auth_denials_total", &["policy=\"default/sleep-to-httpbin\""]);
-        assert!(denials >= 1, "the denial must be counted");
+        let how = assert_reset("DENY a1 -> b1", &denied)?;
+        let (d1, u1) = (denials()? - d0, unauthorized()? - u0);
+        ensure!((d1, u1) == (1, 1), "one denied connection: node2 denials +{d1}, node1 outbound 401s +{u1}");
+        ensure!(app_connections(&mut srv, Duration::from_millis(300)) == 0, "a denied client reached the app");
+        alive(&ag1)?;
+        alive(&ag2)?;
         // Another principal is not matched by the DENY rule.
         send_verified(&f.a2, &addr, 64 << 10, T)?;
+        let reached = app_connections(&mut srv, Duration::from_millis(300));
+        ensure!(reached == 1, "the allowed client must reach the app once, saw {reached}");
 
         f.mesh.policies_yaml = policy("ALLOW");
         f.mesh.write_config()?;
         eventually("the ALLOW policy to apply", || Ok(send(&f.a1, &addr, 64 << 10, Duration::from_secs(10))?.ok))?;
         send_verified(&f.a1, &addr, 1 << 20, T)?;
         // Once an ALLOW applies, anything it does not match is denied.
+        let any_denial = || count(&f.n2, "sluice_auth_denials_total", &["reporter=\"destination\""]);
+        let (d0, u0, seen) = (any_denial()?, unauthorized()?, app_connections(&mut srv, Duration::from_millis(300)));
         let other = send(&f.a2, &addr, 64 << 10, Duration::from_secs(10))?;
-        assert!(!other.ok && other.bytes_verified == 0, "sleep2 is not allowed by the ALLOW policy: {other:?}");
+        assert_reset("sleep2, not matched by the ALLOW", &other)?;
+        let (d1, u1) = (any_denial()? - d0, unauthorized()? - u0);
+        ensure!((d1, u1) == (1, 1), "sleep2 refused once: node2 denials +{d1}, node1 outbound 401s +{u1}");
+        let after = app_connections(&mut srv, Duration::from_millis(300));
+        ensure!(after == seen, "sleep2 reached the app ({seen} -> {after} connections)");
         assert_eq!(ag2.pid(), pid, "the agent must not restart");
         let reloads = metric_sum(&metrics(&f.n2)?, "sluice_config_reloads_total", &["result=\"ok\""]);
         evidence(&format!(
-            "[{mode}] DENY held ({denials} denials), ALLOW applied after {reloads} reload(s), same agent pid {pid}"
+            "[{mode}] DENY: a1 reset ({how}), 0 connections at the app, node2 denials +1, node1 outbound 401 +1; \
+             ALLOW applied after {reloads} reload(s), same agent pid {pid}, sleep2 then refused the same way"
         ));
         assert!(reloads >= 1);
     }
@@ -257,18 +441,20 @@ fn unenrolled_pods_reach_enrolled_and_plain_pods() -> Result<()> {
         f.mesh.policies_yaml = "  - name: mtls-only\n    namespace: default\n    action: ALLOW\n    rules:\n      - from: [{ principals: [\"*\"] }]\n".into();
         f.mesh.write_config()?;
         eventually("the mtls-only policy to deny u2", || Ok(!send(&f.u2, &addr, 4096, Duration::from_secs(10))?.ok))?;
-        // Read every PEER line printed so far, then count what one more
-        // denied attempt adds: nothing.
-        while let Ok(Some(_)) = srv.next_line(Duration::from_millis(300)) {}
-        let before = srv.lines_seen().iter().filter(|l| l.starts_with("PEER")).count();
+        // Count what one more denied attempt adds: a reset at u2, one denial
+        // on node1, no connection at the app.
+        let denials = || count(&f.n1, "sluice_auth_denials_total", &["reporter=\"destination\""]);
+        let (before, d0) = (app_connections(&mut srv, Duration::from_millis(300)), denials()?);
         let denied = send(&f.u2, &addr, 4096, Duration::from_secs(10))?;
-        assert!(!denied.ok && denied.bytes_verified == 0);
-        while let Ok(Some(_)) = srv.next_line(Duration::from_millis(300)) {}
-        let after = srv.lines_seen().iter().filter(|l| l.starts_with("PEER")).count();
-        assert_eq!(before, after, "a denied plaintext client must never reach the app");
+        let how = assert_reset("plaintext u2 -> a1 under mtls-only", &denied)?;
+        let moved = denials()? - d0;
+        ensure!(moved == 1, "the denied plaintext connection must be counted once on node1, moved {moved}");
+        let after = app_connections(&mut srv, Duration::from_millis(300));
+        ensure!(before == after, "a denied plaintext client reached the app ({before} -> {after})");
+        alive(&ag1)?;
         // The meshed client is still allowed.
         send_verified(&f.b1, &addr, 1 << 20, T)?;
-        evidence(&format!("[{mode}] u2->a1 via 15006 with real IP, u2->u1 untouched, b1->u1 passthrough, mtls-only policy shut u2 out"));
+        evidence(&format!("[{mode}] u2->a1 via 15006 with real IP, u2->u1 untouched, b1->u1 passthrough, mtls-only policy shut u2 out (reset: {how}; node1 denials +1; app reached 0 times)"));
     }
     Ok(())
 }
@@ -285,11 +471,23 @@ fn wrong_san_and_foreign_trust_domain_are_refused() -> Result<()> {
         write_atomic(&wrong_path, &wrong)?;
         let ag1 = f.mesh.start_agent_with(&f.n1, mode, &wrong_path)?;
         let ag2 = f.mesh.start_agent(&f.n2, mode)?;
-        let (_srv, addr) = echo_server(&f.b1, &format!("{}:8080", f.b1.ipv4()), &[])?;
+        let (mut srv, addr) = echo_server(&f.b1, &format!("{}:8080", f.b1.ipv4()), &["--print-peer"])?;
+        // node1 checks the server's SAN in the handshake and refuses the dial:
+        // connect_failed, once; the client is reset; b1's app sees nothing.
+        let failed =
+            || count(&f.n1, "sluice_hbone_errors_total", &["direction=\"outbound\"", "status=\"connect_failed\""]);
+        let e0 = failed()?;
         let r = send(&f.a1, &addr, 64 << 10, Duration::from_secs(10))?;
-        assert!(!r.ok && r.bytes_verified == 0, "a server with the wrong SAN must be refused: {r:?}");
-        let errors = metric_sum(&metrics(&f.n1)?, "sluice_hbone_errors_total", &["direction=\"outbound\""]);
-        assert!(errors >= 1, "the refusal must be counted:\n{}\nagent log:\n{}", metrics(&f.n1)?, ag1.stderr());
+        let how_san = assert_reset("a server with the wrong SAN", &r)?;
+        let errors = failed()? - e0;
+        ensure!(
+            errors == 1,
+            "the refused dial must be counted once as connect_failed, moved {errors}:\n{}\nagent log:\n{}",
+            metrics(&f.n1)?,
+            ag1.stderr()
+        );
+        ensure!(app_connections(&mut srv, Duration::from_millis(300)) == 0, "the wrong-SAN attempt reached the app");
+        alive(&ag2)?;
         ag1.stop()?;
 
         // node1's agent now runs in trust domain other.local with its own CA:
@@ -307,13 +505,26 @@ fn wrong_san_and_foreign_trust_domain_are_refused() -> Result<()> {
             .replace(&f.mesh.ca_dir().display().to_string(), &other_ca.display().to_string());
         let foreign_path = f.mesh.dir.path().join("foreign.yaml");
         write_atomic(&foreign_path, &foreign)?;
-        let _ag1 = f.mesh.start_agent_with(&f.n1, mode, &foreign_path)?;
+        let ag1 = f.mesh.start_agent_with(&f.n1, mode, &foreign_path)?;
+        // node2 refuses the client certificate in the handshake; node1 counts
+        // the failed dial once and resets the client; the app sees nothing.
+        let e0 = failed()?;
         let r = send(&f.a1, &addr, 64 << 10, Duration::from_secs(10))?;
-        assert!(!r.ok && r.bytes_verified == 0, "a client from another trust domain must be refused: {r:?}");
+        let how_td = assert_reset("a client from another trust domain", &r)?;
+        let errors_td = failed()? - e0;
+        ensure!(
+            errors_td == 1,
+            "the refused dial must be counted once as connect_failed, moved {errors_td}:\n{}\nagent log:\n{}",
+            metrics(&f.n1)?,
+            ag1.stderr()
+        );
+        ensure!(app_connections(&mut srv, Duration::from_millis(300)) == 0, "the foreign client reached the app");
+        alive(&ag1)?;
+        alive(&ag2)?;
         // Control: a pod of node2's own mesh still gets through.
         let (_srv3, addr3) = echo_server(&f.b1, &format!("{}:8081", f.b1.ipv4()), &[])?;
         send_verified(&f.u2, &addr3, 64 << 10, T)?;
-        evidence(&format!("[{mode}] wrong SAN refused ({errors} outbound HBONE errors), foreign trust domain refused"));
+        evidence(&format!("[{mode}] wrong SAN refused (reset: {how_san}; connect_failed +{errors}), foreign trust domain refused (reset: {how_td}; connect_failed +{errors_td}); the app saw neither"));
         drop(ag2);
     }
     Ok(())
@@ -372,19 +583,44 @@ fn certificates_rotate_at_half_life_without_dropping_connections() -> Result<()>
         let _agents = agents(&f, mode)?;
         let (_srv, addr) = echo_server(&f.b1, &format!("{}:8080", f.b1.ipv4()), &[])?;
         send_verified(&f.a1, &addr, 64 << 10, T)?;
-        let first = cert_not_after(&f.n2, "default/b1")?;
-        // A transfer that spans several rotations of both ends' certificates.
-        let (a1, addr2) = (f.a1.clone(), addr.clone());
-        let long = std::thread::spawn(move || send_verified(&a1, &addr2, 150 << 20, Duration::from_secs(120)));
-        std::thread::sleep(Duration::from_secs(3));
-        let second = cert_not_after(&f.n2, "default/b1")?;
-        let report = long.join().expect("transfer thread")?;
+        // A paced transfer that outlives a rotation of both ends' certificates
+        // (TTL 4 s: a new one every 2 s or so).
+        let mut flow = Flow::start(&f.a1, &addr, 8 * RATE)?;
+        flow.wait_verified(256 << 10)?;
+        // Bytes verified before `t_first` crossed under `first` (or older).
+        let t_first = Instant::now();
+        let first = (cert_not_after(&f.n1, "default/a1")?, cert_not_after(&f.n2, "default/b1")?);
+        ensure!(!first.0.is_empty() && !first.1.is_empty(), "no certificates in /config_dump: {first:?}");
+        let mut second = first.clone();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while second.0 == first.0 || second.1 == first.1 {
+            ensure!(Instant::now() < deadline, "the certificates were not rotated: {first:?} -> {second:?}");
+            std::thread::sleep(Duration::from_millis(100));
+            second = (cert_not_after(&f.n1, "default/a1")?, cert_not_after(&f.n2, "default/b1")?);
+        }
+        // Both ends rotated before `t_rotated`.
+        let t_rotated = Instant::now();
+        let report = flow.finish()?;
+        let (before, after) = flow.spanned("the rotation of both certificates", t_rotated)?;
+        ensure!(flow.verified_before(t_first) > 0, "no byte verified before the old certificates were read");
         send_verified(&f.a1, &addr, 64 << 10, T)?;
         evidence(&format!(
-            "[{mode}] b1 certificate not_after {first} -> {second} while a {} byte transfer ran uninterrupted ({} ms)",
-            report.bytes_verified, report.elapsed_ms
+            "[{mode}] a1 not_after {} -> {}, b1 {} -> {} while a {} byte transfer at {} KiB/s ran on: {} bytes \
+             verified before the old certificates were read, {before} before both had rotated, {after} after; \
+             byte-exact in {} ms",
+            first.0,
+            second.0,
+            first.1,
+            second.1,
+            report.bytes_verified,
+            RATE >> 10,
+            flow.verified_before(t_first),
+            report.elapsed_ms
         ));
-        assert!(!first.is_empty() && second > first, "b1's certificate was not rotated: {first} -> {second}");
+        ensure!(
+            second.0 > first.0 && second.1 > first.1,
+            "rotation must move not_after forward: {first:?} -> {second:?}"
+        );
     }
     Ok(())
 }
@@ -396,18 +632,27 @@ fn sigterm_drains_in_flight_streams() -> Result<()> {
         let f = fixture("drain")?;
         let (_ag1, ag2) = agents(&f, mode)?;
         let (_srv, addr) = echo_server(&f.b1, &format!("{}:8080", f.b1.ipv4()), &[])?;
-        let (a1, addr2) = (f.a1.clone(), addr.clone());
-        let transfer = std::thread::spawn(move || send_verified(&a1, &addr2, 60 << 20, Duration::from_secs(60)));
-        std::thread::sleep(Duration::from_millis(700));
+        // 8 s at the pace: SIGTERM lands early in it, and the rest must cross
+        // during the destination agent's 10 s drain.
+        let mut flow = Flow::start(&f.a1, &addr, 8 * RATE)?;
+        flow.wait_verified(512 << 10)?;
         // SIGTERM the destination agent mid-transfer: GOAWAY, then the open
-        // stream runs to completion before the agent exits.
+        // stream runs to completion before the agent exits. The signal goes
+        // out within microseconds of `t_term`; 100 ms of margin.
+        let t_term = Instant::now();
         let log = ag2.stop()?;
-        let report = transfer.join().expect("transfer thread")?;
+        let exited = t_term.elapsed();
+        let report = flow.finish()?;
+        let (before, after) = flow.spanned("SIGTERM of the destination agent", t_term + Duration::from_millis(100))?;
         evidence(&format!(
-            "[{mode}] destination agent stopped mid-transfer; {} bytes still arrived byte-exact",
-            report.bytes_verified
+            "[{mode}] destination agent SIGTERMed mid-transfer: {before} bytes verified before, {after} after it \
+             (at {} KiB/s); all {} byte-exact; the agent exited {} ms after the signal",
+            RATE >> 10,
+            report.bytes_verified,
+            exited.as_millis()
         ));
         assert!(log.contains("shutting down"), "agent log:\n{log}");
+        assert!(!log.contains("drain period over"), "the drain must not cut the transfer:\n{log}");
     }
     Ok(())
 }
@@ -448,15 +693,21 @@ fn upgrade_starts_new_agent_beside_old_without_dropping_connections() -> Result<
         let f = fixture("upgrade")?;
         let (old, _ag2) = agents(&f, mode)?;
         let (_srv, addr) = echo_server(&f.b1, &format!("{}:8080", f.b1.ipv4()), &[])?;
-        // A transfer in flight through the old agent.
-        let (a1, addr2) = (f.a1.clone(), addr.clone());
-        let inflight = std::thread::spawn(move || send_verified(&a1, &addr2, 60 << 20, Duration::from_secs(60)));
-        std::thread::sleep(Duration::from_millis(300));
+        // A paced transfer in flight through the old agent: under way before
+        // the new agent starts, still running when the old one is stopped,
+        // and done within the old one's 10 s drain.
+        let mut flow = Flow::start(&f.a1, &addr, 8 * RATE)?;
+        flow.wait_verified(256 << 10)?;
         // The new agent binds beside the old one (SO_REUSEPORT everywhere) and
         // adopts the pinned maps; then the old one is stopped.
+        let t_new = Instant::now();
         let new = f.mesh.start_agent(&f.n1, mode)?;
+        let t_term = Instant::now();
         let old_log = old.stop()?;
-        let report = inflight.join().expect("transfer thread")?;
+        let report = flow.finish()?;
+        let before_new = flow.verified_before(t_new);
+        ensure!(before_new > 0, "no byte was verified before the new agent started: {:?}", flow.samples());
+        let (before, after) = flow.spanned("SIGTERM of the old agent", t_term + Duration::from_millis(100))?;
         // Connections opened after the handover go through the new agent.
         for _ in 0..5 {
             send_verified(&f.a1, &addr, 256 << 10, T)?;
@@ -464,11 +715,58 @@ fn upgrade_starts_new_agent_beside_old_without_dropping_connections() -> Result<
         let m = metrics(&f.n1)?;
         assert!(metric_sum(&m, "istio_tcp_connections_opened_total", &["reporter=\"source\""]) >= 5, "{m}");
         assert!(old_log.contains("shutting down"));
+        assert!(!old_log.contains("drain period over"), "the drain must not cut the transfer:\n{old_log}");
         evidence(&format!(
-            "[{mode}] upgrade: {} bytes in flight through the old agent arrived byte-exact; new agent pid {} carried the next 5 connections",
+            "[{mode}] upgrade: of a {} byte transfer at {} KiB/s through the old agent, {before_new} bytes were \
+             verified before the new agent started, {before} before the old one got SIGTERM and {after} after; \
+             byte-exact; new agent pid {} carried the next 5 connections",
             report.bytes_verified,
+            RATE >> 10,
             new.pid()
         ));
     }
     Ok(())
+}
+
+/// The checks above can fail: a timeout, a refused connect or a clean close
+/// is not a refusal, and a change that missed the transfer is not an overlap
+/// (no root needed: synthetic reports and samples).
+#[test]
+fn refusal_and_overlap_checks_fail_when_they_should() {
+    let report = |ok: bool, verified: u64, error: &str, elapsed_ms: u64| SendReport {
+        ok,
+        bytes_verified: verified,
+        error: (!error.is_empty()).then(|| error.to_owned()),
+        elapsed_ms,
+        ..Default::default()
+    };
+    let reset = "read after 0 bytes back: Connection reset by peer (os error 104)";
+    assert!(assert_reset("reset", &report(false, 0, reset, 40)).is_ok());
+    for (what, r) in [
+        ("timeout", report(false, 0, "timed out after 0 bytes back", 10_000)),
+        ("slow reset", report(false, 0, reset, 9_000)),
+        ("connect refused", report(false, 0, "connect 10.0.0.1:80: Connection refused (os error 111)", 1)),
+        ("clean close", report(false, 0, "verified 0 of 65536 bytes", 5)),
+        ("bytes came back", report(false, 4096, reset, 40)),
+        ("success", report(true, 65536, "", 40)),
+    ] {
+        assert!(assert_reset(what, &r).is_err(), "{what} passed as a refusal");
+    }
+
+    let flow = |samples: &[(u64, u64)]| {
+        let spawned = Instant::now();
+        let s = samples
+            .iter()
+            .map(|&(ms, verified)| Sample { read: spawned + Duration::from_millis(ms + 5), ms, verified })
+            .collect();
+        (Flow { total: 1000, spawned, samples: Arc::new(Mutex::new(s)), done: None }, spawned)
+    };
+    let (f, t0) = flow(&[(100, 100), (200, 300), (300, 600), (400, 1000)]);
+    assert_eq!(f.spanned("mid", t0 + Duration::from_millis(250)).unwrap(), (300, 400));
+    // The change came after the last byte, or before the first.
+    assert!(f.spanned("after the end", t0 + Duration::from_millis(450)).is_err());
+    assert!(f.spanned("before the start", t0 + Duration::from_millis(50)).is_err());
+    // A line read after the change but printed before it proves nothing after it.
+    let (f, t0) = flow(&[(100, 100), (200, 1000)]);
+    assert!(f.spanned("late read", t0 + Duration::from_millis(203)).is_err());
 }

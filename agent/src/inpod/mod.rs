@@ -12,12 +12,16 @@
 //!   listeners served. A peer agent that learns of the enrollment first
 //!   and dials 15008 early waits in the backlog for a few milliseconds
 //!   instead of being answered without a return path.
-//! - Remove: the HBONE listener is closed and GOAWAY sent first, so a peer
-//!   agent that has not yet learnt of the removal is refused at once
-//!   instead of being served without a return path; then capture and the
-//!   return path go; then the outbound and plaintext listeners close.
-//!   Connections the agent carries for the pod at that moment lose their
-//!   return path: un-enrolling does not drain them.
+//! - Remove: the inbound listeners (HBONE, plaintext) are closed and GOAWAY
+//!   sent first, so a peer agent that has not yet learnt of the removal, or
+//!   a plaintext connection captured in the meantime, is refused at once
+//!   (in eBPF mode a SYN with no listener to assign to goes to the app, as
+//!   un-enrolled) instead of being served without a return path; 50 ms
+//!   later (for connections they had just accepted to reach the app),
+//!   capture and the return path go; then the outbound listener closes
+//!   (until then the app's captured connections still find it, and they
+//!   need no return path). Connections the agent carries for the pod at
+//!   that moment lose their return path: un-enrolling does not drain them.
 
 pub mod discover;
 
@@ -43,13 +47,18 @@ use crate::{
 
 struct Running {
     pod: Arc<PodCtx>,
-    /// Accept loops of the HBONE listeners (15008).
-    hbone_tasks: Vec<JoinHandle<()>>,
-    /// Accept loops of the outbound (15001) and plaintext inbound (15006,
-    /// and the eBPF assign listener) listeners.
-    tasks: Vec<JoinHandle<()>>,
+    /// Accept loops of the listeners whose connections the agent passes to
+    /// the app transparently: HBONE (15008) and plaintext inbound (15006,
+    /// and the eBPF assign listener).
+    inbound_tasks: Vec<JoinHandle<()>>,
+    /// Accept loops of the outbound listener (15001).
+    outbound_tasks: Vec<JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
 }
+
+/// How long a removed pod keeps its return path after its inbound
+/// listeners closed (see [`Pods::remove`]).
+const RETURN_PATH_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Stops accept loops and waits until they are gone, so their listening
 /// sockets are closed when this returns (connections still in a closed
@@ -201,23 +210,31 @@ impl Pods {
         enrolled?;
         // Served only now that the return path is in place (see the module doc).
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let mut tasks = Vec::new();
-        for l in out {
-            tasks.push(tokio::spawn(outbound::serve(l, pod.clone(), self.ctx.clone())));
-        }
+        let outbound_tasks =
+            out.into_iter().map(|l| tokio::spawn(outbound::serve(l, pod.clone(), self.ctx.clone()))).collect();
+        let mut inbound_tasks = Vec::new();
         // 15006 takes iptables' REDIRECTs; in eBPF mode it only ever sees
         // direct connections (refused as the agent's own port), while tc
         // assigns the pod's inbound SYNs to the port-0 listeners.
         for l in plain {
-            tasks.push(tokio::spawn(inbound_plaintext::serve(l, pod.clone(), self.ctx.clone(), Arrival::Redirected)));
+            inbound_tasks.push(tokio::spawn(inbound_plaintext::serve(
+                l,
+                pod.clone(),
+                self.ctx.clone(),
+                Arrival::Redirected,
+            )));
         }
         for l in assigned {
-            tasks.push(tokio::spawn(inbound_plaintext::serve(l, pod.clone(), self.ctx.clone(), Arrival::Assigned)));
+            inbound_tasks.push(tokio::spawn(inbound_plaintext::serve(
+                l,
+                pod.clone(),
+                self.ctx.clone(),
+                Arrival::Assigned,
+            )));
         }
-        let hbone_tasks = hbone
-            .into_iter()
-            .map(|l| tokio::spawn(inbound::serve(l, pod.clone(), self.ctx.clone(), shutdown_rx.clone())))
-            .collect();
+        for l in hbone {
+            inbound_tasks.push(tokio::spawn(inbound::serve(l, pod.clone(), self.ctx.clone(), shutdown_rx.clone())));
+        }
         info!(
             pod = %w.uid,
             identity = %pod.id,
@@ -234,22 +251,26 @@ impl Pods {
         self.running
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(w.uid.clone(), Running { pod, hbone_tasks, tasks, shutdown });
+            .insert(w.uid.clone(), Running { pod, inbound_tasks, outbound_tasks, shutdown });
         Ok(())
     }
 
-    /// Closes the HBONE listener and sends GOAWAY on its connections,
-    /// removes capture, closes the other listeners and drops the pod's
+    /// Closes the inbound listeners and sends GOAWAY on HBONE connections,
+    /// removes capture, closes the outbound listener and drops the pod's
     /// certificate (see the module doc for the order).
     pub async fn remove(&self, uid: &str) {
         let started = Instant::now();
         let Some(running) = self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(uid) else {
             return;
         };
-        stop(running.hbone_tasks).await;
+        stop(running.inbound_tasks).await;
         let _ = running.shutdown.send(true);
         let pod = running.pod.clone();
         self.ctx.local_pods.write().unwrap_or_else(|e| e.into_inner()).retain(|_, p| !Arc::ptr_eq(p, &pod));
+        // Connections those listeners accepted last may not have reached
+        // the app yet (their tasks wait for a worker): let them, while the
+        // return path is still there.
+        tokio::time::sleep(RETURN_PATH_GRACE).await;
         let redirect = self.redirect.clone();
         let unenrolled = tokio::task::spawn_blocking(move || {
             let w = &pod.workload;
@@ -267,7 +288,7 @@ impl Pods {
         if let Ok(Err(e)) | Err(e) = unenrolled.map_err(anyhow::Error::from) {
             warn!(pod = %uid, error = format!("{e:#}"), "removing capture failed");
         }
-        stop(running.tasks).await;
+        stop(running.outbound_tasks).await;
         // Its pooled HBONE connections were dialled from its netns: nobody
         // else may ride them, and they must not outlive it.
         let dropped = self.ctx.pool.remove_source(uid);
@@ -288,7 +309,7 @@ impl Pods {
         let running = std::mem::take(&mut *self.running.lock().unwrap_or_else(|e| e.into_inner()));
         for (_, r) in running {
             let _ = r.shutdown.send(true);
-            r.hbone_tasks.iter().chain(&r.tasks).for_each(JoinHandle::abort);
+            r.inbound_tasks.iter().chain(&r.outbound_tasks).for_each(JoinHandle::abort);
         }
     }
 

@@ -7,6 +7,10 @@
 //! for as long as that process is still in the pod, so the workload the
 //! agent enrolled does not change under it on every rebuild. A scan runs
 //! only when an enrolled pod is not found yet or its process has gone.
+//! A scan finds every pod on the node, enrolled or not; the others are
+//! remembered until the next scan, so a label change that enrolls a pod
+//! that was running at the last scan costs no scan (one costs a read of
+//! `/proc/<pid>/cgroup` for every process on the node).
 //!
 //! [`Hints`] are what the CNI plugin reported (`crate::cni`): a pod's netns
 //! path, cgroup and addresses at ADD, before any of its processes exist.
@@ -117,18 +121,25 @@ pub struct LocalPods {
     proc_root: PathBuf,
     cgroup_mount: PathBuf,
     found: HashMap<String, FoundPod>,
+    /// Every pod the last scan found, enrolled or not; checked with
+    /// [`discover::still_in_pod`] before use.
+    seen: HashMap<String, FoundPod>,
     scans: u64,
 }
 
 impl LocalPods {
     pub fn new(proc_root: PathBuf, cgroup_mount: PathBuf) -> LocalPods {
-        LocalPods { proc_root, cgroup_mount, found: HashMap::new(), scans: 0 }
+        LocalPods { proc_root, cgroup_mount, found: HashMap::new(), seen: HashMap::new(), scans: 0 }
     }
 
     /// Resolves `wanted` (pod uids), from `hints` first, then from `/proc`;
     /// forgets pods no longer wanted. Returns the uids still not found.
     pub fn resolve(&mut self, wanted: &[String], hints: &HashMap<String, Hint>) -> Vec<String> {
-        self.found.retain(|uid, _| wanted.contains(uid));
+        // Pods no longer wanted are remembered, for a label flipping back.
+        let (keep, unwanted): (HashMap<_, _>, HashMap<_, _>) =
+            std::mem::take(&mut self.found).into_iter().partition(|(uid, _)| wanted.contains(uid));
+        self.found = keep;
+        self.seen.extend(unwanted.into_iter().filter(|(_, f)| f.pid != 0));
         // A hint has no process to check (pid 0); it lasts until the DEL.
         self.found.retain(|uid, f| {
             if f.pid == 0 {
@@ -154,6 +165,13 @@ impl LocalPods {
         let missing = |found: &HashMap<String, FoundPod>| -> Vec<String> {
             wanted.iter().filter(|u| !found.contains_key(*u)).cloned().collect()
         };
+        for uid in missing(&self.found) {
+            let Some(f) = self.seen.remove(&uid) else { continue };
+            if discover::still_in_pod(&self.proc_root, &f) {
+                debug!(pod_uid = %uid, pid = f.pid, "pod found by the last scan is still there");
+                self.found.insert(uid, f);
+            }
+        }
         if missing(&self.found).is_empty() {
             return Vec::new();
         }
@@ -166,6 +184,8 @@ impl LocalPods {
                         self.found.insert(uid, f);
                     }
                 }
+                all.retain(|uid, _| !self.found.contains_key(uid));
+                self.seen = all;
             }
             Err(e) => warn!(proc = %self.proc_root.display(), error = %e, "scanning for pods failed"),
         }
@@ -179,5 +199,67 @@ impl LocalPods {
     /// How many /proc scans ran (for /config_dump).
     pub fn scans(&self) -> u64 {
         self.scans
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::os::unix::fs::symlink;
+    use std::path::Path;
+
+    use super::*;
+
+    const A: &str = "1f2e3d4c-5b6a-4789-8abc-def012345678";
+    const B: &str = "2a3b4c5d-6e7f-4890-9abc-def012345678";
+
+    /// `/proc/<pid>` of a running process in pod `uid` (cgroupfs naming),
+    /// with its own netns stand-in, and the pod's cgroup directory.
+    fn process(root: &Path, pid: u32, uid: &str) {
+        let rel = format!("kubepods/besteffort/pod{uid}");
+        fs::create_dir_all(root.join("cg").join(&rel)).unwrap();
+        let dir = root.join("proc").join(pid.to_string());
+        fs::create_dir_all(dir.join("ns")).unwrap();
+        fs::write(dir.join("cgroup"), format!("0::/{rel}/ctr\n")).unwrap();
+        fs::write(dir.join("stat"), format!("{pid} (pause) S 1 {pid} {pid} 0 -1\n")).unwrap();
+        let ns = root.join(format!("ns-{pid}"));
+        fs::write(&ns, "").unwrap();
+        symlink(&ns, dir.join("ns/net")).unwrap();
+    }
+
+    #[test]
+    fn pods_found_by_a_scan_need_no_other_scan_until_they_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("proc/self/ns")).unwrap();
+        fs::write(root.join("host-ns"), "").unwrap();
+        symlink(root.join("host-ns"), root.join("proc/self/ns/net")).unwrap();
+        process(root, 10, A);
+        process(root, 20, B);
+        let mut local = LocalPods::new(root.join("proc"), root.join("cg"));
+        let none = HashMap::new();
+        let wanted = |uids: &[&str]| uids.iter().map(|u| u.to_string()).collect::<Vec<_>>();
+
+        assert!(local.resolve(&wanted(&[A]), &none).is_empty());
+        assert_eq!(local.scans(), 1);
+        assert_eq!(local.found().keys().collect::<Vec<_>>(), [A]);
+        // B was running at that scan: enrolling it (a label change) scans nothing.
+        assert!(local.resolve(&wanted(&[A, B]), &none).is_empty());
+        assert_eq!(local.scans(), 1);
+        assert_eq!(local.found()[B].pid, 20);
+        // Un-enrolled and enrolled again: still no scan.
+        assert!(local.resolve(&wanted(&[B]), &none).is_empty());
+        assert!(!local.found().contains_key(A));
+        assert!(local.resolve(&wanted(&[A, B]), &none).is_empty());
+        assert_eq!(local.scans(), 1);
+        // A remembered pod whose process is gone is not taken: it is scanned for.
+        assert!(local.resolve(&wanted(&[B]), &none).is_empty());
+        fs::write(root.join("proc/10/stat"), "10 (pause) Z 1 10 10 0 -1\n").unwrap();
+        assert_eq!(local.resolve(&wanted(&[A, B]), &none), [A.to_string()]);
+        assert_eq!(local.scans(), 2);
+        // And a pod that starts later is found by a scan as before.
+        process(root, 11, A);
+        assert!(local.resolve(&wanted(&[A, B]), &none).is_empty());
+        assert_eq!((local.scans(), local.found()[A].pid), (3, 11));
     }
 }

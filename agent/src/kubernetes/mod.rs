@@ -16,9 +16,12 @@
 //! 404) the agent says so once and carries on without them; the watcher
 //! keeps retrying, so installing them later takes effect.
 //!
-//! Changes are debounced ([`DEBOUNCE`]): a rollout that touches a hundred
-//! objects costs one rebuild, not a hundred, and a rebuild that changes
-//! nothing publishes nothing.
+//! Changes are coalesced: a rebuild starts [`SETTLE`] after the first change
+//! (one API change reaches up to three watches within a few milliseconds),
+//! and at least [`DEBOUNCE`] after the previous rebuild ended, so a rollout
+//! that touches a hundred objects costs a few rebuilds, not a hundred, and
+//! a lone change (a label that enrolls a pod) is not held back. A rebuild
+//! that changes nothing publishes nothing.
 
 mod enroll;
 mod inventory;
@@ -52,7 +55,11 @@ use tracing::{error, info, warn};
 use crate::state::{Inventory, Mesh, State};
 use local::LocalPods;
 
-/// How long a burst of changes is collected before one rebuild.
+/// How long after the first change of a burst its rebuild starts.
+pub const SETTLE: Duration = Duration::from_millis(10);
+/// The least time between the end of one rebuild and the start of the
+/// next: under a stream of changes, rebuilding takes at most
+/// rebuild / (rebuild + 50 ms) of a core.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
 /// While an enrolled pod on this node has not been found in `/proc`, look
 /// again this often (its sandbox may still be starting).
@@ -323,6 +330,7 @@ where
                 }
                 Ok(Event::Apply(_) | Event::Delete(_)) => {
                     status.events.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(resource = status.resource, "watch event");
                     notify.notify_one();
                 }
                 Ok(Event::Init | Event::InitApply(_)) => {}
@@ -390,13 +398,20 @@ fn fingerprint(inventory: &Inventory) -> u64 {
 
 impl Builder {
     async fn run(mut self, tx: watch::Sender<Arc<State>>, notify: Arc<Notify>) {
+        // The first state was built just before.
+        let mut built = Instant::now();
         loop {
             let unresolved = !self.status.unresolved.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
-            tokio::select! {
-                _ = notify.notified() => tokio::time::sleep(DEBOUNCE).await,
-                _ = tokio::time::sleep(RESCAN), if unresolved => {}
+            let woken = tokio::select! {
+                _ = notify.notified() => {
+                    let woken = Instant::now();
+                    tokio::time::sleep_until((woken + SETTLE).max(built + DEBOUNCE).into()).await;
+                    woken
+                }
+                _ = tokio::time::sleep(RESCAN), if unresolved => Instant::now(),
                 _ = tx.closed() => return,
-            }
+            };
+            let building = Instant::now();
             // block_in_place: the /proc scan is blocking file I/O.
             match tokio::task::block_in_place(|| self.rebuild()) {
                 Ok(Some(state)) => {
@@ -404,6 +419,9 @@ impl Builder {
                         generation = state.generation(),
                         workloads = state.workloads().count(),
                         services = state.services().count(),
+                        // From the first change of the batch: the wait, then the rebuild.
+                        since_change_ms = woken.elapsed().as_millis() as u64,
+                        rebuild_ms = building.elapsed().as_millis() as u64,
                         "state rebuilt from the API server"
                     );
                     tx.send_replace(Arc::new(state));
@@ -411,6 +429,7 @@ impl Builder {
                 Ok(None) => {}
                 Err(e) => error!(error = format!("{e:#}"), "rebuilding state failed; keeping the last one"),
             }
+            built = Instant::now();
         }
     }
 

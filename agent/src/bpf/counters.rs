@@ -34,7 +34,9 @@ pub fn read_counters(pins: &PinRoot) -> Result<Counters> {
     let array: PerCpuArray<MapData, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
         .with_context(|| format!("{} is not Sluice's counter array", path.display()))?;
     let mut out = BTreeMap::new();
-    for idx in 0..counter::COUNT {
+    // Pins outlive agents: an array pinned by an older build has fewer
+    // counters, and the ones it lacks are simply not reported.
+    for idx in 0..counter::COUNT.min(array.len()) {
         let per_cpu = array.get(&idx, 0).with_context(|| format!("reading counter {idx} from {}", path.display()))?;
         out.insert(COUNTER_NAMES[idx as usize], per_cpu.iter().sum());
     }

@@ -12,7 +12,7 @@
 //!
 //! Also here: Pod objects built from harness pods (UID, node, addresses),
 //! a capture on the wire that can be read while it runs, and Istio's TCP
-//! metric label list.
+//! metric and label names.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -32,6 +32,16 @@ use crate::{
     netns::{exec_in_ok, listen_in},
     peer_bin, Agent, Node, PinDir, Pod, SendReport, Topology,
 };
+
+/// Istio's standard TCP metrics, as ztunnel exports them: every
+/// `istio_tcp_*` family an agent emits must be one of these, with all of
+/// [`ISTIO_TCP_LABELS`].
+pub const ISTIO_TCP_METRICS: [&str; 4] = [
+    "istio_tcp_connections_opened_total",
+    "istio_tcp_connections_closed_total",
+    "istio_tcp_sent_bytes_total",
+    "istio_tcp_received_bytes_total",
+];
 
 /// Istio's standard TCP metric labels, as ztunnel writes them.
 pub const ISTIO_TCP_LABELS: [&str; 23] = [

@@ -38,11 +38,17 @@
 //!
 //! Enrollment is judged per exchange on the wire: plaintext when the client
 //! pod's own SYN to the app port crosses between the nodes, HBONE when
-//! payload moves on the server pod's 15008. The time each label change took
-//! to show is reported (`EVIDENCE:` lines), with the exchanges that failed
-//! on the way and those whose app answered on the wire although they went
-//! over HBONE (the reply to the agent's transparent connection escaping the
-//! pod: the return path was not, or no longer, in place).
+//! payload moves on the server pod's 15008; and in the changed pod's netns,
+//! where the agent's 15001/15006/15008 listeners must all be there
+//! (enrolled) or all be gone (un-enrolled). A label change must settle, on
+//! both, within a second of the API change ([`ENROLL_DEADLINE`]), timed by
+//! the capture's timestamps and a 5 ms poll of the pod's sockets, not by
+//! when an exchange ended: probes start every 40 ms, and a second one starts
+//! beside one that hangs, so the harness's own exchanges add at most that.
+//! Every exchange started after that must be good. The times, the
+//! exchanges that failed on the way and the app replies that escaped to
+//! the wire (a transparent connection without its return path) are
+//! reported (`EVIDENCE:` lines).
 //!
 //! Knobs for debugging: `SLUICE_K8S_SCENARIOS=a,b` runs only those
 //! scenarios (on the same fixture), `SLUICE_K8S_TRACE=1` prints every
@@ -65,7 +71,7 @@ use sluice_tests::{
     fake_api::objects,
     kube_mesh::{
         config_dump, deployment_pod, endpoint, host_network_pod, metrics, pod_object, prom_labels, send_sequential,
-        KubeMesh, Wire, ISTIO_TCP_LABELS,
+        KubeMesh, Wire, ISTIO_TCP_LABELS, ISTIO_TCP_METRICS,
     },
     mesh::metric_sum,
     pattern, peer_bin, require_root, spawn_in,
@@ -80,9 +86,11 @@ const ISTIO_MODE: &str = "istio.io/dataplane-mode";
 const SLUICE_MODE: &str = "sluice.io/mode";
 /// What the agent counts a deny by ALLOW policies that do not match under.
 const DEFAULT_DENY: &str = "default-deny: no ALLOW policy matched";
-/// A label change must show on the wire within this long (the aim is about
-/// a second; each measured time is reported).
-const ENROLL_DEADLINE: Duration = Duration::from_secs(3);
+/// A label change must enroll or un-enroll a running pod within this long
+/// (the issue's "within a second"), measured from the API change until
+/// both the path on the wire and the pod's listeners have changed; see
+/// [`until_paths`].
+const ENROLL_DEADLINE: Duration = Duration::from_secs(1);
 /// Bytes per enrollment probe.
 const PROBE: u64 = 512;
 
@@ -147,7 +155,8 @@ struct Fixture {
     ag1: Agent,
     ag2: Agent,
     srv: Servers,
-    _pauses: Vec<ChildGuard>,
+    /// Each running pod's pause process, by pod name.
+    pauses: BTreeMap<String, ChildGuard>,
     late_pause: Option<ChildGuard>,
     km: KubeMesh,
     n1: Node,
@@ -187,9 +196,9 @@ fn fixture(mode: &'static str) -> Result<Fixture> {
     km.api.set_crds_installed(false);
     populate(&km, &p, &n1)?;
 
-    let mut pauses = Vec::new();
+    let mut pauses = BTreeMap::new();
     for pod in [&p.c1, &p.x1, &p.h1, &p.l1, &p.u1, &p.o1, &p.s2, &p.e2, &p.e3, &p.x2, &p.u2, &p.o2] {
-        pauses.push(pod.start_pause()?);
+        pauses.insert(pod.name().to_owned(), pod.start_pause()?);
     }
     let serve =
         |pod: &Pod, port: u16| echo_server(pod, &format!("{}:{port}", pod.ipv4()), &["--print-peer"]).map(|(s, _)| s);
@@ -210,20 +219,7 @@ fn fixture(mode: &'static str) -> Result<Fixture> {
     ]));
     let ag1 = km.start_agent(&n1, mode, &[])?;
     let ag2 = km.start_agent(&n2, mode, &[])?;
-    Ok(Fixture {
-        mode,
-        ag1,
-        ag2,
-        srv,
-        _pauses: pauses,
-        late_pause: None,
-        km,
-        n1,
-        n2,
-        p,
-        agents_ready: Instant::now(),
-        topo,
-    })
+    Ok(Fixture { mode, ag1, ag2, srv, pauses, late_pause: None, km, n1, n2, p, agents_ready: Instant::now(), topo })
 }
 
 fn populate(km: &KubeMesh, p: &Pods, n1: &Node) -> Result<()> {
@@ -311,26 +307,28 @@ enum Path {
 }
 
 /// How the exchange between `client` and `server:port` that started at
-/// `from` (ns since the epoch) crossed the wire: plaintext if the client
-/// opened a connection to the app port itself (its SYN; segments of an
-/// older connection still closing do not count), else HBONE if payload
-/// moved on the server's 15008 between the two pods' addresses.
-fn path_of(segments: &[Segment], from: u64, client: IpAddr, server: IpAddr, port: u16) -> Path {
+/// `from` (ns since the epoch) crossed the wire, and when (the capture's
+/// timestamp of the segment that shows it): plaintext if the client opened
+/// a connection to the app port itself (its SYN; segments of an older
+/// connection still closing do not count), else HBONE if payload moved on
+/// the server's 15008 between the two pods' addresses (the first such
+/// segment: a pooled HBONE connection sends no SYN).
+fn path_of(segments: &[Segment], from: u64, client: IpAddr, server: IpAddr, port: u16) -> (Path, Option<u64>) {
     let between = |s: &&Segment| {
         s.ts_nanos >= from
             && ((s.src.ip() == client && s.dst.ip() == server) || (s.src.ip() == server && s.dst.ip() == client))
     };
     let mine: Vec<&Segment> = segments.iter().filter(between).collect();
     let syn = |s: &&&Segment| s.flags & TCP_SYN != 0 && s.flags & TCP_ACK == 0;
-    if mine.iter().filter(syn).any(|s| s.src.ip() == client && s.dst.port() == port) {
-        Path::Plain
-    } else if mine.iter().any(|s| {
+    if let Some(s) = mine.iter().filter(syn).find(|s| s.src.ip() == client && s.dst.port() == port) {
+        (Path::Plain, Some(s.ts_nanos))
+    } else if let Some(s) = mine.iter().find(|s| {
         let server_port = if s.src.ip() == server { s.src.port() } else { s.dst.port() };
         server_port == HBONE_PORT && !s.payload.is_empty()
     }) {
-        Path::Hbone
+        (Path::Hbone, Some(s.ts_nanos))
     } else {
-        Path::Nothing
+        (Path::Nothing, None)
     }
 }
 
@@ -349,19 +347,44 @@ fn segments_between(segments: &[Segment], from: u64, client: IpAddr, server: IpA
 /// One exchange of [`PROBE`] bytes from `client` to `server:port`, and how
 /// it crossed the wire.
 fn probe(wire: &Wire, client: &Pod, server: &Pod, port: u16) -> Result<(Path, SendReport)> {
-    probe_traced(wire, client, server, port).map(|(path, r, _)| (path, r))
+    probe_traced(wire, client, server, port).map(|e| (e.path, e.report))
 }
 
-/// Whether `trace` (from [`probe_traced`]) shows the server's app port
-/// answering on the wire in an exchange that went over HBONE: the app's
-/// reply to a transparent connection of its node's agent that escaped the
-/// pod instead of returning to the agent.
-fn leaked(path: Path, trace: &[String], port: u16) -> bool {
-    path == Path::Hbone && trace.iter().any(|t| t.contains(&format!(":{port} -> ")))
+/// The segments from `server:port` (the app) to `client` that answer no
+/// SYN `client` sent to it on the wire since `from`: the app's replies to a
+/// transparent connection of its node's agent that escaped the pod instead
+/// of returning to the agent (its return path was not, or no longer, in
+/// place). Returns their capture timestamps.
+fn escaped(segments: &[Segment], from: u64, client: IpAddr, server: IpAddr, port: u16) -> Vec<u64> {
+    let since: Vec<&Segment> = segments.iter().filter(|s| s.ts_nanos >= from).collect();
+    let opened: std::collections::BTreeSet<u16> = since
+        .iter()
+        .filter(|s| s.flags & TCP_SYN != 0 && s.flags & TCP_ACK == 0)
+        .filter(|s| s.src.ip() == client && s.dst.ip() == server && s.dst.port() == port)
+        .map(|s| s.src.port())
+        .collect();
+    since
+        .iter()
+        .filter(|s| s.src.ip() == server && s.src.port() == port && s.dst.ip() == client)
+        .filter(|s| !opened.contains(&s.dst.port()))
+        .map(|s| s.ts_nanos)
+        .collect()
 }
 
-/// [`probe`], also returning the segments between the two pods, for diagnosis.
-fn probe_traced(wire: &Wire, client: &Pod, server: &Pod, port: u16) -> Result<(Path, SendReport, Vec<String>)> {
+/// One probed exchange.
+struct Exchange {
+    /// When the client started it (ns since the epoch).
+    started_ns: u64,
+    path: Path,
+    /// The capture's timestamp of the segment that shows `path`.
+    wire_ns: Option<u64>,
+    report: SendReport,
+    /// The segments between the two pods, for diagnosis.
+    trace: Vec<String>,
+}
+
+/// [`probe`], with the timestamps and the segments between the two pods.
+fn probe_traced(wire: &Wire, client: &Pod, server: &Pod, port: u16) -> Result<Exchange> {
     let from = now_ns();
     // 1 s: a connection that hangs counts as failed, and the next one is tried.
     let r = send(client, &format!("{}:{port}", server.ipv4()), PROBE, Duration::from_secs(1))?;
@@ -370,78 +393,286 @@ fn probe_traced(wire: &Wire, client: &Pod, server: &Pod, port: u16) -> Result<(P
     let deadline = Instant::now() + Duration::from_millis(if r.ok { 1000 } else { 150 });
     loop {
         let segments = wire.segments()?;
-        let path = path_of(&segments, from, c, s, port);
+        let (path, wire_ns) = path_of(&segments, from, c, s, port);
         if path != Path::Nothing || Instant::now() > deadline {
-            return Ok((path, r, segments_between(&segments, from, c, s)));
+            let trace = segments_between(&segments, from, c, s);
+            return Ok(Exchange { started_ns: from, path, wire_ns, report: r, trace });
         }
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
-/// One pair to probe: (name, client, server, port, the path wanted).
-type Want<'a> = (&'a str, &'a Pod, &'a Pod, u16, Path);
+/// The ports the agent listens on inside an enrolled pod.
+const CAPTURE_PORTS: [u16; 3] = [15001, 15006, 15008];
 
-/// Probes every pair (each on its own thread, so one hanging exchange
-/// does not hold the others up) from `changed` on until it crosses the
-/// wire as wanted, byte-exact, and keeps doing so for two more exchanges.
-/// Returns, per pair, how long after `changed` its first good exchange
-/// ended, and the exchanges that failed on the way or whose app answered on
-/// the wire though they went over HBONE. A pair that goes back after a good
-/// exchange fails, and so does the deadline.
-fn until_paths(wire: &Wire, wants: &[Want<'_>], changed: Instant) -> Result<(Vec<Duration>, Vec<String>)> {
-    let outcomes: Vec<Result<(Duration, Vec<String>)>> = std::thread::scope(|scope| {
-        let threads: Vec<_> = wants.iter().map(|want| scope.spawn(move || until_path(wire, want, changed))).collect();
+/// Which of [`CAPTURE_PORTS`] are listening in the netns of process `pid`,
+/// read from `/proc/<pid>/net/tcp{,6}` (the netns of that process): no
+/// process is forked, so it can be polled every few milliseconds.
+fn capture_listeners_of(pid: u32) -> Result<std::collections::BTreeSet<u16>> {
+    let mut out = std::collections::BTreeSet::new();
+    for file in ["tcp", "tcp6"] {
+        let path = format!("/proc/{pid}/net/{file}");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st ...; st 0A is LISTEN.
+            let (Some(local), Some(&"0A")) = (fields.get(1), fields.get(3)) else { continue };
+            let port = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            if let Some(port) = port.filter(|p| CAPTURE_PORTS.contains(p)) {
+                out.insert(port);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Which of [`CAPTURE_PORTS`] `ss -Hltn` lists inside `pod`'s netns.
+fn capture_listeners(pod: &Pod) -> Result<std::collections::BTreeSet<u16>> {
+    let ss = pod.exec_ok(&["ss", "-Hltn"])?;
+    Ok(ss
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter_map(|local| local.rsplit(':').next().and_then(|p| p.parse().ok()))
+        .filter(|p| CAPTURE_PORTS.contains(p))
+        .collect())
+}
+
+/// One pair to probe: (name, client, server, port, the path wanted), and
+/// the pod whose capture the change turns on or off, with the pid of a
+/// process in its netns: its listeners must come and go with the path.
+struct Want<'a> {
+    name: &'a str,
+    client: &'a Pod,
+    server: &'a Pod,
+    port: u16,
+    path: Path,
+    /// (the changed pod, a pid in its netns).
+    changed: Option<(&'a Pod, u32)>,
+}
+
+/// How one pair took a change.
+struct Took {
+    /// From the API change to the first good exchange on the wanted path,
+    /// by the capture's timestamp of the segment that shows it.
+    wire: Duration,
+    /// From the API change to the changed pod's listeners being all there
+    /// (enrolled) or all gone (not enrolled), polled every 5 ms.
+    listeners: Option<Duration>,
+    /// Exchanges that failed before the pair settled, and app replies that
+    /// escaped to the wire (reported).
+    failed: Vec<String>,
+}
+
+impl Took {
+    /// When the pair settled: on the wanted path on the wire and with its
+    /// pod's listeners as wanted.
+    fn settled(&self) -> Duration {
+        self.wire.max(self.listeners.unwrap_or_default())
+    }
+}
+
+/// Gives up on a pair that has not settled this long after the change (the
+/// 1 s requirement, [`ENROLL_DEADLINE`], is checked on what was measured).
+const SETTLE_GIVE_UP: Duration = Duration::from_secs(8);
+
+/// Probes every pair (each on its own thread, so one hanging exchange does
+/// not hold the others up) from the change at `changed` (`changed_ns` on
+/// the wall clock, the capture's clock) until it has settled (see
+/// [`Took`]) and then made three more good exchanges: the wanted path,
+/// byte-exact. A pair whose path goes back to the old one after reaching
+/// the new one fails, and so does any exchange started after the pair
+/// settled that is not good; exchanges that fail before it settled (a peer
+/// agent that learnt of the change first, a connection the agent carried
+/// when the pod was un-enrolled) are returned.
+fn until_paths(wire: &Wire, wants: &[Want<'_>], changed: Instant, changed_ns: u64) -> Result<Vec<Took>> {
+    std::thread::scope(|scope| {
+        let threads: Vec<_> =
+            wants.iter().map(|want| scope.spawn(move || until_path(wire, want, changed, changed_ns))).collect();
         threads
             .into_iter()
             .map(|t| t.join().unwrap_or_else(|_| Err(anyhow::anyhow!("probe thread panicked"))))
             .collect()
-    });
-    let mut took = Vec::new();
-    let mut failed = Vec::new();
-    for outcome in outcomes {
-        let (t, f) = outcome?;
-        took.push(t);
-        failed.extend(f);
-    }
-    Ok((took, failed))
+    })
 }
 
-fn until_path(wire: &Wire, want: &Want<'_>, changed: Instant) -> Result<(Duration, Vec<String>)> {
-    let (name, client, server, port, want) = *want;
-    let mut first: Option<Duration> = None;
-    let mut failed = Vec::new();
-    let mut history: Vec<String> = Vec::new();
-    let mut stable = 0;
-    loop {
-        let (path, r, trace) = probe_traced(wire, client, server, port)?;
-        let at = changed.elapsed();
-        let good = path == want && r.ok && r.bytes_verified == PROBE;
-        if leaked(path, &trace, port) {
-            failed.push(format!("{name} at {} ms: the app's reply escaped to the wire (ok {})", at.as_millis(), r.ok));
-        }
-        if !r.ok {
-            let error = r.error.as_deref().unwrap_or("?");
-            failed.push(format!("{name} at {} ms: {}", at.as_millis(), error.rsplit(": ").next().unwrap_or(error)));
-        }
-        history.push(format!("{} ms {name}: {path:?} ok={}", at.as_millis(), r.ok));
-        if !good {
-            history.extend(trace.into_iter().take(12).map(|t| format!("    {t}")));
-        }
-        if good {
-            first.get_or_insert(at);
-            stable += 1;
-            if stable == 3 {
-                if std::env::var_os("SLUICE_K8S_TRACE").is_some() {
-                    eprintln!("{}", history.join("\n"));
+fn until_path(wire: &Wire, want: &Want<'_>, changed: Instant, changed_ns: u64) -> Result<Took> {
+    let name = want.name;
+    let since = |ns: u64| Duration::from_nanos(ns.saturating_sub(changed_ns));
+    let listeners_at: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        if let Some((pod, pid)) = want.changed {
+            let (listeners_at, done) = (&listeners_at, &done);
+            let enrolled = want.path == Path::Hbone;
+            scope.spawn(move || {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) && changed.elapsed() < SETTLE_GIVE_UP {
+                    match capture_listeners_of(pid) {
+                        Ok(ports) if ports.len() == if enrolled { CAPTURE_PORTS.len() } else { 0 } => {
+                            let _ = listeners_at.set(changed.elapsed());
+                            return;
+                        }
+                        Ok(_) => {}
+                        Err(e) => eprintln!("{name}: reading {}'s listeners: {e:#}", pod.name()),
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
                 }
-                return Ok((first.unwrap_or_default(), failed));
+            });
+        }
+        let result = probe_until_settled(wire, want, changed, &since, &listeners_at);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        result
+    })
+}
+
+/// While an exchange is in flight this long (a normal one takes about
+/// 10 ms), another is started beside it, so one that hangs (its SYN lost,
+/// or its reply) does not hold up seeing the change.
+const OVERLAP_AFTER: Duration = Duration::from_millis(50);
+/// At most this many exchanges of one pair in flight.
+const MAX_IN_FLIGHT: usize = 4;
+/// Exchanges of one pair start at most this often: each is a process in
+/// the pod, and on 2 CPUs the probes' own load would slow the agents they
+/// time.
+const PROBE_EVERY: Duration = Duration::from_millis(40);
+
+fn probe_until_settled(
+    wire: &Wire,
+    want: &Want<'_>,
+    changed: Instant,
+    since: &dyn Fn(u64) -> Duration,
+    listeners_at: &std::sync::OnceLock<Duration>,
+) -> Result<Took> {
+    let name = want.name;
+    let old = if want.path == Path::Hbone { Path::Plain } else { Path::Hbone };
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<Exchange>)>();
+    std::thread::scope(|scope| {
+        let mut done: Vec<Exchange> = Vec::new();
+        // (id, when started) of the exchanges in flight.
+        let mut in_flight: Vec<(usize, Instant)> = Vec::new();
+        let mut next_id = 0;
+        let mut last_start: Option<Instant> = None;
+        let mut finishing = false;
+        loop {
+            let overlap = in_flight.last().is_none_or(|(_, at)| at.elapsed() >= OVERLAP_AFTER);
+            let paced = last_start.is_none_or(|at: Instant| at.elapsed() >= PROBE_EVERY);
+            if !finishing && in_flight.len() < MAX_IN_FLIGHT && overlap && paced {
+                last_start = Some(Instant::now());
+                let tx = tx.clone();
+                let id = next_id;
+                next_id += 1;
+                in_flight.push((id, Instant::now()));
+                scope.spawn(move || {
+                    let _ = tx.send((id, probe_traced(wire, want.client, want.server, want.port)));
+                });
             }
-        } else if first.is_some() {
-            bail!("{name} went {path:?} (ok {}) after going {want:?}: {r:?}\n{}", r.ok, history.join("\n"));
-        } else if at > ENROLL_DEADLINE {
-            bail!("{name}: not {want:?} within {ENROLL_DEADLINE:?}:\n{}", history.join("\n"));
+            let Ok((id, exchange)) = rx.recv_timeout(Duration::from_millis(10)) else {
+                ensure!(
+                    finishing || changed.elapsed() < SETTLE_GIVE_UP,
+                    "{name}: not settled on {:?} within {SETTLE_GIVE_UP:?} (listeners {:?}):\n{}",
+                    want.path,
+                    listeners_at.get(),
+                    history(&done, since)
+                );
+                continue;
+            };
+            in_flight.retain(|(i, _)| *i != id);
+            done.push(exchange?);
+            done.sort_by_key(|e| e.started_ns);
+
+            // The first good exchange on the new path, by when it crossed the
+            // wire (a failed one may be credited with the segments of another).
+            let first_new = done.iter().filter(|e| good(e, want.path)).filter_map(|e| e.wire_ns).min().map(&since);
+            // Going back is a good exchange on the old path that started
+            // after that: one started before may have been decided before
+            // the change, whenever its (retransmitted) SYN crossed the wire,
+            // and a failed one may be credited with a path from segments of
+            // another (a pooled HBONE connection closing, say): failures
+            // once the pair settled are caught below.
+            if let Some(first) = first_new {
+                if let Some(back) = done.iter().find(|e| good(e, old) && since(e.started_ns) > first) {
+                    bail!(
+                        "{name} went {old:?} again in an exchange started at {} ms, after going {:?} at {} ms: {:?}\n{}",
+                        since(back.started_ns).as_millis(),
+                        want.path,
+                        first.as_millis(),
+                        back.report,
+                        history(&done, since)
+                    );
+                }
+            }
+            let listeners = if want.changed.is_some() { listeners_at.get().copied() } else { Some(Duration::ZERO) };
+            let Some(settled) = first_new.zip(listeners).map(|(w, l)| w.max(l)) else { continue };
+            let after: Vec<&Exchange> = done.iter().filter(|e| since(e.started_ns) >= settled).collect();
+            if let Some(bad) = after.iter().find(|e| !good(e, want.path)) {
+                bail!(
+                    "{name}: an exchange started {} ms after the change, once the pair had settled ({} ms), was not \
+                     {:?} byte-exact: {:?} {:?}\n{}",
+                    since(bad.started_ns).as_millis(),
+                    settled.as_millis(),
+                    want.path,
+                    bad.path,
+                    bad.report,
+                    history(&done, since)
+                );
+            }
+            finishing |= after.len() >= 3;
+            if !(finishing && in_flight.is_empty()) {
+                continue;
+            }
+            if std::env::var_os("SLUICE_K8S_TRACE").is_some() {
+                eprintln!("{}", history(&done, since));
+            }
+            let mut failed = Vec::new();
+            let (c, s) = (IpAddr::V4(want.client.ipv4()), IpAddr::V4(want.server.ipv4()));
+            let from = done.first().map_or(0, |e| e.started_ns);
+            let leaks = escaped(&wire.segments()?, from, c, s, want.port);
+            if let Some(first) = leaks.first() {
+                failed.push(format!(
+                    "{name}: {} app segments escaped to the wire (a transparent connection without its return \
+                     path), the first at {} ms",
+                    leaks.len(),
+                    since(*first).as_millis()
+                ));
+            }
+            for e in done.iter().filter(|e| since(e.started_ns) < settled) {
+                let at = since(e.started_ns).as_millis();
+                if !e.report.ok {
+                    let error = e.report.error.as_deref().unwrap_or("?");
+                    failed.push(format!(
+                        "{name} at {at} ms ({:?}): {}",
+                        e.path,
+                        error.rsplit(": ").next().unwrap_or(error)
+                    ));
+                }
+            }
+            return Ok(Took { wire: first_new.unwrap_or_default(), listeners: want.changed.and(listeners), failed });
+        }
+    })
+}
+
+fn good(e: &Exchange, path: Path) -> bool {
+    e.path == path && e.report.ok && e.report.bytes_verified == PROBE
+}
+
+/// The exchanges so far, for diagnosis: when each started and crossed the
+/// wire (ms after the change), its path and outcome, and the segments of
+/// the bad ones.
+fn history(done: &[Exchange], since: &dyn Fn(u64) -> Duration) -> String {
+    let mut out = Vec::new();
+    for e in done {
+        out.push(format!(
+            "{} ms: {:?} ok={} (on the wire at {:?} ms){}",
+            since(e.started_ns).as_millis(),
+            e.path,
+            e.report.ok,
+            e.wire_ns.map(|ns| since(ns).as_millis()),
+            e.report.error.as_deref().map(|er| format!(" {er}")).unwrap_or_default()
+        ));
+        if !e.report.ok {
+            out.extend(e.trace.iter().take(12).map(|t| format!("    {t}")));
         }
     }
+    out.join("\n")
 }
 
 fn reloads(node: &Node) -> Result<u64> {
@@ -673,21 +904,39 @@ fn pods_running_before_the_agents(f: &mut Fixture) -> Result<String> {
 
     // `late` gets its first process now (no probe before: a probe's own
     // process in the pod's cgroup would be found).
-    let started = Instant::now();
-    f.late_pause = Some(f.p.late.start_pause()?);
-    let (took, failed) = until_paths(&wire, &[("late", &f.p.late, &f.p.s2, 8080, Path::Hbone)], started)?;
+    let (started, started_ns) = (Instant::now(), now_ns());
+    let pause = f.p.late.start_pause()?;
+    let want = Want {
+        name: "late",
+        client: &f.p.late,
+        server: &f.p.s2,
+        port: 8080,
+        path: Path::Hbone,
+        changed: Some((&f.p.late, pause.pid())),
+    };
+    f.late_pause = Some(pause);
+    let took = until_paths(&wire, &[want], started, started_ns)?.remove(0);
     drop(wire);
     let status = kube_status(&config_dump(&f.n1)?).clone();
     ensure!(status["unresolvedPods"].as_array().is_some_and(|u| u.is_empty()), "still unresolved: {status}");
     ensure!(enrolled_uids(&f.n1)?.iter().any(|u| u == f.p.late.uid()), "`late` not among the enrolled pods");
+    // Found by the rescan (every 250 ms) while it is unresolved.
+    ensure!(
+        took.settled() <= ENROLL_DEADLINE,
+        "`late` was captured {} ms after its first process started: over {ENROLL_DEADLINE:?}",
+        took.settled().as_millis()
+    );
     f.srv.drain();
     Ok(format!(
         "c1 -> s2 HBONE byte-exact with s2's pre-agent server (pid {server_pid}) untouched; c1 enrolled with \
          {netns} (pid {pid} in pod{}, same netns inode); hostNetwork h1 in the ambient namespace stays plaintext and \
-         unenrolled; `late` unresolved until its process started, then captured (HBONE) within {} ms (failed \
-         exchanges on the way: {failed:?}); {} /proc scans",
+         unenrolled; `late` unresolved until its process started, then captured {} ms after it (HBONE on the wire \
+         at {} ms, its listeners at {} ms; failed exchanges on the way: {:?}); {} /proc scans",
         f.p.c1.uid(),
-        took[0].as_millis(),
+        took.settled().as_millis(),
+        took.wire.as_millis(),
+        took.listeners.unwrap_or_default().as_millis(),
+        took.failed,
         status["procScans"]
     ))
 }
@@ -728,25 +977,46 @@ fn enrollment_follows_labels(f: &mut Fixture) -> Result<String> {
     ];
     let file = f.km.mesh.dir.path().join(format!("{}-enroll.pcap", f.mode));
     let (x1, x2, c1, s2) = (f.p.x1.clone(), f.p.x2.clone(), f.p.c1.clone(), f.p.s2.clone());
-    fn wants<'a>(enrolled: bool, x1: &'a Pod, x2: &'a Pod, c1: &'a Pod, s2: &'a Pod) -> [Want<'a>; 2] {
+    let pid = |name: &str| f.pauses.get(name).map(ChildGuard::pid).with_context(|| format!("no pause for {name}"));
+    let (x1_pid, x2_pid) = (pid("x1")?, pid("x2")?);
+    let wants = |enrolled: bool| -> [Want<'_>; 2] {
         let path = if enrolled { Path::Hbone } else { Path::Plain };
-        [("x1 -> s2", x1, s2, 8080, path), ("c1 -> x2", c1, x2, 8090, path)]
-    }
+        [
+            Want { name: "x1 -> s2", client: &x1, server: &s2, port: 8080, path, changed: Some((&x1, x1_pid)) },
+            Want { name: "c1 -> x2", client: &c1, server: &x2, port: 8090, path, changed: Some((&x2, x2_pid)) },
+        ]
+    };
+    // The agent's three listeners in both pods, by `ss`: all or none.
+    let listeners_are = |what: &str, enrolled: bool| -> Result<()> {
+        for pod in [&x1, &x2] {
+            let ports = capture_listeners(pod)?;
+            let want: std::collections::BTreeSet<u16> =
+                if enrolled { CAPTURE_PORTS.into_iter().collect() } else { Default::default() };
+            ensure!(
+                ports == want,
+                "{what}: `ss -Hltn` in {} lists {ports:?} of the agent's ports, not {want:?}",
+                pod.name()
+            );
+        }
+        Ok(())
+    };
     let mut lines = Vec::new();
     let mut worst = Duration::ZERO;
+    let mut over = Vec::new();
     {
         // Before any label: neither pod is captured (the check can fail).
         let wire = Wire::start(&f.topo, &file)?;
-        until_paths(&wire, &wants(false, &x1, &x2, &c1, &s2), Instant::now())
+        until_paths(&wire, &wants(false), Instant::now(), now_ns())
             .context("before any label both pods must talk plaintext")?;
+        listeners_are("before any label", false)?;
     }
     for (what, change, enrolled) in &steps {
         let wire = Wire::start(&f.topo, &file)?;
-        let t = Instant::now();
+        let (t, t_ns) = (Instant::now(), now_ns());
         change(&f.km)?;
-        let (took, failed) =
-            until_paths(&wire, &wants(*enrolled, &x1, &x2, &c1, &s2), t).with_context(|| what.to_string())?;
+        let took = until_paths(&wire, &wants(*enrolled), t, t_ns).with_context(|| what.to_string())?;
         drop(wire);
+        listeners_are(what, *enrolled)?;
         let uids = enrolled_uids(&f.n1)?;
         ensure!(
             uids.iter().any(|u| u == x1.uid()) == *enrolled,
@@ -755,16 +1025,53 @@ fn enrollment_follows_labels(f: &mut Fixture) -> Result<String> {
         );
         let uids = enrolled_uids(&f.n2)?;
         ensure!(uids.iter().any(|u| u == x2.uid()) == *enrolled, "{what}: x2 enrollment on node2 is not {enrolled}");
-        worst = worst.max(took[0]).max(took[1]);
-        lines.push(format!(
-            "{what} -> {}: x1 {} ms, x2 {} ms (failed exchanges on the way: {failed:?})",
-            if *enrolled { "HBONE" } else { "plaintext" },
-            took[0].as_millis(),
-            took[1].as_millis()
-        ));
+        let mut pairs = Vec::new();
+        for (pod, took) in ["x1", "x2"].iter().zip(&took) {
+            worst = worst.max(took.settled());
+            if took.settled() > ENROLL_DEADLINE {
+                over.push(format!("{what}: {pod} {} ms", took.settled().as_millis()));
+            }
+            pairs.push(format!(
+                "{pod} {} ms (wire {}, listeners {}; failed on the way: {:?})",
+                took.settled().as_millis(),
+                took.wire.as_millis(),
+                took.listeners.unwrap_or_default().as_millis(),
+                took.failed
+            ));
+        }
+        lines.push(format!("{what} -> {}: {}", if *enrolled { "HBONE" } else { "plaintext" }, pairs.join(", ")));
     }
+    // Nothing lingers: a connection the agent was passing to an app when
+    // its pod was un-enrolled, left without a return path, would go on
+    // sending the app's SYN-ACKs or data straight to the wire.
+    let quiet = f.km.mesh.dir.path().join(format!("{}-enroll-quiet.pcap", f.mode));
+    let wire = Wire::start(&f.topo, &quiet)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let pods: Vec<IpAddr> = [&x1, &x2, &c1, &s2].iter().map(|p| IpAddr::V4(p.ipv4())).collect();
+    let (segments, _) = wire.stop()?;
+    let stray: Vec<String> = segments
+        .iter()
+        .filter(|s| pods.contains(&s.src.ip()) && pods.contains(&s.dst.ip()))
+        .take(6)
+        .map(|s| format!("{s:?}"))
+        .collect();
+    ensure!(
+        stray.is_empty(),
+        "segments between the pods 1.5 s after the last change, with no probe running: {stray:?}"
+    );
     f.srv.drain();
-    Ok(format!("capture on the wire after each change (slowest {} ms): {}", worst.as_millis(), lines.join("; ")))
+    ensure!(
+        over.is_empty(),
+        "label changes that took over {ENROLL_DEADLINE:?} to settle: {over:?}; all: {}",
+        lines.join("; ")
+    );
+    Ok(format!(
+        "ms from the API change until the path on the wire and the pod's listeners (15001/15006/15008, all or none) \
+         both changed, slowest {} ms of {} ms allowed: {}",
+        worst.as_millis(),
+        ENROLL_DEADLINE.as_millis(),
+        lines.join("; ")
+    ))
 }
 
 /// VIP -> two endpoints on the other node, over HBONE: byte-exact, the app
@@ -1256,15 +1563,23 @@ fn watch_survives_drop_and_expiry(f: &mut Fixture) -> Result<String> {
     ))
 }
 
-/// The labels Istio's tooling reads are all there, with the values the
-/// Kubernetes objects give: Deployment names as workloads, app/version
-/// labels, services by hostname, SPIFFE principals.
+/// The metrics Istio's tooling reads are all there, under Istio's names
+/// (every `istio_tcp_*` family emitted is one of [`ISTIO_TCP_METRICS`], and
+/// each of them is emitted), each series with all of Istio's labels and the
+/// values the Kubernetes objects give: Deployment names as workloads,
+/// app/version labels, services by hostname, SPIFFE principals.
 fn metric_labels(f: &mut Fixture) -> Result<String> {
-    let mut lines = 0;
+    let mut series: BTreeMap<&str, usize> = ISTIO_TCP_METRICS.iter().map(|m| (*m, 0)).collect();
+    let mut exported = Vec::new();
     for node in [&f.n1, &f.n2] {
         let m = metrics(node)?;
-        for line in m.lines().filter(|l| l.starts_with("istio_tcp_connections_opened_total{")) {
-            lines += 1;
+        exported.push(m.clone());
+        for line in m.lines().filter(|l| l.starts_with("istio_tcp_")) {
+            let family = line.split(['{', ' ']).next().unwrap_or(line);
+            let Some(count) = series.get_mut(family) else {
+                bail!("{}: {family} is not one of Istio's TCP metrics {ISTIO_TCP_METRICS:?}: {line}", node.name());
+            };
+            *count += 1;
             let l = prom_labels(line);
             let names: std::collections::BTreeSet<&str> = l.iter().map(|(k, _)| k.as_str()).collect();
             let missing: Vec<&&str> = ISTIO_TCP_LABELS.iter().filter(|n| !names.contains(**n)).collect();
@@ -1276,8 +1591,9 @@ fn metric_labels(f: &mut Fixture) -> Result<String> {
             }
         }
     }
-    ensure!(lines > 0, "no istio_tcp_connections_opened_total series");
-    let (m1, m2) = (metrics(&f.n1)?, metrics(&f.n2)?);
+    let absent: Vec<&&str> = series.iter().filter(|(_, n)| **n == 0).map(|(m, _)| m).collect();
+    ensure!(absent.is_empty(), "Istio's TCP metrics never emitted: {absent:?}");
+    let (m1, m2) = (&exported[0], &exported[1]);
     let web = [
         "destination_service=\"web.mesh.svc.cluster.local\"",
         "destination_service_name=\"web\"",
@@ -1295,24 +1611,40 @@ fn metric_labels(f: &mut Fixture) -> Result<String> {
         "source_cluster=\"Kubernetes\"",
         "connection_security_policy=\"mutual_tls\"",
     ];
-    let name = "istio_tcp_connections_opened_total";
-    let source = metric_sum(&m1, name, &[&["reporter=\"source\""][..], &web].concat());
-    let destination = metric_sum(&m2, name, &[&["reporter=\"destination\""][..], &web].concat());
-    ensure!(
-        source >= 31 && destination >= 31,
-        "service `web` with the objects' names on both reporters: source {source}, destination {destination}"
-    );
+    // vip_to_remote_endpoints: 31 connections to `web`, echoing 4 MiB and
+    // 30 x 16 KiB, all closed by now.
+    let (conns, bytes) = (31u64, (4u64 << 20) + 30 * (16 << 10));
+    let mut moved = Vec::new();
+    for (metric, least) in [
+        ("istio_tcp_connections_opened_total", conns),
+        ("istio_tcp_connections_closed_total", conns),
+        ("istio_tcp_received_bytes_total", bytes),
+        ("istio_tcp_sent_bytes_total", bytes),
+    ] {
+        let source = metric_sum(m1, metric, &[&["reporter=\"source\""][..], &web].concat());
+        let destination = metric_sum(m2, metric, &[&["reporter=\"destination\""][..], &web].concat());
+        ensure!(
+            source >= least && destination >= least,
+            "{metric} for service `web` with the objects' names, on both reporters: source {source}, destination \
+             {destination}, at least {least} expected"
+        );
+        moved.push(format!("{metric} {source}/{destination}"));
+    }
     let plain = metric_sum(
-        &m1,
-        name,
+        m1,
+        "istio_tcp_connections_opened_total",
         &["destination_service=\"legacy.legacy.svc.cluster.local\"", "connection_security_policy=\"unknown\""],
     );
     ensure!(plain >= 1, "plaintext to a service: connection_security_policy=\"unknown\" with the service named");
     Ok(format!(
-        "{lines} istio_tcp_connections_opened_total series carry all {} Istio TCP labels; `web` named on {source} \
-         source / {destination} destination connections with the Deployment names (sleep, web), app/version labels \
-         and SPIFFE principals from the API",
-        ISTIO_TCP_LABELS.len()
+        "{} series in all {} of Istio's TCP families ({}), each with all {} Istio TCP labels; `web` named with the \
+         Deployment names (sleep, web), app/version labels and SPIFFE principals from the API on source/destination: \
+         {}",
+        series.values().sum::<usize>(),
+        series.len(),
+        series.iter().map(|(m, n)| format!("{m} {n}")).collect::<Vec<_>>().join(", "),
+        ISTIO_TCP_LABELS.len(),
+        moved.join(", ")
     ))
 }
 

@@ -27,7 +27,10 @@ pub mod discover;
 
 use std::{
     collections::BTreeMap,
-    os::fd::{AsRawFd, RawFd},
+    os::{
+        fd::{AsRawFd, RawFd},
+        unix::fs::MetadataExt,
+    },
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -79,6 +82,30 @@ pub struct Pods {
     /// Why a pod's last enrollment failed, until it succeeds or the pod
     /// goes: the CNI plugin's answer names it.
     failures: Mutex<BTreeMap<String, String>>,
+    /// The netns file each pod was enrolled with (device and inode of its
+    /// path when opened), to notice it vanish or be replaced while the
+    /// agent still holds it open (see [`netns_gone`]).
+    netns_ids: Mutex<BTreeMap<String, NetnsId>>,
+}
+
+/// A netns file's device and inode: what its path must still name.
+type NetnsId = (u64, u64);
+
+fn netns_id(path: &std::path::Path) -> Option<NetnsId> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Why a pod's netns, enrolled as `enrolled`, is no longer there at `path`:
+/// deleted (`ip netns del`, the runtime tearing the sandbox down while the
+/// config still lists the pod), or replaced by another netns under the
+/// same name. Holding the old one open keeps it alive (listeners, the
+/// netns fd, pooled connections dialled from it): the agent must let go.
+fn netns_gone(path: &std::path::Path, enrolled: NetnsId) -> Option<&'static str> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("deleted"),
+        Ok(m) if (m.dev(), m.ino()) != enrolled => Some("replaced by another netns"),
+        _ => None,
+    }
 }
 
 #[derive(Serialize)]
@@ -107,13 +134,25 @@ fn same_enrollment(new: &Workload, old: &Workload) -> bool {
 
 impl Pods {
     pub fn new(ctx: Arc<Ctx>, redirect: Arc<dyn Redirect>) -> Arc<Pods> {
-        Arc::new(Pods { ctx, redirect, running: Mutex::default(), failures: Mutex::default() })
+        Arc::new(Pods {
+            ctx,
+            redirect,
+            running: Mutex::default(),
+            failures: Mutex::default(),
+            netns_ids: Mutex::default(),
+        })
     }
 
     /// Brings the running pods in line with `state`: every local HBONE
     /// workload enrolled with its current definition, nothing else. Also
     /// retries pods whose enrollment failed before (say, their netns was not
     /// there yet), so calling it again is how failures heal.
+    ///
+    /// A pod whose netns vanished under the agent (its path deleted or
+    /// naming another netns) is removed even while the state still lists
+    /// it: its listeners and the netns fd would otherwise keep a dead pod's
+    /// network alive for good. It is enrolled again once its path names a
+    /// netns again.
     pub async fn sync(&self, state: &State) {
         let wanted: BTreeMap<String, Arc<Workload>> = state
             .local_workloads(state.node())
@@ -123,9 +162,18 @@ impl Pods {
             .collect();
         let stale: Vec<String> = {
             let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            let ids = self.netns_ids.lock().unwrap_or_else(|e| e.into_inner());
             running
                 .iter()
-                .filter(|(uid, r)| wanted.get(*uid).is_none_or(|w| !same_enrollment(w, &r.pod.workload)))
+                .filter(|(uid, r)| {
+                    if wanted.get(*uid).is_none_or(|w| !same_enrollment(w, &r.pod.workload)) {
+                        return true;
+                    }
+                    let path = r.pod.netns.path();
+                    let Some(why) = ids.get(*uid).and_then(|id| netns_gone(path, *id)) else { return false };
+                    warn!(pod = %uid, netns = %path.display(), "the pod's netns was {why} under the agent; removing the pod");
+                    true
+                })
                 .map(|(uid, _)| uid.clone())
                 .collect()
         };
@@ -142,12 +190,22 @@ impl Pods {
                 }
                 Err(e) => {
                     // One bad pod must not keep the others from being served.
-                    warn!(pod = %uid, error = format!("{e:#}"), "enrolling pod failed; will retry");
-                    self.failures.lock().unwrap_or_else(|e| e.into_inner()).insert(uid.clone(), format!("{e:#}"));
+                    // Logged when the reason changes, not at every resync.
+                    let why = format!("{e:#}");
+                    let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+                    if failures.get(uid) != Some(&why) {
+                        warn!(pod = %uid, error = %why, "enrolling pod failed; will retry");
+                    }
+                    failures.insert(uid.clone(), why);
                 }
             }
         }
         self.failures.lock().unwrap_or_else(|e| e.into_inner()).retain(|uid, _| wanted.contains_key(uid));
+        {
+            let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            let mut ids = self.netns_ids.lock().unwrap_or_else(|e| e.into_inner());
+            ids.retain(|uid, _| running.contains_key(uid) || wanted.contains_key(uid));
+        }
         self.ctx.metrics.enrolled_pods.set(self.running.lock().unwrap_or_else(|e| e.into_inner()).len() as i64);
     }
 
@@ -155,6 +213,11 @@ impl Pods {
         let started = Instant::now();
         let netns_path = w.netns.as_ref().with_context(|| format!("pod {} has no netns", w.uid))?;
         let netns = Arc::new(Netns::open(netns_path).with_context(|| format!("enrolling pod {}", w.uid))?);
+        // What the path names now, to tell later whether it still does.
+        match netns_id(netns_path) {
+            Some(id) => self.netns_ids.lock().unwrap_or_else(|e| e.into_inner()).insert(w.uid.clone(), id),
+            None => self.netns_ids.lock().unwrap_or_else(|e| e.into_inner()).remove(&w.uid),
+        };
         let id = self.ctx.spiffe_id(&w)?;
         let server_tls = tls::server_config(
             self.ctx.certs.clone(),

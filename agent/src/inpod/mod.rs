@@ -393,7 +393,14 @@ impl Pods {
     /// Renews every enrolled pod's certificate that is past its half-life,
     /// so a pod that sees no new handshakes for a while still never holds an
     /// expired certificate.
+    ///
+    /// With `ca.dir`, the CA directory is looked at first, so that a CA
+    /// rotated there signs the renewals (`CertCache::check_dir`).
     pub fn refresh_certs(&self) {
+        let dir = self.ctx.state().ca().dir.clone();
+        if !dir.as_os_str().is_empty() {
+            self.ctx.certs.check_dir(&dir);
+        }
         let ids: Vec<_> =
             self.running.lock().unwrap_or_else(|e| e.into_inner()).values().map(|r| r.pod.id.clone()).collect();
         for id in ids {

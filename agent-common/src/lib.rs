@@ -46,7 +46,11 @@ pub mod counter {
     /// IPv6 fragment, or an IPv6 extension-header chain longer than it walks.
     /// Letting it pass would let a SYN reach the app around 15006.
     pub const TC_UNCLASSIFIABLE_DROPPED: u32 = 14;
-    pub const COUNT: u32 = 15;
+    /// tc ingress dropped a SYN for an enrolled pod's app because no agent
+    /// listener was there to take it (the agent is down or restarting):
+    /// passing it would let a client reach the app without policy.
+    pub const TC_NO_AGENT_DROPPED: u32 = 15;
+    pub const COUNT: u32 = 16;
 }
 
 /// Human names of the counters, indexed like [`counter`].
@@ -66,6 +70,7 @@ pub const COUNTER_NAMES: [&str; counter::COUNT as usize] = [
     "splice_target_missing",
     "splice_left_on_half_close",
     "tc_unclassifiable_dropped",
+    "tc_no_agent_dropped",
 ];
 
 /// Ports inside every enrolled pod's netns (see DESIGN.md).

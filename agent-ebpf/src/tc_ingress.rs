@@ -72,10 +72,10 @@ enum L4 {
 #[classifier]
 pub fn sluice_tc_ingress(ctx: TcContext) -> i32 {
     match classify(&ctx) {
-        Ok(L4::Tcp { dst, off }) => {
-            let _ = try_assign(&ctx, dst, off);
-            TC_ACT_OK
-        }
+        Ok(L4::Tcp { dst, off }) => match try_assign(&ctx, dst, off) {
+            Ok(Verdict::Pass) | Err(_) => TC_ACT_OK,
+            Ok(Verdict::Drop) => TC_ACT_SHOT,
+        },
         Ok(L4::Unclassifiable) => {
             count(counter::TC_UNCLASSIFIABLE_DROPPED, 1);
             TC_ACT_SHOT
@@ -177,15 +177,27 @@ fn skip_ext_header(ctx: &TcContext, nh: &mut u8, off: &mut usize) {
     *off += len;
 }
 
+/// What becomes of a TCP segment once classified.
+enum Verdict {
+    Pass,
+    Drop,
+}
+
+/// Hands a SYN for the pod's ports to the agent's listener. With no
+/// listener (the agent is down or between two processes) or a failed
+/// assignment, the SYN is dropped, not passed: passed, it would reach the
+/// app with no policy in the way. The client retransmits, and a new agent
+/// picks it up; in eBPF mode the pinned cgroup programs already fail
+/// closed the same way for outbound.
 #[inline(always)]
-fn try_assign(ctx: &TcContext, dst: [u32; 4], tcp: usize) -> Result<(), i64> {
+fn try_assign(ctx: &TcContext, dst: [u32; 4], tcp: usize) -> Result<Verdict, i64> {
     let flags: u8 = ctx.load(tcp + 13)?;
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        return Ok(());
+        return Ok(Verdict::Pass);
     }
     let port = u16::from_be(ctx.load::<u16>(tcp + 2)?);
     if port == HBONE_PORT || port == OUTBOUND_PORT || port == INBOUND_PLAINTEXT_PORT {
-        return Ok(());
+        return Ok(Verdict::Pass);
     }
     let key = IpKey { ip: dst };
     // SAFETY: a lookup in a SOCKHASH from tc returns a referenced socket or
@@ -194,11 +206,16 @@ fn try_assign(ctx: &TcContext, dst: [u32; 4], tcp: usize) -> Result<(), i64> {
         let sk = bpf_map_lookup_elem(core::ptr::addr_of!(LISTENERS) as *mut _, core::ptr::addr_of!(key).cast())
             as *mut bpf_sock;
         if sk.is_null() {
-            return Ok(());
+            count(counter::TC_NO_AGENT_DROPPED, 1);
+            return Ok(Verdict::Drop);
         }
         let ret = bpf_sk_assign(ctx.skb.skb.cast(), sk.cast(), 0);
         bpf_sk_release(sk.cast());
-        count(if ret == 0 { counter::INBOUND_ASSIGNED } else { counter::INBOUND_ASSIGN_FAILED }, 1);
+        if ret != 0 {
+            count(counter::INBOUND_ASSIGN_FAILED, 1);
+            return Ok(Verdict::Drop);
+        }
+        count(counter::INBOUND_ASSIGNED, 1);
     }
-    Ok(())
+    Ok(Verdict::Pass)
 }

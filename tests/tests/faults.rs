@@ -15,9 +15,8 @@
 //!   within 1 s of CPU (wall time on this shared machine is in the
 //!   evidence) and leaves the pinned maps, pinned links, listeners,
 //!   iptables rules and ip rules as they were (the LRU `orig_dst_*` maps
-//!   may only grow by the connections made). The tc filter a killed agent
-//!   leaves beside the new one's is printed as a FINDING, not asserted,
-//!   until it is fixed.
+//!   may only grow by the connections made), and the pods' tc filters (the
+//!   new agent replaces the killed one's in place).
 //! - A pod's netns vanishes under the agent: the agent lets go of it (pod
 //!   gone from `/config_dump`, no descriptor on that netns, so the kernel
 //!   frees it and its veth) and keeps serving the other pods.
@@ -28,10 +27,9 @@
 //! - The peer agent stops: connections to its pods fail at once with a
 //!   reset and a counted error, and the pool recovers when it is back.
 //! - eBPF mode with the agent down: capture stays and fails closed; tcpdump
-//!   between the nodes sees nothing of an enrolled pod's connections. The
-//!   inbound half (a plaintext client must not reach an enrolled pod's app
-//!   while its agent is down) holds in iptables mode and not yet in eBPF
-//!   mode: that test is `#[ignore]`d with the reason until it is fixed.
+//!   between the nodes sees nothing of an enrolled pod's connections, and a
+//!   plaintext client does not reach an enrolled pod's app while its agent
+//!   is down.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -427,17 +425,6 @@ fn assert_same_leftovers(mode: &str, before: &Leftovers, after: &Leftovers, conn
     for (pod, what) in &before.pods {
         for (kind, was) in what {
             let now = &after.pods[pod][kind];
-            if *kind == "tc filters" {
-                // FINDING (reported): the tc filter is a netlink filter, not
-                // a link; a killed agent's stays and the next one adds its own.
-                if was != now {
-                    evidence(&format!(
-                        "[{mode}] FINDING: tc filters in pod {pod}: {was:?} before the SIGKILL, {now:?} after:\n{}",
-                        after.tc[pod].trim_end()
-                    ));
-                }
-                continue;
-            }
             assert_eq!(
                 was, now,
                 "[{mode}] {kind} in pod {pod} should be as before the SIGKILL (none stale, none lost)"
@@ -1202,11 +1189,10 @@ fn ebpf_agent_down_nothing_leaves_in_plaintext() -> Result<()> {
 
 /// The other half of failing closed: with the destination's agent down, a
 /// plaintext client (not enrolled) must not reach an enrolled pod's app
-/// around 15006 and its policy. iptables mode holds (the REDIRECT to 15006
-/// stays, nobody listens: refused). eBPF mode does not yet: tc finds no
-/// listener to assign the SYN to and lets it through to the app.
+/// around 15006 and its policy. iptables mode: the REDIRECT to 15006 stays,
+/// nobody listens, refused. eBPF mode: tc finds no listener to assign the
+/// SYN to and drops it (`tc_no_agent_dropped`).
 #[test]
-#[ignore = "fails in eBPF mode: tc_ingress passes a SYN it has no listener for to the app (reported with issue 9's faults)"]
 fn agent_down_plaintext_inbound_never_reaches_the_app() -> Result<()> {
     require_root!(Ok(()));
     for mode in MODES {

@@ -36,6 +36,11 @@ pub use counters::{read_counters, Counters, DatapathCollector};
 pub use pins::{ensure_bpffs, PinRoot};
 pub use splice::{ip_words, sock_key, SpliceMaps};
 
+/// Where the tc ingress filter sits on a pod's eth0 (`tc filter show dev
+/// eth0 ingress` lists it as pref 1337, handle 0x1).
+const TC_PRIORITY: u16 = 1337;
+const TC_HANDLE: tc::TcHandle = tc::TcHandle::new(0, 1);
+
 /// The kernel object, built from agent-ebpf by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SLUICE_EBPF_OBJECT"));
 
@@ -209,9 +214,22 @@ impl Datapath {
                     return Err(std::io::Error::other(format!("adding clsact on {iface}: {e}")));
                 }
             }
-            let id = prog
-                .attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::Netlink(NlOptions::default()))
-                .map_err(|e| std::io::Error::other(format!("attaching tc ingress on {iface}: {e}")))?;
+            // One filter per pod at a fixed priority and handle: a new
+            // agent replaces the old one's filter in place (atomically, so
+            // no SYN finds the pod without it), instead of stacking one
+            // more per restart, and whoever removes capture knows where it is.
+            let options = NlOptions { priority: TC_PRIORITY, handle: TC_HANDLE, ..Default::default() };
+            let id = match prog.attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::Netlink(options)) {
+                Ok(id) => id,
+                Err(e) if format!("{e:?}").contains("17") || e.to_string().contains("exists") => {
+                    let old =
+                        tc::SchedClassifierLink::attached(iface, TcAttachType::Ingress, TC_PRIORITY, TC_HANDLE, None)
+                            .map_err(|e| std::io::Error::other(format!("finding the tc filter on {iface}: {e}")))?;
+                    prog.attach_to_link(old)
+                        .map_err(|e| std::io::Error::other(format!("replacing the tc filter on {iface}: {e}")))?
+                }
+                Err(e) => return Err(std::io::Error::other(format!("attaching tc ingress on {iface}: {e}"))),
+            };
             prog.take_link(id).map_err(|e| std::io::Error::other(e.to_string()))
         })?;
         Ok(Links(vec![Box::new(NetnsBound { netns: netns.clone_handle()?, link: Some(link) })]))

@@ -99,7 +99,8 @@ impl Redirect for EbpfRedirect {
         }
         let mut dp = self.datapath();
         dp.attach_pod_cgroup(cgroup, cookie).with_context(|| format!("pod {}", pod.uid))?;
-        let links = vec![dp.attach_tc(pod.netns, "eth0").with_context(|| format!("pod {}", pod.uid))?];
+        // Listeners before tc: the program drops a SYN it finds no
+        // listener for (fail closed), so the listener must be there first.
         let mut listeners = Vec::new();
         for fd in pod.inbound_listeners {
             // SAFETY: the caller keeps the listeners open for this call.
@@ -111,6 +112,7 @@ impl Redirect for EbpfRedirect {
                 listeners.push(key);
             }
         }
+        let links = vec![dp.attach_tc(pod.netns, "eth0").with_context(|| format!("pod {}", pod.uid))?];
         let workload =
             WorkloadInfo { netns_cookie: cookie, identity: identity_index(pod.identity), flags: WORKLOAD_LOCAL };
         for ip in pod.ips {

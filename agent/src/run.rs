@@ -243,18 +243,30 @@ async fn open_source(opts: &RunOptions, metrics: &Arc<Metrics>) -> Result<(watch
         }
         (None, false) => None,
     };
+    let m = metrics.clone();
+    let (file_states, watcher) = ConfigWatcher::spawn(&opts.config, &opts.node, move |e| {
+        let result = match e {
+            crate::state::ConfigError::NeedsRestart { .. } => "needs_restart",
+            _ => "invalid",
+        };
+        m.config_reloads.get_or_create(&ResultLabel { result }).inc();
+    })
+    .with_context(|| format!("loading the config {file}"))?;
     let Some(client_config) = client_config else {
-        let m = metrics.clone();
-        let (states, watcher) = ConfigWatcher::spawn(&opts.config, &opts.node, move |e| {
-            let result = match e {
-                crate::state::ConfigError::NeedsRestart { .. } => "needs_restart",
-                _ => "invalid",
-            };
-            m.config_reloads.get_or_create(&ResultLabel { result }).inc();
-        })
-        .with_context(|| format!("loading the config {file}"))?;
-        return Ok((states, Source::File(watcher)));
+        return Ok((file_states, Source::File(watcher)));
     };
+    // With the API server as the source, the file holds only mesh settings,
+    // read once below. Watching it still says so when someone edits it:
+    // trustDomain/ca.* are refused by the watcher itself, and any other
+    // change (rootNamespace) is reported here instead of silently ignored.
+    let (m, mut edits) = (metrics.clone(), file_states);
+    tokio::spawn(async move {
+        while edits.changed().await.is_ok() {
+            m.config_reloads.get_or_create(&ResultLabel { result: "needs_restart" }).inc();
+            warn!(config = %edits.borrow().root_namespace(), "the config file's mesh settings changed; with the Kubernetes source they apply at the next start (restart the agent)");
+        }
+        drop(watcher);
+    });
     info!(api_server = %client_config.cluster_url, node = %opts.node, "discovering workloads from the Kubernetes API");
     let client = kube::Client::try_from(client_config).context("creating the Kubernetes client")?;
     let cgroup_mount = crate::inpod::discover::cgroup2_mount().context("finding the cgroup v2 mount")?;

@@ -342,6 +342,15 @@ fn receive(
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) && !progress.is_zero() => {
                 continue
             }
+            // SO_RCVTIMEO is the whole timeout, so a real one is past the
+            // deadline. Before it, EAGAIN on this blocking socket is the
+            // sockmap's (README, "Limits": a blocking read woken without
+            // data, as when our writer thread half-closes while we read);
+            // an app reads again, and so do we.
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 bail!("timed out after {got} bytes back")
             }

@@ -3,6 +3,7 @@
 //! message that names the step.
 
 mod bench;
+mod fuzz;
 mod setup;
 mod test;
 mod vm;
@@ -48,6 +49,19 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run each cargo-fuzz target in fuzz/ for N seconds (stable toolchain,
+    /// RUSTC_BOOTSTRAP=1); fails on any crash, hang or leak.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Only this target (repeatable); default: every target in fuzz/.
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        /// address (ASan, the default) or none.
+        #[arg(long, default_value = "address")]
+        sanitizer: String,
+    },
     /// Boot pinned Debian kernels under qemu and run the checks on each (the kernel matrix).
     VmTest {
         /// Which kernels: 5.10, 6.1, 6.12 (comma-separated) or all.
@@ -75,6 +89,7 @@ fn main() {
         Task::Test { args } => test::run(&args),
         Task::Demo => demo(),
         Task::Bench { what, args } => bench::run(&what, &args),
+        Task::Fuzz { seconds, targets, sanitizer } => fuzz::run(&fuzz::Options { seconds, targets, sanitizer }),
         Task::VmTest { kernel, timeout, jobs, print } => vm::run(&vm::Options { kernel, timeout, jobs, print }),
     };
     if let Err(e) = result {

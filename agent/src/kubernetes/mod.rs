@@ -64,6 +64,9 @@ pub const DEBOUNCE: Duration = Duration::from_millis(50);
 /// While an enrolled pod on this node has not been found in `/proc`, look
 /// again this often (its sandbox may still be starting).
 const RESCAN: Duration = Duration::from_millis(250);
+/// How long after the last state published the memory of the replaced
+/// ones is handed back to the kernel.
+const TRIM_AFTER: Duration = Duration::from_millis(500);
 /// While the initial lists are not all in, say which every so often.
 const WAITING_LOG: Duration = Duration::from_secs(10);
 
@@ -360,11 +363,11 @@ struct Builder {
     hints: Arc<Hints>,
 }
 
-/// Hands memory freed after the initial lists back to the kernel. Those
-/// lists pass through page buffers, decoded pages and the reflectors' init
-/// buffers, all freed once the stores hold the trimmed objects; glibc keeps
-/// such memory in its arenas, where it would count as the agent's RSS for
-/// the rest of its life.
+/// Hands freed memory back to the kernel: after the initial lists (their
+/// page buffers, decoded pages and the reflectors' init buffers are freed
+/// once the stores hold the trimmed objects) and after a state is replaced.
+/// glibc keeps such memory in its arenas, where it would count as the
+/// agent's RSS for the rest of its life.
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free pages to the kernel.
@@ -400,6 +403,8 @@ impl Builder {
     async fn run(mut self, tx: watch::Sender<Arc<State>>, notify: Arc<Notify>) {
         // The first state was built just before.
         let mut built = Instant::now();
+        // When to hand the memory of replaced states back (see below).
+        let mut trim_at: Option<Instant> = None;
         loop {
             let unresolved = !self.status.unresolved.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
             let woken = tokio::select! {
@@ -409,6 +414,11 @@ impl Builder {
                     woken
                 }
                 _ = tokio::time::sleep(RESCAN), if unresolved => Instant::now(),
+                _ = tokio::time::sleep_until(trim_at.unwrap_or_else(Instant::now).into()), if trim_at.is_some() => {
+                    release_freed_memory();
+                    trim_at = None;
+                    continue;
+                }
                 _ = tx.closed() => return,
             };
             let building = Instant::now();
@@ -425,6 +435,14 @@ impl Builder {
                         "state rebuilt from the API server"
                     );
                     tx.send_replace(Arc::new(state));
+                    // The state just replaced is freed once its readers
+                    // have moved on; each rebuild may run on another
+                    // worker, so its memory stays in that thread's malloc
+                    // arena. Without this, RSS grew by about four states
+                    // over five changes at 10,000 pods. Only once changes
+                    // pause: a trim takes a while at that size and would
+                    // hold up the next rebuild.
+                    trim_at = Some(Instant::now() + TRIM_AFTER);
                 }
                 Ok(None) => {}
                 Err(e) => error!(error = format!("{e:#}"), "rebuilding state failed; keeping the last one"),

@@ -5,8 +5,9 @@
 //! harness lists and watches them. Per size it reports the agent's RSS once
 //! ready (and the same with an empty cluster, measured in the same run, as
 //! the baseline), the RSS added per 1,000 objects, the time from start to
-//! READY, and how long one change takes to reach the agent's state (a new
-//! service, seen through `sluice_config_reloads_total`).
+//! READY, how long one change takes to reach the agent's state (a new
+//! service, seen through `sluice_config_reloads_total`), and the RSS once
+//! those changes have replaced the first state.
 //!
 //! Sizes alternate within each round, so a slow moment of the machine hits
 //! every size alike; each figure is the median over rounds.
@@ -55,6 +56,9 @@ pub struct Run {
     pub rss_kib: u64,
     pub hwm_kib: u64,
     pub update_ms: Vec<f64>,
+    /// VmRSS 1 s after the last timed change: what the agent holds once
+    /// its state has been replaced.
+    pub changed_rss_kib: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -68,6 +72,8 @@ pub struct SizeSummary {
     /// slices); `None` for the empty cluster itself.
     pub kib_per_1000_objects: Option<f64>,
     pub update_ms: f64,
+    /// RSS once the timed changes were applied.
+    pub changed_rss_mib: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -215,12 +221,15 @@ fn one(cfg: &Config, topo: &Topology, node: &Node, mesh: &Mesh, config: &std::pa
         }
         Ok(())
     })();
+    std::thread::sleep(Duration::from_secs(1));
+    let changed = procstat::mem(agent.pid());
     stop(agent, NODE);
     result?;
     drop(pins);
     let _ = std::fs::remove_file(&kubeconfig);
     let _ = mesh;
-    Ok(Run { pods, services, slices, ready_ms, rss_kib: mem.rss_kib, hwm_kib: mem.hwm_kib, update_ms })
+    let changed_rss_kib = changed?.rss_kib;
+    Ok(Run { pods, services, slices, ready_ms, rss_kib: mem.rss_kib, hwm_kib: mem.hwm_kib, update_ms, changed_rss_kib })
 }
 
 fn reloads(node: &Node) -> Result<u64> {
@@ -253,6 +262,7 @@ fn summarize(sizes: &[usize], runs: &[Run]) -> Vec<SizeSummary> {
                 kib_per_1000_objects: (objects > 0 && base_rss.is_finite())
                     .then(|| (rss - base_rss) / (objects as f64 / 1000.0)),
                 update_ms: median(of(pods).flat_map(|r| r.update_ms.iter().copied()).collect()),
+                changed_rss_mib: mib(median(of(pods).map(|r| r.changed_rss_kib as f64).collect()) as u64),
             }
         })
         .collect()
@@ -270,6 +280,7 @@ pub fn markdown(sizes: &[SizeSummary]) -> String {
                 format!("{:.1}", s.hwm_mib),
                 s.kib_per_1000_objects.map_or("(baseline)".into(), |k| format!("{k:.0}")),
                 format!("{:.0}", s.update_ms),
+                format!("{:.1}", s.changed_rss_mib),
             ]
         })
         .collect();
@@ -282,6 +293,7 @@ pub fn markdown(sizes: &[SizeSummary]) -> String {
             "peak RSS (MiB)",
             "KiB per 1,000 objects",
             "change seen (ms)",
+            "RSS after the changes (MiB)",
         ],
         &rows,
     )

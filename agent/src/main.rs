@@ -240,6 +240,7 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
+    raise_fd_limit();
     match dispatch(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -358,6 +359,29 @@ fn cni(cmd: CniCmd) -> Result<()> {
         CniCmd::Uninstall { bin_dir, conf_dir, keep_binary } => {
             install::uninstall(&install::UninstallOptions { bin_dir, conf_dir, keep_binary }, &mut log)
         }
+    }
+}
+
+/// Lifts the soft limit on open files to the hard one. Every proxied
+/// connection holds a socket in the agent (two when spliced), and a
+/// container starts with a soft limit of 1024 under containerd 2.x and
+/// systemd (the hard one is far higher, for programs that ask): the agent
+/// would refuse connections with EMFILE past about a thousand. Found by
+/// `cargo xtask soak`. Failing to raise it is logged, not fatal.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit fills the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_cur >= lim.rlim_max {
+        return;
+    }
+    let soft = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        tracing::info!(from = soft, to = lim.rlim_max, "raised the open-file limit");
+    } else {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(soft, hard = lim.rlim_max, error = %e, "could not raise the open-file limit");
     }
 }
 

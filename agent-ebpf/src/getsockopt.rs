@@ -1,5 +1,6 @@
 //! cgroup/getsockopt: answers SO_ORIGINAL_DST (and IP6T_SO_ORIGINAL_DST) for
-//! sockets the agent accepted on 15001, from ORIG_DST_BY_TUPLE.
+//! sockets the agent accepted on 15001, from ORIG_DST_BY_TUPLE, and removes
+//! the entry it answered from.
 //!
 //! Why: the agent asks for the original destination the same way in both
 //! capture modes; in iptables mode conntrack answers, here this program does,
@@ -103,6 +104,11 @@ pub fn sluice_getsockopt(ctx: SockoptContext) -> i32 {
             wv(addr_of_mut!((*so).optlen), 28);
         }
         wv(addr_of_mut!((*so).retval), 0);
+        // Answered: the agent asks once per connection, so the entry goes
+        // now. Left in place, one stayed per connection ever made until the
+        // LRU evicted it (65,536); `cargo xtask soak` found the map never
+        // coming back down.
+        let _ = ORIG_DST_BY_TUPLE.remove(app_view);
         count(counter::ORIG_DST_ANSWERED, 1);
     }
     RETURN

@@ -47,7 +47,8 @@ pub static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst, 65536> = LruHashMap::new
 
 /// Original destination by the app socket's own 4-tuple (netns cookie 0:
 /// the tuple holds the pod's own IP, unique on the node), which is what the
-/// agent's accepted socket can name in getsockopt.
+/// agent's accepted socket can name in getsockopt. getsockopt removes the
+/// entry it answers; LRU for connections the agent never asked about.
 #[btf_map]
 pub static ORIG_DST_BY_TUPLE: LruHashMap<SockKey, OrigDst, 65536> = LruHashMap::new();
 

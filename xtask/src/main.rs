@@ -5,6 +5,7 @@
 mod bench;
 mod fuzz;
 mod setup;
+mod soak;
 mod test;
 mod vm;
 
@@ -49,6 +50,26 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Load and leaks (as root): 10,000 connections held through one agent
+    /// and 200,000 short ones, every byte checked; fails unless the agents'
+    /// fds, RSS and eBPF map entries come back within 10%.
+    Soak {
+        /// CI size: 1,000 held and 10,000 short connections.
+        #[arg(long)]
+        short: bool,
+        /// Capture mode: iptables, ebpf or both.
+        #[arg(long, default_value = "both")]
+        mode: String,
+        /// cross (node1 -> node2 over HBONE), same (one node; the splice in eBPF mode) or both.
+        #[arg(long, default_value = "both")]
+        path: String,
+        /// Use debug binaries (as `cargo xtask test` builds them) instead of a release build.
+        #[arg(long)]
+        debug: bool,
+        /// Extra arguments for sluice-soak run (after `--`), e.g. `--concurrent 5000`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Run each cargo-fuzz target in fuzz/ for N seconds (stable toolchain,
     /// RUSTC_BOOTSTRAP=1); fails on any crash, hang or leak.
     Fuzz {
@@ -89,6 +110,9 @@ fn main() {
         Task::Test { args } => test::run(&args),
         Task::Demo => demo(),
         Task::Bench { what, args } => bench::run(&what, &args),
+        Task::Soak { short, mode, path, debug, args } => {
+            soak::run(&soak::Options { short, mode, path, debug, extra: args })
+        }
         Task::Fuzz { seconds, targets, sanitizer } => fuzz::run(&fuzz::Options { seconds, targets, sanitizer }),
         Task::VmTest { kernel, timeout, jobs, print } => vm::run(&vm::Options { kernel, timeout, jobs, print }),
     };

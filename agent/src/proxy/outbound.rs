@@ -167,14 +167,14 @@ async fn hbone(
             .await
             .map_err(|_| anyhow::anyhow!("HBONE dial to {} took longer than {DIAL_TIMEOUT:?}", key.dst))?
     };
-    let conn = match ctx.pool.get(&key, dialled).await {
+    let (conn, slot) = match ctx.pool.get(&key, dialled).await {
         Ok(c) => c,
         Err(e) => {
             refuse(&app, ctx, "connect_failed");
             return Err(e);
         }
     };
-    let stream = match conn.connect(dst, peer.ip()).await {
+    let stream = match conn.connect_in(slot, dst, peer.ip()).await {
         Ok(s) => s,
         Err(e) => {
             let status = e.status().map(|s| s.as_u16().to_string()).unwrap_or_else(|| "stream_failed".into());

@@ -55,7 +55,8 @@ pub struct Stream {
     _slot: Slot,
 }
 
-struct Slot(Arc<AtomicUsize>);
+/// A stream's place on a connection, counted from the moment it is taken.
+pub struct Slot(Arc<AtomicUsize>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -82,9 +83,19 @@ impl Connection {
         Ok(Connection { send, active: Arc::default(), closed, last_used: Mutex::new(Instant::now()) })
     }
 
-    /// Whether a new stream may go on this connection.
-    pub fn has_room(&self) -> bool {
-        !self.closed.load(Ordering::Relaxed) && self.active.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONN as usize
+    /// Takes a stream's place on this connection if it has one, in one
+    /// atomic step: checking for room and counting the stream later would
+    /// let two callers take the last place, and the extra stream would then
+    /// wait inside h2 for the peer's concurrency limit until some other
+    /// stream on the connection ends, which a long-lived one never does.
+    pub fn reserve(&self) -> Option<Slot> {
+        if self.closed.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_STREAMS_PER_CONN as usize).then_some(n + 1))
+            .ok()
+            .map(|_| Slot(self.active.clone()))
     }
 
     pub fn is_closed(&self) -> bool {
@@ -102,8 +113,23 @@ impl Connection {
     /// Opens a CONNECT stream to `target` and waits for the peer's 200, which
     /// it sends only once the destination app accepted the connection.
     pub async fn connect(&self, target: SocketAddr, forwarded_for: IpAddr) -> Result<Stream, ConnectError> {
+        self.connect_in(self.force_slot(), target, forwarded_for).await
+    }
+
+    /// A place counted whether or not there is room (a connection used
+    /// directly, outside the pool).
+    pub fn force_slot(&self) -> Slot {
         self.active.fetch_add(1, Ordering::Relaxed);
-        let slot = Slot(self.active.clone());
+        Slot(self.active.clone())
+    }
+
+    /// [`Self::connect`] on a place already taken with [`Self::reserve`].
+    pub async fn connect_in(
+        &self,
+        slot: Slot,
+        target: SocketAddr,
+        forwarded_for: IpAddr,
+    ) -> Result<Stream, ConnectError> {
         *self.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         let req = Request::builder()
             .method(Method::CONNECT)

@@ -17,7 +17,7 @@ use std::{
 
 use tokio::sync::Mutex as AsyncMutex;
 
-use super::client::Connection;
+use super::client::{Connection, Slot};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -59,10 +59,12 @@ impl Pool {
         pool
     }
 
-    /// A connection with room for one more stream, dialling one when none has.
-    /// Dials for one key are serialized, so a burst of new streams shares one
-    /// new connection instead of opening one each.
-    pub async fn get<F, Fut, E>(&self, key: &PoolKey, dial: F) -> Result<Arc<Connection>, E>
+    /// A place for one more stream on a connection, dialling one when none
+    /// has room. The place is taken under the key's lock, so concurrent
+    /// callers never overfill a connection. Dials for one key are
+    /// serialized, so a burst of new streams shares one new connection
+    /// instead of opening one each.
+    pub async fn get<F, Fut, E>(&self, key: &PoolKey, dial: F) -> Result<(Arc<Connection>, Slot), E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Connection, E>>,
@@ -70,12 +72,16 @@ impl Pool {
         let entry = self.entries.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().clone();
         let mut entry = entry.lock().await;
         entry.conns.retain(|c| !c.is_closed());
-        if let Some(conn) = entry.conns.iter().find(|c| c.has_room()) {
-            return Ok(conn.clone());
+        if let Some(found) = entry.conns.iter().find_map(|c| c.reserve().map(|slot| (c.clone(), slot))) {
+            return Ok(found);
         }
         let conn = Arc::new(dial().await?);
         entry.conns.push(conn.clone());
-        Ok(conn)
+        // A new connection has every place free, unless it closed at once.
+        match conn.reserve() {
+            Some(slot) => Ok((conn, slot)),
+            None => Ok((conn.clone(), conn.force_slot())),
+        }
     }
 
     /// Drops closed connections and those idle past the timeout. Dropping

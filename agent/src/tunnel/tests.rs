@@ -123,12 +123,12 @@ async fn pool_opens_another_connection_past_100_streams() {
     let target = SocketAddr::new(hbone.ip(), app.port());
     let mut held = Vec::new();
     for _ in 0..100 {
-        let conn = pool.get(&key, dial).await.unwrap();
-        held.push(conn.connect(target, hbone.ip()).await.unwrap());
+        let (conn, slot) = pool.get(&key, dial).await.unwrap();
+        held.push(conn.connect_in(slot, target, hbone.ip()).await.unwrap());
     }
     assert_eq!(dials.load(Ordering::Relaxed), 1, "100 streams fit one connection");
-    let conn = pool.get(&key, dial).await.unwrap();
-    held.push(conn.connect(target, hbone.ip()).await.unwrap());
+    let (conn, slot) = pool.get(&key, dial).await.unwrap();
+    held.push(conn.connect_in(slot, target, hbone.ip()).await.unwrap());
     assert_eq!(dials.load(Ordering::Relaxed), 2, "the 101st stream needs a second connection");
     assert_eq!(pool.stats().connections, 2);
     assert_eq!(pool.stats().active_streams, 101);
@@ -140,8 +140,8 @@ async fn idle_connections_are_reaped() {
     let (hbone, _, _stop) = hbone_server(app).await;
     let pool = Pool::new(Duration::from_millis(200));
     let key = PoolKey { src_workload: "ns/a-1".into(), src_identity: "a".into(), dst_identity: "b".into(), dst: hbone };
-    let conn = pool.get(&key, || async { Ok::<_, std::io::Error>(connection(hbone).await) }).await.unwrap();
-    drop(conn.connect(SocketAddr::new(hbone.ip(), app.port()), hbone.ip()).await.unwrap());
+    let (conn, slot) = pool.get(&key, || async { Ok::<_, std::io::Error>(connection(hbone).await) }).await.unwrap();
+    drop(conn.connect_in(slot, SocketAddr::new(hbone.ip(), app.port()), hbone.ip()).await.unwrap());
     drop(conn);
     assert_eq!(pool.stats().connections, 1);
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -165,4 +165,28 @@ async fn goaway_lets_open_streams_finish() {
     assert_eq!(answer, b"got 3");
     // New streams are refused.
     assert!(conn.connect(SocketAddr::new(hbone.ip(), app.port()), hbone.ip()).await.is_err());
+}
+
+/// Places are taken under the pool's lock: 150 callers at once never put
+/// more than 100 streams on one connection (before, two could take the
+/// last place, and the extra stream waited inside h2 for the peer's limit).
+#[tokio::test]
+async fn concurrent_gets_never_overfill_a_connection() {
+    let app = counting_app().await;
+    let (hbone, _, _stop) = hbone_server(app).await;
+    let pool = Pool::new(Duration::from_secs(30));
+    let key = PoolKey { src_workload: "ns/a-1".into(), src_identity: "a".into(), dst_identity: "b".into(), dst: hbone };
+    let gets = (0..150).map(|_| pool.get(&key, || async { Ok::<_, std::io::Error>(connection(hbone).await) }));
+    let leases: Vec<_> = futures::future::join_all(gets).await.into_iter().map(Result::unwrap).collect();
+    let mut per_conn: Vec<(*const crate::tunnel::client::Connection, usize)> = Vec::new();
+    for (conn, _) in &leases {
+        let p = std::sync::Arc::as_ptr(conn);
+        match per_conn.iter_mut().find(|(q, _)| *q == p) {
+            Some((_, n)) => *n += 1,
+            None => per_conn.push((p, 1)),
+        }
+    }
+    assert_eq!(per_conn.len(), 2, "150 places take two connections: {per_conn:?}");
+    assert!(per_conn.iter().all(|(_, n)| *n <= 100), "a connection got more than 100 places: {per_conn:?}");
+    assert_eq!(pool.stats().active_streams, 150);
 }

@@ -1278,8 +1278,12 @@ fn allow_by_principal(f: &mut Fixture) -> Result<String> {
     });
     // The control: before the policy, o1 reaches s2.
     send_verified(&f.p.o1, &format!("{}:8080", f.p.s2.ipv4()), 4096, T)?;
-    let before = denials(&f.n2, DEFAULT_DENY)?;
     let took = changed(f, |km| km.api.apply(authorization_policy("mesh", "allow-sleep", spec)).map(drop))?;
+    // Counted from here: the control's stream may still have been open at
+    // node2 when the policy arrived, and closing it is a denial of its own
+    // (new_policy_closes_open_connections checks that one).
+    std::thread::sleep(Duration::from_millis(300));
+    let before = denials(&f.n2, DEFAULT_DENY)?;
     let s2 = format!("{}:8080", f.p.s2.ipv4());
     let result = (|| -> Result<String> {
         send_verified(&f.p.c1, &s2, 64 << 10, T).context("c1 (sa sleep) must pass")?;
